@@ -1,0 +1,7 @@
+"""``python -m streamsvc``."""
+
+import sys
+
+from streamsvc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""The embedded API: a chat answer as an ``Observable[Chunk]``, no HTTP server needed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from reactivex import Observable
+
+from streamsvc.chunks import Chunk
+from streamsvc.config import PipelineConfig, UpstreamConfig
+from streamsvc.pipeline import StreamContext, build_pipeline
+from streamsvc.upstream.client import UpstreamClient
+
+__all__ = ["chat_stream"]
+
+
+def chat_stream(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    model: str,
+    base_url: str,
+    api_key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    pipeline: PipelineConfig | None = None,
+    **params: Any,
+) -> Observable[Chunk]:
+    """Stream a chat completion from an OpenAI-compatible server as a cold Observable.
+
+    Each subscription makes one request (with retry before the first token,
+    per ``pipeline``); disposing the subscription cancels it. Compose it with
+    ``reactivex`` operators and :mod:`streamsvc.operators`.
+
+    Args:
+        messages: the chat messages, as OpenAI takes them.
+        model: the model name.
+        base_url: the server's OpenAI base URL, e.g. ``http://127.0.0.1:8081/v1``.
+        api_key: sent as ``Authorization: Bearer``.
+        headers: extra request headers.
+        pipeline: retry and coalescing settings (default: ``[pipeline]`` defaults).
+        **params: more request fields (``temperature``, ``max_tokens``, ...).
+
+    Example::
+
+        answer = streamsvc.chat_stream([{"role": "user", "content": "Hi"}],
+                                       model="echo", base_url=sim.url)
+        async for chunk in streamsvc.aiter_observable(answer):
+            print(chunk.content, end="")
+    """
+    upstream = UpstreamConfig(base_url=base_url, headers=dict(headers or {}))
+    body = {"model": model, "messages": list(messages), **params}
+    client = UpstreamClient("upstream", upstream, None, api_key=api_key)
+    return build_pipeline(body, [client], pipeline or PipelineConfig(), StreamContext())

@@ -1,0 +1,243 @@
+"""Chunk: one OpenAI ``chat.completion.chunk``, parsed once, and the lossless merge of deltas.
+
+A chunk keeps the upstream's JSON bytes (``raw``) next to the parsed dict so a
+relay that changes nothing writes the upstream bytes as they came; any
+operator that builds a new chunk (a merge) drops ``raw`` and the chunk is
+encoded again when written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = ["TEXT_FIELDS", "Chunk", "coalesce_batch", "merge", "text_size"]
+
+# Delta fields that carry text and concatenate losslessly. Upstreams name the
+# reasoning text "reasoning_content" (DeepSeek, vLLM) or "reasoning" (OpenRouter).
+TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+_encode = msgspec.json.encode
+
+
+class Chunk:
+    """One streamed chat completion chunk.
+
+    Attributes:
+        data: the parsed ``chat.completion.chunk`` object.
+        raw: the upstream's JSON bytes for ``data``, or None once ``data`` was rebuilt.
+    """
+
+    __slots__ = ("data", "raw")
+
+    def __init__(self, data: dict[str, Any], raw: bytes | None = None) -> None:
+        self.data = data
+        self.raw = raw
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Chunk:
+        """Parse upstream bytes once; raises ``msgspec.DecodeError`` on bad JSON."""
+        data = msgspec.json.decode(raw)
+        if not isinstance(data, dict):
+            raise msgspec.DecodeError(f"expected a JSON object, got {type(data).__name__}")
+        return cls(data, raw)
+
+    def to_json(self) -> bytes:
+        """The chunk's JSON: the upstream's bytes when nothing changed them."""
+        if self.raw is None:
+            self.raw = _encode(self.data)
+        return self.raw
+
+    @property
+    def choices(self) -> list[dict[str, Any]]:
+        choices = self.data.get("choices")
+        return choices if isinstance(choices, list) else []
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        usage = self.data.get("usage")
+        return usage if isinstance(usage, dict) else None
+
+    @property
+    def content(self) -> str:
+        """The text this chunk adds to choice 0 ("" when it adds none)."""
+        for choice in self.choices:
+            if choice.get("index", 0) == 0:
+                text = (choice.get("delta") or {}).get("content")
+                return text if isinstance(text, str) else ""
+        return ""
+
+    @property
+    def has_content(self) -> bool:
+        """True when the chunk carries text or a tool call, not only framing.
+
+        Framing is a role-only delta, an empty delta, a finish reason or usage:
+        a retry may still replace an attempt that sent only framing.
+        """
+        for choice in self.choices:
+            delta = choice.get("delta")
+            if not delta:
+                continue
+            for field in TEXT_FIELDS:
+                if delta.get(field):
+                    return True
+            if delta.get("tool_calls") or delta.get("function_call"):
+                return True
+        return False
+
+    def __repr__(self) -> str:
+        return f"Chunk({self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Chunk) and self.data == other.data
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _only_choice(chunk: Chunk) -> dict[str, Any] | None:
+    """The single choice of a chunk that has no usage, no finish and no logprobs."""
+    data = chunk.data
+    if data.get("usage") is not None:
+        return None
+    choices = data.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1:
+        return None
+    choice = choices[0]
+    if not isinstance(choice, dict) or choice.get("finish_reason") is not None:
+        return None
+    if choice.get("logprobs") is not None or not isinstance(choice.get("delta"), dict):
+        return None
+    if set(choice) - {"index", "delta", "finish_reason", "logprobs"}:
+        return None
+    return choice
+
+
+def _text_keys(delta: dict[str, Any]) -> frozenset[str] | None:
+    """The text fields of a delta that holds only text (None otherwise)."""
+    keys = []
+    for key, value in delta.items():
+        if key in TEXT_FIELDS and isinstance(value, str):
+            keys.append(key)
+        elif value is not None:
+            return None
+    return frozenset(keys) if keys else None
+
+
+def _tool_fragment(delta: dict[str, Any]) -> tuple[int, str] | None:
+    """(tool index, argument text) when the delta is only an argument fragment of one call."""
+    if set(delta) - {"tool_calls"} and any(delta[k] is not None for k in delta if k != "tool_calls"):
+        return None
+    calls = delta.get("tool_calls")
+    if not isinstance(calls, list) or len(calls) != 1 or not isinstance(calls[0], dict):
+        return None
+    call = calls[0]
+    function = call.get("function")
+    if set(call) - {"index", "function"} or not isinstance(function, dict):
+        return None
+    if set(function) != {"arguments"} or not isinstance(function["arguments"], str):
+        return None
+    index = call.get("index", 0)
+    return (index, function["arguments"]) if isinstance(index, int) else None
+
+
+def _tool_head(delta: dict[str, Any]) -> int | None:
+    """The tool index when the delta holds exactly one tool call (head or fragment)."""
+    calls = delta.get("tool_calls")
+    if not isinstance(calls, list) or len(calls) != 1 or not isinstance(calls[0], dict):
+        return None
+    if any(delta[k] is not None for k in delta if k not in ("tool_calls", "role")):
+        return None
+    function = calls[0].get("function")
+    if function is not None and not isinstance(function, dict):
+        return None
+    index = calls[0].get("index", 0)
+    return index if isinstance(index, int) else None
+
+
+def merge(first: Chunk, second: Chunk) -> Chunk | None:
+    """Merge ``second`` into ``first`` when that loses nothing; None when it would.
+
+    Two chunks merge when each has one choice of the same index with no finish
+    reason, no usage and no logprobs, and ``second`` only continues what
+    ``first`` holds: the same text fields, or more argument text for the same
+    tool call. The merged chunk keeps ``first``'s envelope (id, model, ...).
+
+    >>> a = Chunk({"choices": [{"index": 0, "delta": {"content": " Hel"}}]})
+    >>> b = Chunk({"choices": [{"index": 0, "delta": {"content": "lo"}}]})
+    >>> merge(a, b).content
+    ' Hello'
+    """
+    head = _only_choice(first)
+    tail = _only_choice(second)
+    if head is None or tail is None or head.get("index", 0) != tail.get("index", 0):
+        return None
+    head_delta: dict[str, Any] = head["delta"]
+    tail_delta: dict[str, Any] = tail["delta"]
+
+    delta: dict[str, Any]
+    tail_keys = _text_keys(tail_delta)
+    if tail_keys is not None:
+        head_text = {k: v for k, v in head_delta.items() if k != "role"}
+        if _text_keys(head_text) != tail_keys:
+            return None
+        delta = dict(head_delta)
+        for key in tail_keys:
+            delta[key] = head_delta[key] + tail_delta[key]
+    else:
+        fragment = _tool_fragment(tail_delta)
+        if fragment is None or _tool_head(head_delta) != fragment[0]:
+            return None
+        call = dict(head_delta["tool_calls"][0])
+        function = dict(call.get("function") or {})
+        function["arguments"] = (function.get("arguments") or "") + fragment[1]
+        call["function"] = function
+        delta = dict(head_delta)
+        delta["tool_calls"] = [call]
+
+    choice = dict(head)
+    choice["delta"] = delta
+    data = dict(first.data)
+    data["choices"] = [choice]
+    return Chunk(data)
+
+
+def text_size(chunk: Chunk) -> int | None:
+    """Characters of text a mergeable chunk carries; None when it cannot take part in a merge."""
+    choice = _only_choice(chunk)
+    if choice is None:
+        return None
+    delta: dict[str, Any] = choice["delta"]
+    if _text_keys({k: v for k, v in delta.items() if k != "role"}) is not None:
+        return sum(len(v) for k, v in delta.items() if k in TEXT_FIELDS and isinstance(v, str))
+    if _tool_head(delta) is not None:
+        function = delta["tool_calls"][0].get("function") or {}
+        arguments = function.get("arguments")
+        return len(arguments) if isinstance(arguments, str) else 0
+    return None
+
+
+def coalesce_batch(chunks: list[Chunk], max_chars: int) -> list[Chunk]:
+    """Merge adjacent mergeable chunks of a batch that is already here (no timer needed)."""
+    if len(chunks) < 2:
+        return chunks
+    out: list[Chunk] = []
+    held: Chunk | None = None
+    held_chars = 0
+    for chunk in chunks:
+        size = text_size(chunk)
+        if held is not None and size is not None and held_chars + size <= max_chars:
+            merged = merge(held, chunk)
+            if merged is not None:
+                held, held_chars = merged, held_chars + size
+                continue
+        if held is not None:
+            out.append(held)
+            held = None
+        if size is None:
+            out.append(chunk)
+        else:
+            held, held_chars = chunk, size
+    if held is not None:
+        out.append(held)
+    return out

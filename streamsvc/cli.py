@@ -1,0 +1,125 @@
+"""Command line: ``streamsvc serve | simulate | config check``.
+
+Exit status 2 for a bad config, flag or environment override, with a message
+that names the file (or variable, or flag) and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+
+from streamsvc.config import Config, load_config
+from streamsvc.errors import ConfigError
+
+__all__ = ["main"]
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamsvc", description="Stream LLM answers to browsers and HTTP clients."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the relay")
+    serve.add_argument("--config", metavar="FILE",
+                       help="TOML config (default: $STREAMSVC_CONFIG, else built-in defaults)")
+    serve.add_argument("--host", help="listen address (server.host)")
+    serve.add_argument("--port", type=int, help="listen port (server.port)")
+    serve.add_argument("--upstream", metavar="URL",
+                       help="relay every model to this OpenAI-compatible base URL")
+    serve.add_argument("--upstream-key-env", metavar="VAR",
+                       help="environment variable holding the --upstream key")
+
+    simulate = commands.add_parser("simulate", help="run the OpenAI-compatible simulator")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8081)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True,
+                                            metavar="ACTION")
+    check = config_commands.add_parser("check", help="validate a config file")
+    check.add_argument("file", metavar="FILE")
+    return parser
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["server.host"] = args.host
+    if args.port is not None:
+        overrides["server.port"] = args.port
+    if args.upstream_key_env and not args.upstream:
+        raise ConfigError("needs --upstream", source="command line", key="--upstream-key-env")
+    if args.upstream:
+        upstream: dict[str, Any] = {"base_url": args.upstream}
+        if args.upstream_key_env:
+            upstream["api_key_env"] = args.upstream_key_env
+        overrides["upstreams"] = {"upstream": upstream}
+        overrides["routes"] = [{"model": "*", "upstreams": ["upstream"]}]
+    return overrides
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from streamsvc.server.app import create_app
+
+    config_path = args.config or os.environ.get("STREAMSVC_CONFIG") or None
+    config: Config = load_config(config_path, overrides=_flag_overrides(args))
+    logging.basicConfig(
+        level=config.log.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("streamsvc").info(
+        "config: %s", config_path or "built-in defaults (config/streamsvc.toml)"
+    )
+    web.run_app(
+        create_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        handler_cancellation=True,
+        shutdown_timeout=config.server.shutdown_timeout_s,
+        print=lambda _: print(
+            f"streamsvc listening on http://{config.server.host}:{config.server.port}",
+            flush=True,
+        ),
+    )
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from streamsvc.upstream.simulator import serve_simulator
+
+    try:
+        asyncio.run(serve_simulator(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``streamsvc`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "simulate":
+            return _simulate(args)
+        load_config(args.file)
+        print(f"{args.file}: OK")
+        return 0
+    except ConfigError as error:
+        print(f"streamsvc: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Typed configuration: TOML file, then environment overrides, then CLI flags.
+
+Parsed once at the edge into frozen structs (``msgspec`` does the type and
+range checks and rejects unknown keys); handlers never read raw dicts. Every
+error names where the bad value came from (file, environment variable or
+flag) and the dotted key, and the CLI exits with status 2 on it.
+
+Environment overrides: ``STREAMSVC__<SECTION>__<KEY>=<value>``, for example
+``STREAMSVC__SERVER__PORT=9000``; the value is read as a TOML value when it
+parses as one (``9000``, ``true``, ``"x"``), else as a plain string.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from streamsvc.errors import ConfigError
+
+__all__ = [
+    "BUILTIN_SIMULATOR",
+    "Config",
+    "JournalConfig",
+    "LogConfig",
+    "PipelineConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "UpstreamConfig",
+    "load_config",
+]
+
+ENV_PREFIX = "STREAMSVC__"
+BUILTIN_SIMULATOR = "builtin:simulator"
+
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerConfig(_Section):
+    """``[server]``: where to listen and how streams are written to clients."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    default_model: str = ""
+    max_body_bytes: PosInt = 1_048_576
+    heartbeat_s: PosFloat = 15.0
+    sse_retry_ms: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    max_pending_bytes: PosInt = 1_048_576
+    write_timeout_s: PosFloat = 30.0
+    shutdown_timeout_s: NonNegFloat = 10.0
+
+
+class JournalConfig(_Section):
+    """``[journal]``: where numbered stream events are kept for replay."""
+
+    backend: Literal["memory"] = "memory"
+    retention_s: NonNegFloat = 300.0
+    resume_grace_s: NonNegFloat = 10.0
+    max_events: PosInt = 100_000
+
+
+class PipelineConfig(_Section):
+    """``[pipeline]``: the operators between the upstream and the journal."""
+
+    coalesce: bool = True
+    coalesce_max_delay_ms: NonNegFloat = 0.0
+    coalesce_max_chars: PosInt = 4096
+    retry_max_attempts: PosInt = 3
+    retry_backoff_base_ms: NonNegFloat = 200.0
+    retry_backoff_max_ms: NonNegFloat = 5000.0
+
+
+class LogConfig(_Section):
+    """``[log]``: log level and format."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class UpstreamConfig(_Section):
+    """``[upstreams.NAME]``: one OpenAI-compatible server (or the built-in simulator)."""
+
+    base_url: str
+    api_key_env: str | None = None
+    headers: dict[str, str] = {}
+    query: dict[str, str] = {}
+    connect_timeout_s: PosFloat = 10.0
+    read_timeout_s: PosFloat = 300.0
+
+    def __post_init__(self) -> None:
+        if self.base_url != BUILTIN_SIMULATOR and not re.match(r"https?://[^/]", self.base_url):
+            raise ValueError(
+                f"@base_url: expected an http(s):// URL or {BUILTIN_SIMULATOR!r},"
+                f" got {self.base_url!r}"
+            )
+
+    def api_key(self) -> str | None:
+        """The key from the named environment variable; None when unset or unnamed."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class RouteConfig(_Section):
+    """``[[routes]]``: a model-name glob and the upstreams that serve it, in fallback order."""
+
+    model: str
+    upstreams: Annotated[list[str], msgspec.Meta(min_length=1)]
+
+    def matches(self, model: str) -> bool:
+        """Whether this route serves ``model`` (glob, case-sensitive)."""
+        return fnmatch.fnmatchcase(model, self.model)
+
+
+def _default_upstreams() -> dict[str, UpstreamConfig]:
+    return {"simulator": UpstreamConfig(base_url=BUILTIN_SIMULATOR)}
+
+
+def _default_routes() -> list[RouteConfig]:
+    return [RouteConfig(model="*", upstreams=["simulator"])]
+
+
+class Config(_Section):
+    """The whole configuration; the defaults are ``config/streamsvc.toml``."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
+    pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    upstreams: dict[str, UpstreamConfig] = msgspec.field(default_factory=_default_upstreams)
+    routes: list[RouteConfig] = msgspec.field(default_factory=_default_routes)
+
+    def __post_init__(self) -> None:
+        for i, route in enumerate(self.routes):
+            for j, name in enumerate(route.upstreams):
+                if name not in self.upstreams:
+                    raise ValueError(
+                        f"@routes[{i}].upstreams[{j}]: names upstream {name!r},"
+                        " which is not defined under [upstreams]"
+                    )
+
+    def route(self, model: str) -> RouteConfig | None:
+        """The first route whose glob matches ``model``."""
+        for route in self.routes:
+            if route.matches(model):
+                return route
+        return None
+
+    def models(self) -> list[str]:
+        """Model names the routes serve: the globs without wildcard characters."""
+        return [r.model for r in self.routes if not any(c in r.model for c in "*?[")]
+
+
+_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+# A __post_init__ check names its field as "@field: message".
+_OWN_FIELD = re.compile(r"^@([^:]+): ")
+
+
+def _join(prefix: str, key: str) -> str:
+    if not prefix:
+        return key
+    return f"{prefix}{key}" if key.startswith("[") else f"{prefix}.{key}"
+
+
+def _key_of(message: str, prefix: str = "") -> tuple[str, str]:
+    """Split a msgspec error into (dotted key, message without the location)."""
+    key = prefix
+    found = _PATH.search(message)
+    if found:
+        key = _join(prefix, found.group(1))
+        message = message[: found.start()]
+    own = _OWN_FIELD.match(message)
+    if own:
+        key = _join(key, own.group(1))
+        message = message[own.end() :]
+    unknown = re.match(r"Object contains unknown field `([^`]*)`", message)
+    if unknown:
+        key = _join(key, unknown.group(1))
+        message = "unknown key"
+    return key or "(top level)", message
+
+
+def _lookup(raw: Any, key: str) -> tuple[bool, Any]:
+    node = raw
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        if part.startswith("[") and isinstance(node, list) and int(part[1:-1]) < len(node):
+            node = node[int(part[1:-1])]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return False, None
+    return True, node
+
+
+def _parse_env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load the config: ``path`` (or the built-in defaults), then env, then ``overrides``.
+
+    Args:
+        path: a TOML file; None means the defaults (``config/streamsvc.toml``).
+        env: the environment to read ``STREAMSVC__SECTION__KEY`` overrides from
+            (default ``os.environ``).
+        overrides: dotted keys from CLI flags, e.g. ``{"server.port": 9000}``.
+
+    Raises:
+        ConfigError: naming the file, variable or flag and the key.
+    """
+    source = str(path) if path is not None else "built-in defaults"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError("file not found", source=source, key="(file)") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read: {exc}", source=source, key="(file)") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"not valid TOML: {exc}", source=source, key="(file)") from exc
+
+    # Remember who set each key, so an error names the variable or flag, not the file.
+    origin: dict[str, str] = {}
+    for name, value in sorted((os.environ if env is None else env).items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(
+                "expected STREAMSVC__SECTION__KEY", source=f"environment {name}", key=name
+            )
+        _set_path(raw, parts, _parse_env_value(value))
+        origin[".".join(parts)] = f"environment {name}"
+    for key, value in (overrides or {}).items():
+        _set_path(raw, key.split("."), value)
+        origin[key] = "command line"
+
+    try:
+        # Upstreams one by one first: msgspec does not name dict keys in its paths.
+        upstreams = raw.get("upstreams")
+        if isinstance(upstreams, dict):
+            for name, value in upstreams.items():
+                prefix = f"upstreams.{name}"
+                try:
+                    msgspec.convert(value, UpstreamConfig)
+                except msgspec.ValidationError as exc:
+                    raise _Located(*_key_of(str(exc), prefix)) from exc
+        try:
+            return msgspec.convert(raw, Config)
+        except msgspec.ValidationError as exc:
+            raise _Located(*_key_of(str(exc))) from exc
+    except _Located as located:
+        key, message = located.key, located.message
+        present, value = _lookup(raw, key)
+        if present and message != "unknown key" and "got" not in message and repr(value) not in message:
+            message = f"{message}, got {value!r}"
+        blamed = next(
+            (who for k, who in origin.items() if key == k or key.startswith(k + ".")), source
+        )
+        raise ConfigError(message, source=blamed, key=key) from located.__cause__
+
+
+class _Located(Exception):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message

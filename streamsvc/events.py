@@ -1,0 +1,79 @@
+"""From upstream chunks to streamsvc events: deltas, then one ``done`` or ``error``.
+
+The streamsvc event format (docs/api.md): a delta is a default event whose
+data is ``{"content": ...}`` (plus ``index`` for choices other than 0, and
+``role``, ``reasoning``, ``tool_calls``, ``refusal`` when present); the end is
+``event: done`` with the finish reason and usage, or ``event: error`` with a
+code from the closed set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from streamsvc.chunks import Chunk
+
+__all__ = ["DELTA", "DONE", "ERROR", "EventBuilder"]
+
+DELTA = "message"
+DONE = "done"
+ERROR = "error"
+
+_encode = msgspec.json.encode
+
+
+class EventBuilder:
+    """Turns the chunks of one stream into event data, and remembers finish and usage."""
+
+    __slots__ = ("finish_reasons", "usage")
+
+    def __init__(self) -> None:
+        self.finish_reasons: dict[int, str] = {}
+        self.usage: dict[str, Any] | None = None
+
+    def deltas(self, chunk: Chunk) -> list[bytes]:
+        """The JSON data of the delta events one chunk makes (often one, sometimes none)."""
+        usage = chunk.usage
+        if usage is not None:
+            self.usage = usage
+        out: list[bytes] = []
+        for choice in chunk.choices:
+            index = choice.get("index", 0)
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                self.finish_reasons[index] = str(reason)
+            delta = choice.get("delta")
+            if not isinstance(delta, dict) or not delta:
+                continue
+            event: dict[str, Any] = {}
+            if index:
+                event["index"] = index
+            role = delta.get("role")
+            if role:
+                event["role"] = role
+            content = delta.get("content")
+            if content:
+                event["content"] = content
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                event["reasoning"] = reasoning
+            for field in ("tool_calls", "function_call", "refusal"):
+                value = delta.get(field)
+                if value:
+                    event[field] = value
+            if len(event) > (1 if index else 0):
+                out.append(_encode(event))
+        return out
+
+    def done(self, *, finish_reason: str | None = None, **extra: Any) -> bytes:
+        """The JSON data of the ``done`` event; ``finish_reason`` overrides (e.g. "cancelled")."""
+        reason = finish_reason or self.finish_reasons.get(0)
+        if reason is None and self.finish_reasons:
+            reason = next(iter(self.finish_reasons.values()))
+        data: dict[str, Any] = {"finish_reason": reason, "usage": self.usage}
+        if len(self.finish_reasons) > 1:
+            data["finish_reasons"] = {str(k): v for k, v in sorted(self.finish_reasons.items())}
+        data.update(extra)
+        return _encode(data)

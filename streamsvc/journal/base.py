@@ -1,0 +1,61 @@
+"""The journal contract: numbered events per stream, replay from any seq, live tail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Event", "Journal", "encode_frame"]
+
+
+def encode_frame(stream_id: str, seq: int, kind: str, data: bytes) -> bytes:
+    """The SSE frame of one event, ready to write.
+
+    ``data`` is compact JSON, which never holds a raw CR or LF, so one
+    ``data:`` line carries it whole.
+    """
+    head = f"id: {stream_id}:{seq}\n" if kind == "message" else (
+        f"id: {stream_id}:{seq}\nevent: {kind}\n"
+    )
+    return b"".join((head.encode(), b"data: ", data, b"\n\n"))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One journaled event: ``seq`` counts from 1 within its stream."""
+
+    seq: int
+    kind: str
+    data: bytes
+    frame: bytes
+
+    @property
+    def final(self) -> bool:
+        return self.kind != "message"
+
+
+class Journal(Protocol):
+    """Where a stream's events live while it runs and for ``retention_s`` after."""
+
+    async def create(self, stream_id: str) -> None:
+        """Start an empty log for a new stream."""
+
+    async def append(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
+        """Append (kind, data) events in order; returns the last seq.
+
+        Raises ``StreamError(journal_full)`` when message events pass the
+        bound; a final event (``done``/``error``) is always accepted.
+        """
+
+    async def read(self, stream_id: str, after: int) -> list[Event]:
+        """Events with seq > ``after``, waiting until there is one or the stream has ended.
+
+        Returns [] only when the stream has ended and nothing follows ``after``.
+        Raises ``ClientError(not_found)`` for an unknown (or expired) stream.
+        """
+
+    def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
+        """(last seq, ended) for a known stream, None for an unknown one."""
+
+    async def close(self) -> None:
+        """Release what the journal holds (wakes every waiting reader)."""

@@ -1,0 +1,117 @@
+"""In-process journal: each stream's events in a list, readers woken by futures."""
+
+from __future__ import annotations
+
+import asyncio
+
+from streamsvc.errors import ClientError, ErrorCode, StreamError
+from streamsvc.journal.base import Event, encode_frame
+
+__all__ = ["MemoryJournal"]
+
+
+class _Log:
+    __slots__ = ("ended", "events", "expiry", "waiters")
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.ended = False
+        self.waiters: list[asyncio.Future[None]] = []
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class MemoryJournal:
+    """The default journal backend, for one process.
+
+    Args:
+        retention_s: how long an ended stream stays readable (then: unknown id).
+        max_events: message events one stream may hold.
+    """
+
+    def __init__(self, *, retention_s: float = 300.0, max_events: int = 100_000) -> None:
+        self._retention_s = retention_s
+        self._max_events = max_events
+        self._logs: dict[str, _Log] = {}
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    async def create(self, stream_id: str) -> None:
+        if stream_id in self._logs:
+            raise ValueError(f"stream {stream_id!r} already exists")
+        self._logs[stream_id] = _Log()
+
+    def _log(self, stream_id: str) -> _Log:
+        log = self._logs.get(stream_id)
+        if log is None:
+            raise ClientError(
+                f"no stream {stream_id!r} (unknown, or expired after its retention time)",
+                code=ErrorCode.NOT_FOUND,
+            )
+        return log
+
+    async def append(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
+        log = self._log(stream_id)
+        if log.ended:
+            raise ValueError(f"stream {stream_id!r} has already ended")
+        items = log.events
+        for kind, data in events:
+            final = kind != "message"
+            if not final and len(items) >= self._max_events:
+                log.wake()
+                raise StreamError(
+                    f"stream {stream_id!r} passed journal.max_events ({self._max_events})",
+                    code=ErrorCode.JOURNAL_FULL,
+                )
+            seq = len(items) + 1
+            items.append(Event(seq, kind, data, encode_frame(stream_id, seq, kind, data)))
+            if final:
+                log.ended = True
+                log.expiry = asyncio.get_running_loop().call_later(
+                    self._retention_s, self._expire, stream_id
+                )
+                break
+        log.wake()
+        return len(items)
+
+    def _expire(self, stream_id: str) -> None:
+        log = self._logs.pop(stream_id, None)
+        if log is not None:
+            log.wake()
+
+    async def read(self, stream_id: str, after: int) -> list[Event]:
+        log = self._log(stream_id)
+        while True:
+            if len(log.events) > after:
+                return log.events[after:]
+            if log.ended:
+                return []
+            waiter = asyncio.get_running_loop().create_future()
+            log.waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+                    if waiter in log.waiters:
+                        log.waiters.remove(waiter)
+            if self._logs.get(stream_id) is not log:
+                return []  # expired while waiting
+
+    def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
+        log = self._logs.get(stream_id)
+        return None if log is None else (len(log.events), log.ended)
+
+    async def close(self) -> None:
+        for log in self._logs.values():
+            if log.expiry is not None:
+                log.expiry.cancel()
+            log.ended = True
+            log.wake()
+        self._logs.clear()

@@ -1,0 +1,81 @@
+"""Config -> the operator chain between the upstream request and the journal."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from reactivex import Observable
+
+from streamsvc.chunks import Chunk
+from streamsvc.config import PipelineConfig
+from streamsvc.reactive.bridge import from_async_iterable
+from streamsvc.reactive.operators import coalesce, retry_with_backoff
+from streamsvc.upstream.client import UpstreamClient
+
+__all__ = ["StreamContext", "build_pipeline"]
+
+
+@dataclass(slots=True)
+class StreamContext:
+    """What one stream's pipeline did: which upstream answered, after how many attempts."""
+
+    upstream: str | None = None
+    attempts: int = 0
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def summary(self) -> dict[str, Any]:
+        return {"upstream": self.upstream, "attempts": self.attempts}
+
+
+def upstream_source(
+    client: UpstreamClient, body: dict[str, Any], context: StreamContext
+) -> Observable[Chunk]:
+    """One cold Observable per upstream: each subscription is one HTTP request."""
+
+    def opened() -> None:
+        context.upstream = client.name
+        context.opened.set()
+
+    def start() -> Any:
+        context.attempts += 1
+        return client.stream(body, on_open=opened)
+
+    return from_async_iterable(start)
+
+
+def build_pipeline(
+    body: dict[str, Any],
+    clients: Sequence[UpstreamClient],
+    config: PipelineConfig,
+    context: StreamContext,
+    *,
+    retries: bool = True,
+) -> Observable[Chunk]:
+    """The chunks of one chat request, through retry/fallback and coalescing.
+
+    Args:
+        body: the chat request as the upstream gets it.
+        clients: the route's upstreams, primary first.
+        config: ``[pipeline]``.
+        context: filled in as the pipeline runs.
+        retries: False turns retries and fallbacks off for this request.
+    """
+    sources = [upstream_source(c, body, context) for c in clients]
+    stream = sources[0]
+    if retries:
+        stream = stream.pipe(
+            retry_with_backoff(
+                config.retry_max_attempts,
+                backoff_base=config.retry_backoff_base_ms / 1000,
+                backoff_max=config.retry_backoff_max_ms / 1000,
+                fallbacks=sources[1:],
+            )
+        )
+    if config.coalesce and config.coalesce_max_delay_ms > 0:
+        stream = stream.pipe(
+            coalesce(config.coalesce_max_delay_ms / 1000, config.coalesce_max_chars)
+        )
+    return stream

@@ -1,0 +1,101 @@
+"""The aiohttp application: resources in paired start-up/shutdown contexts, and the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from streamsvc.config import BUILTIN_SIMULATOR, Config
+from streamsvc.journal.memory import MemoryJournal
+from streamsvc.server import routes_info, routes_openai, routes_streams
+from streamsvc.server.metrics import Metrics
+from streamsvc.server.middleware import error_middleware, set_request_id_header
+from streamsvc.server.routes_info import DRAINING
+from streamsvc.server.state import CONFIG, JOURNAL, METRICS, REGISTRY, ROUTER, SESSION
+from streamsvc.streams import StreamRegistry
+from streamsvc.upstream.routing import Router
+from streamsvc.upstream.simulator import SimulatorServer
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("streamsvc")
+
+
+async def _upstreams(app: web.Application) -> AsyncIterator[None]:
+    """The shared ClientSession, the in-process simulator when a route uses it, the router."""
+    config = app[CONFIG]
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+        auto_decompress=True,
+    )
+    simulator: SimulatorServer | None = None
+    try:
+        simulator_url: str | None = None
+        if any(u.base_url == BUILTIN_SIMULATOR for u in config.upstreams.values()):
+            simulator = SimulatorServer(host="127.0.0.1", port=0)
+            await simulator.__aenter__()
+            simulator_url = simulator.url
+            log.info("built-in simulator upstream at %s", simulator_url)
+        app[SESSION] = session
+        app[ROUTER] = Router(config, session, simulator_url)
+        for name, upstream in config.upstreams.items():
+            if upstream.api_key_env and not upstream.api_key():
+                log.warning("upstream %r: environment variable %s is not set; requests go"
+                            " without a key", name, upstream.api_key_env)
+        yield
+    finally:
+        await session.close()
+        if simulator is not None:
+            await simulator.__aexit__(None, None, None)
+
+
+async def _streams(app: web.Application) -> AsyncIterator[None]:
+    """The journal and the registry of running generations; shutdown stops them all."""
+    config = app[CONFIG]
+    journal = MemoryJournal(
+        retention_s=config.journal.retention_s, max_events=config.journal.max_events
+    )
+    registry = StreamRegistry(
+        journal,
+        resume_grace_s=config.journal.resume_grace_s,
+        coalesce_chars=config.pipeline.coalesce_max_chars if config.pipeline.coalesce else None,
+    )
+    app[JOURNAL] = journal
+    app[REGISTRY] = registry
+    app[METRICS] = Metrics(active_streams=lambda: len(registry))
+    try:
+        yield
+    finally:
+        await registry.close()
+        await journal.close()
+
+
+async def _drain(app: web.Application) -> None:
+    app[DRAINING].set()
+
+
+def create_app(config: Config | None = None) -> web.Application:
+    """Build the streamsvc app for ``config`` (default: the built-in defaults).
+
+    Run it with ``handler_cancellation=True`` (as ``streamsvc serve`` does) so
+    that a client hang-up cancels its handler at once, even before the first token.
+    """
+    config = config or Config()
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[error_middleware],
+    )
+    app[CONFIG] = config
+    app[DRAINING] = asyncio.Event()
+    app.cleanup_ctx.append(_upstreams)
+    app.cleanup_ctx.append(_streams)
+    app.on_shutdown.append(_drain)
+    app.on_response_prepare.append(set_request_id_header)
+    app.add_routes(routes_openai.routes)
+    app.add_routes(routes_streams.routes)
+    app.add_routes(routes_info.routes)
+    return app

@@ -1,0 +1,60 @@
+"""Request ids, and typed errors turned into OpenAI-style error bodies."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
+from streamsvc.server.state import REQUEST_ID
+
+__all__ = ["error_middleware", "set_request_id_header"]
+
+log = logging.getLogger("streamsvc.http")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: StreamsvcError) -> web.Response:
+    return web.json_response(error.to_openai(), status=error.status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-ID", "")
+    request[REQUEST_ID] = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+    try:
+        return await handler(request)
+    except StreamsvcError as error:
+        log.info(
+            "request %s %s %s: %s %s (param=%s)", request[REQUEST_ID], request.method,
+            request.path, error.status, error.code, error.param,
+        )
+        return error_response(error)
+    except web.HTTPRequestEntityTooLarge as exc:
+        error = ClientError(
+            f"body: the request body is larger than server.max_body_bytes"
+            f" ({exc.max_size} bytes)",
+            code=ErrorCode.PAYLOAD_TOO_LARGE, param="body",
+        )
+        log.info("request %s: 413 payload_too_large", request[REQUEST_ID])
+        return error_response(error)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = ErrorCode.NOT_FOUND if exc.status in (404, 405) else ErrorCode.BAD_REQUEST
+        error = ClientError(f"{request.method} {request.path}: {exc.reason}", code=code,
+                            status=exc.status)
+        return error_response(error)
+
+
+async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response, streamed or not, carries X-Request-ID."""
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        response.headers["X-Request-ID"] = request_id

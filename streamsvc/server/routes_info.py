@@ -1,0 +1,61 @@
+"""``GET /v1/models``, ``/healthz``, ``/readyz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from streamsvc.server.state import CONFIG, METRICS, ROUTER
+from streamsvc.upstream.simulator import MODELS as SIMULATOR_MODELS
+
+__all__ = ["DRAINING", "routes"]
+
+routes = web.RouteTableDef()
+DRAINING = web.AppKey("draining", asyncio.Event)
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    """The models the routes serve, in OpenAI's list shape.
+
+    A route's literal model name is listed; a glob route to the built-in
+    simulator lists the simulator's models it matches.
+    """
+    config = request.app[CONFIG]
+    names: list[str] = []
+    for route in config.routes:
+        if not any(c in route.model for c in "*?["):
+            candidates = [route.model]
+        elif request.app[ROUTER].is_simulator(route.upstreams[0]):
+            candidates = [m for m in SIMULATOR_MODELS if route.matches(m)]
+        else:
+            candidates = []
+        for name in candidates:
+            # A model an earlier route already serves is listed once, under that route.
+            if name not in names and config.route(name) is route:
+                names.append(name)
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "streamsvc"} for name in names
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[DRAINING].is_set():
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )

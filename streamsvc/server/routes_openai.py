@@ -1,0 +1,146 @@
+"""``POST /v1/chat/completions`` and ``GET /v1/models``: OpenAI's wire format, exactly.
+
+Streaming answers relay the upstream's chunk bytes unchanged where nothing
+merged them. The response headers wait for the upstream's own answer (not
+for the first token), so an error before the stream (429, no upstream,
+exhausted retries) gets an HTTP status, as OpenAI clients expect; after that,
+an error is a ``data: {"error": ...}`` event and the body ends without
+``[DONE]``. No ``id:`` or ``retry:`` frames: they break the OpenAI SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from streamsvc.chunks import Chunk, coalesce_batch
+from streamsvc.errors import StreamsvcError
+from streamsvc.pipeline import StreamContext, build_pipeline
+from streamsvc.reactive.bridge import ObservableIterator
+from streamsvc.reactive.operators._retry import backoff_delay, is_retryable
+from streamsvc.server.requests import ChatRequest, parse_chat_body
+from streamsvc.server.sse_response import ClientGone, SSEResponse
+from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID, ROUTER
+from streamsvc.upstream.client import UpstreamClient
+
+__all__ = ["routes"]
+
+log = logging.getLogger("streamsvc.http")
+routes = web.RouteTableDef()
+
+_DONE = b"data: [DONE]\n\n"
+
+
+def _frame(chunk: Chunk) -> bytes:
+    return b"data: " + chunk.to_json() + b"\n\n"
+
+
+def _chunk_size(chunk: Chunk) -> int:
+    raw = chunk.raw
+    return len(raw) if raw is not None else 256
+
+
+def _is_usage_only(chunk: Chunk) -> bool:
+    return not chunk.choices and chunk.usage is not None
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    chat = parse_chat_body(await request.read())
+    clients = request.app[ROUTER].clients_for(chat.model)
+    if not chat.stream:
+        return web.json_response(await _complete(request, chat, clients),
+                                 dumps=lambda o: msgspec.json.encode(o).decode())
+    request.app[METRICS].streams_started.labels("openai").inc()
+
+    context = StreamContext()
+    source = build_pipeline(chat.body, clients, config.pipeline, context, retries=chat.retries)
+    coalesce_chars = config.pipeline.coalesce_max_chars if config.pipeline.coalesce else None
+    async with ObservableIterator(
+        source, max_pending=config.server.max_pending_bytes, size=_chunk_size
+    ) as batches:
+        first: asyncio.Future[list[Chunk]] = asyncio.ensure_future(anext(batches))
+        opened = asyncio.ensure_future(context.opened.wait())
+        try:
+            await asyncio.wait({first, opened}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            opened.cancel()
+        if first.done() and first.exception() is not None:
+            error = first.exception()
+            if isinstance(error, StreamsvcError):
+                raise error  # before the stream: an HTTP status, via the middleware
+            if not isinstance(error, StopAsyncIteration):
+                raise error  # type: ignore[misc]
+
+        response = SSEResponse(
+            heartbeat_s=config.server.heartbeat_s,
+            write_timeout_s=config.server.write_timeout_s,
+            headers={"X-Streamsvc-Upstream": context.upstream or ""},
+        )
+        try:
+            await response.start(request)
+            try:
+                batch: list[Chunk] | None = await first
+            except StopAsyncIteration:
+                batch = None
+            while batch is not None:
+                if coalesce_chars is not None:
+                    batch = coalesce_batch(batch, coalesce_chars)
+                frames = [
+                    _frame(c) for c in batch if chat.include_usage or not _is_usage_only(c)
+                ]
+                if frames:
+                    await response.send_bytes(b"".join(frames))
+                try:
+                    batch = await anext(batches)
+                except StopAsyncIteration:
+                    batch = None
+            await response.send_bytes(_DONE)
+        except ClientGone:
+            request.app[METRICS].client_hangups.inc()
+            log.info("request %s: client left (499)", request[REQUEST_ID])
+        except StreamsvcError as error:
+            request.app[METRICS].stream_errors.labels(str(error.code)).inc()
+            log.info("request %s: stream ended with %s: %s", request[REQUEST_ID], error.code,
+                     error.message)
+            try:
+                await response.send_bytes(
+                    b"data: " + msgspec.json.encode(error.to_openai()) + b"\n\n"
+                )
+            except ClientGone:
+                pass
+        finally:
+            if not first.done():
+                first.cancel()
+            await response.close()
+    return response
+
+
+async def _complete(
+    request: web.Request, chat: ChatRequest, clients: list[UpstreamClient]
+) -> dict[str, Any]:
+    """Non-streaming answer, with the same retry and fallback policy as streams."""
+    policy = request.app[CONFIG].pipeline
+    attempts = policy.retry_max_attempts if chat.retries else 1
+    candidates = clients if chat.retries else clients[:1]
+    last: StreamsvcError | None = None
+    for client in candidates:
+        for attempt in range(1, attempts + 1):
+            try:
+                return await client.complete(chat.body)
+            except StreamsvcError as error:
+                last = error
+                if not is_retryable(error):
+                    raise
+                if attempt < attempts:
+                    await asyncio.sleep(backoff_delay(
+                        attempt, policy.retry_backoff_base_ms / 1000,
+                        policy.retry_backoff_max_ms / 1000, getattr(error, "retry_after", None),
+                    ))
+    assert last is not None
+    raise last

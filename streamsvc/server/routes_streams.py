@@ -1,0 +1,177 @@
+"""The streamsvc event format: ``/v1/chat/stream`` (POST and one-shot GET) and ``/v1/streams``.
+
+Every stream is a generation writing into the journal; every reader reads
+the journal from its ``Last-Event-ID`` on. So a reconnect never calls the
+upstream again, and a reconnect after the final event gets ``204``, the one
+answer that stops EventSource for good.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from streamsvc.errors import ClientError, ErrorCode
+from streamsvc.pipeline import StreamContext, build_pipeline
+from streamsvc.server.requests import (
+    ChatRequest,
+    is_stream_id,
+    parse_chat_body,
+    parse_chat_query,
+    parse_last_event_id,
+)
+from streamsvc.server.sse_response import ClientGone, SSEResponse
+from streamsvc.server.state import CONFIG, JOURNAL, METRICS, REGISTRY, REQUEST_ID, ROUTER
+from streamsvc.sse import encode_retry
+from streamsvc.streams import Generation
+
+__all__ = ["routes"]
+
+log = logging.getLogger("streamsvc.http")
+routes = web.RouteTableDef()
+
+
+async def _start(request: web.Request, chat: ChatRequest, *, resumable: bool) -> Generation:
+    app = request.app
+    clients = app[ROUTER].clients_for(chat.model)
+    context = StreamContext()
+    source = build_pipeline(chat.body, clients, app[CONFIG].pipeline, context,
+                            retries=chat.retries)
+    generation = await app[REGISTRY].start(source, context, resumable=resumable)
+    app[METRICS].streams_started.labels("resumable" if resumable else "direct").inc()
+    log.info("request %s: stream %s started (model %s, %s)", request[REQUEST_ID],
+             generation.id, chat.model, "resumable" if resumable else "direct")
+    return generation
+
+
+def _resume_point(request: web.Request) -> tuple[str, int] | None:
+    """Last-Event-ID from the header, else the lastEventId / Last-Event-ID query parameter."""
+    header = request.headers.get("Last-Event-ID")
+    if header:
+        return parse_last_event_id(header, "Last-Event-ID")
+    for name in ("lastEventId", "Last-Event-ID"):
+        value = request.query.get(name)
+        if value:
+            return parse_last_event_id(value, name)
+    return None
+
+
+async def serve_events(request: web.Request, stream_id: str, after: int) -> web.StreamResponse:
+    """Replay a stream's events after ``after``, then tail it live until its final event."""
+    app = request.app
+    journal = app[JOURNAL]
+    state = journal.last_seq(stream_id)
+    if state is None:
+        raise ClientError(
+            f"no stream {stream_id!r} (unknown, or expired after its retention time)",
+            code=ErrorCode.NOT_FOUND, param="id",
+        )
+    last, ended = state
+    if after > last:
+        raise ClientError(
+            f"Last-Event-ID: names event {after}, but stream {stream_id} has {last} events",
+            param="Last-Event-ID",
+        )
+    if ended and after >= last:
+        return web.Response(status=204, headers={"X-Stream-ID": stream_id})
+
+    server = app[CONFIG].server
+    registry = app[REGISTRY]
+    registry.attach(stream_id)
+    response = SSEResponse(
+        heartbeat_s=server.heartbeat_s,
+        write_timeout_s=server.write_timeout_s,
+        headers={"X-Stream-ID": stream_id},
+    )
+    try:
+        await response.start(request)
+        await response.send_bytes(encode_retry(server.sse_retry_ms))
+        while True:
+            events = await journal.read(stream_id, after)
+            if not events:
+                break
+            await response.send_bytes(b"".join([event.frame for event in events]))
+            after = events[-1].seq
+            if events[-1].final:
+                break
+    except ClientGone:
+        app[METRICS].client_hangups.inc()
+        log.info("request %s: client left stream %s at event %d (499)", request[REQUEST_ID],
+                 stream_id, after)
+    finally:
+        registry.detach(stream_id)
+        await response.close()
+    return response
+
+
+@routes.post("/v1/chat/stream")
+async def post_chat_stream(request: web.Request) -> web.StreamResponse:
+    """Same body as chat completions, answered in the streamsvc event format."""
+    chat = parse_chat_body(await request.read(), stream_default=True)
+    generation = await _start(request, chat, resumable=False)
+    return await serve_events(request, generation.id, 0)
+
+
+@routes.get("/v1/chat/stream")
+async def get_chat_stream(request: web.Request) -> web.StreamResponse:
+    """The one-shot EventSource form; a reconnect resumes by Last-Event-ID."""
+    resume = _resume_point(request)
+    if resume is not None:
+        return await serve_events(request, *resume)
+    chat = parse_chat_query(request.query, default_model=request.app[CONFIG].server.default_model)
+    generation = await _start(request, chat, resumable=True)
+    return await serve_events(request, generation.id, 0)
+
+
+@routes.post("/v1/streams")
+async def create_stream(request: web.Request) -> web.Response:
+    """Create a resumable stream; the upstream starts now, EventSource reads events_url."""
+    chat = parse_chat_body(await request.read(), stream_default=True)
+    generation = await _start(request, chat, resumable=True)
+    grace = request.app[CONFIG].journal.resume_grace_s
+    return web.json_response(
+        {
+            "id": generation.id,
+            "object": "stream",
+            "events_url": f"/v1/streams/{generation.id}/events",
+            "expires_at": int(time.time() + grace),
+        },
+        status=201,
+        headers={"X-Stream-ID": generation.id},
+    )
+
+
+def _path_stream_id(request: web.Request) -> str:
+    stream_id = request.match_info["stream_id"]
+    if not is_stream_id(stream_id):
+        raise ClientError(f"id: {stream_id[:80]!r} is not a stream id", code=ErrorCode.NOT_FOUND,
+                          param="id")
+    return stream_id
+
+
+@routes.get("/v1/streams/{stream_id}/events")
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    stream_id = _path_stream_id(request)
+    resume = _resume_point(request)
+    if resume is not None and resume[0] != stream_id:
+        raise ClientError(
+            f"Last-Event-ID: belongs to stream {resume[0]}, not {stream_id}",
+            param="Last-Event-ID",
+        )
+    return await serve_events(request, stream_id, resume[1] if resume else 0)
+
+
+@routes.delete("/v1/streams/{stream_id}")
+async def delete_stream(request: web.Request) -> web.Response:
+    """Stop generation: the upstream is cancelled and readers get ``done`` (cancelled)."""
+    stream_id = _path_stream_id(request)
+    if request.app[REGISTRY].cancel(stream_id):
+        status = "cancelled"
+    elif request.app[JOURNAL].last_seq(stream_id) is not None:
+        status = "ended"  # it had already finished; nothing to stop
+    else:
+        raise ClientError(f"no stream {stream_id!r}", code=ErrorCode.NOT_FOUND, param="id")
+    return web.json_response({"id": stream_id, "object": "stream", "status": status},
+                             headers={"X-Stream-ID": stream_id})

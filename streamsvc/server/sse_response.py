@@ -1,0 +1,70 @@
+"""The SSE response every stream endpoint writes to (aiohttp-sse underneath).
+
+aiohttp-sse gives the headers (``text/event-stream``, ``Cache-Control:
+no-cache``, ``X-Accel-Buffering: no``) and the heartbeat comment task. Frames
+are written here as prepared bytes, several events per write, under a write
+timeout: a write that fails or does not complete in time means the client is
+gone (half-open connections are found this way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+__all__ = ["ClientGone", "SSEResponse"]
+
+
+class ClientGone(Exception):
+    """The client hung up, or stopped reading past the write timeout."""
+
+
+class SSEResponse(EventSourceResponse):
+    """An ``EventSourceResponse`` for any method, with a timed ``send_bytes``.
+
+    Args:
+        heartbeat_s: seconds between ``: ping`` comments.
+        write_timeout_s: a write that takes longer counts as a hang-up.
+        headers: extra response headers (request and stream ids).
+    """
+
+    def __init__(
+        self, *, heartbeat_s: float, write_timeout_s: float, headers: Mapping[str, str]
+    ) -> None:
+        super().__init__(
+            headers=headers,
+            sep="\n",
+            allow_all_methods=True,
+            send_timeout=write_timeout_s,
+            ping_interval=heartbeat_s,
+        )
+        self._write_timeout_s = write_timeout_s
+
+    async def start(self, request: web.Request) -> None:
+        """Send the headers now, before the first token."""
+        try:
+            await self.prepare(request)
+        except (ConnectionError, RuntimeError) as exc:
+            raise ClientGone(str(exc)) from exc
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Write prepared frames; raises :class:`ClientGone` when the client is not there."""
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                await self.write(data)
+        except TimeoutError as exc:
+            transport = self._req.transport if self._req is not None else None
+            if transport is not None:
+                transport.abort()
+            raise ClientGone("write timed out") from exc
+        except (ConnectionError, RuntimeError) as exc:
+            raise ClientGone(str(exc)) from exc
+
+    async def close(self) -> None:
+        """Stop the heartbeat task; the handler returning ends the body."""
+        if self._ping_task is not None:
+            self.stop_streaming()
+            await self.wait()

@@ -1,0 +1,21 @@
+"""Typed app state keys; each is set by the cleanup context that owns the resource."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from streamsvc.config import Config
+from streamsvc.journal.base import Journal
+from streamsvc.server.metrics import Metrics
+from streamsvc.streams import StreamRegistry
+from streamsvc.upstream.routing import Router
+
+CONFIG = web.AppKey("config", Config)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+ROUTER = web.AppKey("router", Router)
+JOURNAL = web.AppKey("journal", Journal)
+REGISTRY = web.AppKey("registry", StreamRegistry)
+METRICS = web.AppKey("metrics", Metrics)
+SIMULATOR_URL = web.AppKey("simulator_url", str)
+REQUEST_ID = "streamsvc.request_id"

@@ -1,0 +1,281 @@
+"""OpenAI-compatible upstream client: one request, its chunks, its errors classified.
+
+Runs on the app's one shared ``aiohttp.ClientSession``. The response body is
+read with ``iter_any()`` into streamsvc's own SSE decoder (aiohttp's line
+reader splits on LF only and fails on long lines). Faults that look like
+success are raised as faults: an ``error`` object inside a 200 stream, a body
+that ends without ``[DONE]`` or a finish reason, and a body left open after
+``[DONE]`` (the stream ends at ``[DONE]`` and the connection is closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from streamsvc.chunks import Chunk
+from streamsvc.config import UpstreamConfig
+from streamsvc.errors import ErrorCode, UpstreamError
+from streamsvc.sse import SSEDecoder
+
+__all__ = ["UpstreamClient", "classify_status", "parse_retry_after"]
+
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+_MAX_ERROR_BODY = 16_384
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
+    if isinstance(parsed, dict):
+        error = parsed.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return body[:200].decode("utf-8", "replace")
+
+
+def classify_status(
+    status: int, body: bytes, retry_after: float | None, upstream: str
+) -> UpstreamError:
+    """Map an upstream's non-200 answer to a typed error.
+
+    408, 409, 429 and 5xx are retryable; other 4xx are not (the same request
+    would fail again). 4xx that blame the request keep the upstream's message.
+    """
+    message = f"upstream {upstream!r} answered {status}: {_error_message(body)}"
+    if status == 429:
+        return UpstreamError(
+            message, code=ErrorCode.RATE_LIMITED, retryable=True,
+            retry_after=retry_after, upstream_status=status,
+        )
+    if status in _RETRYABLE_STATUS or status >= 500:
+        return UpstreamError(
+            message, code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            retry_after=retry_after, upstream_status=status,
+        )
+    if status in (400, 404, 413, 422):
+        error = UpstreamError(message, code=ErrorCode.BAD_REQUEST, upstream_status=status)
+        error.status = 400 if status != 413 else 413
+        return error
+    return UpstreamError(message, code=ErrorCode.UPSTREAM_ERROR, upstream_status=status)
+
+
+class UpstreamClient:
+    """Talks to one named OpenAI-compatible upstream.
+
+    Args:
+        name: the upstream's name in config (shown in errors and headers, never its key).
+        config: its ``[upstreams.NAME]`` section.
+        session: the shared ``ClientSession``, owned by the caller; None opens
+            (and closes) a session per request, for embedded use.
+        base_url: overrides ``config.base_url`` (used for the built-in simulator).
+        api_key: overrides the key read from ``config.api_key_env``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession | None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._session = session
+        self._url = (base_url or config.base_url).rstrip("/") + "/chat/completions"
+        headers = {"Content-Type": "application/json", **config.headers}
+        key = api_key or config.api_key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self._headers = headers
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+        )
+
+    def __repr__(self) -> str:
+        return f"UpstreamClient({self.name!r}, {self._url!r})"
+
+    async def _post(
+        self, body: dict[str, Any], session: aiohttp.ClientSession
+    ) -> aiohttp.ClientResponse:
+        try:
+            response = await session.post(
+                self._url,
+                data=msgspec.json.encode(body),
+                headers=self._headers,
+                params=self.config.query or None,
+                timeout=self._timeout,
+            )
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamError(
+                f"cannot connect to upstream {self.name!r}: {exc.os_error}",
+                code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
+            ) from exc
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamError(
+                f"upstream {self.name!r} did not answer in time",
+                code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True,
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"request to upstream {self.name!r} failed: {type(exc).__name__}",
+                code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
+            ) from exc
+        if response.status != 200:
+            try:
+                body_bytes = await response.content.read(_MAX_ERROR_BODY)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                body_bytes = b""
+            finally:
+                response.release()
+            raise classify_status(
+                response.status, body_bytes, parse_retry_after(response.headers), self.name
+            )
+        return response
+
+    async def stream(
+        self, body: dict[str, Any], *, on_open: Callable[[], None] | None = None
+    ) -> AsyncIterator[Chunk]:
+        """Stream a chat completion; yields chunks until ``[DONE]``.
+
+        Always asks for ``stream_options.include_usage`` so the relay has usage;
+        whether a client sees the usage chunk is decided by the caller.
+        ``on_open`` runs once the upstream answered 200, before any chunk.
+        Closing the generator (or cancelling its task) closes the connection.
+        """
+        options = body.get("stream_options")
+        body = {
+            **body,
+            "stream": True,
+            "stream_options": {**(options if isinstance(options, dict) else {}),
+                               "include_usage": True},
+        }
+        async with contextlib.AsyncExitStack() as stack:
+            session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
+            async for chunk in self._stream(body, session, on_open):
+                yield chunk
+
+    async def _stream(
+        self,
+        body: dict[str, Any],
+        session: aiohttp.ClientSession,
+        on_open: Callable[[], None] | None,
+    ) -> AsyncIterator[Chunk]:
+        response = await self._post(body, session)
+        decoder = SSEDecoder()
+        finished: set[int] = set()
+        try:
+            if on_open is not None:
+                on_open()
+            async for data in response.content.iter_any():
+                for event in decoder.feed(data):
+                    if event.event not in ("message", ""):
+                        continue  # not a chunk: OpenAI sends only default events
+                    text = event.data
+                    if text == "[DONE]":
+                        return  # the end, whether or not the body closes
+                    try:
+                        chunk = Chunk.from_json(text.encode())
+                    except msgspec.DecodeError as exc:
+                        raise UpstreamError(
+                            f"upstream {self.name!r} sent a malformed chunk: {text[:80]!r}",
+                            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+                        ) from exc
+                    error = chunk.data.get("error")
+                    if error is not None:
+                        raise UpstreamError(
+                            f"upstream {self.name!r} reported an error mid-stream: "
+                            f"{_error_message(msgspec.json.encode({'error': error}))}",
+                            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+                        )
+                    for choice in chunk.choices:
+                        if choice.get("finish_reason") is not None:
+                            finished.add(choice.get("index", 0))
+                    yield chunk
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamError(
+                f"upstream {self.name!r} sent nothing for {self.config.read_timeout_s:g} s",
+                code=ErrorCode.IDLE_TIMEOUT, retryable=True,
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"upstream {self.name!r} connection broke mid-stream: {type(exc).__name__}",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            ) from exc
+        finally:
+            # Not release(): a body left open (or cut short) must not go back to the pool.
+            response.close()
+        if not finished:
+            raise UpstreamError(
+                f"upstream {self.name!r} ended the stream without [DONE] or a finish reason"
+                " (truncated)",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            )
+
+    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A non-streaming chat completion: the upstream's ``chat.completion`` object."""
+        async with contextlib.AsyncExitStack() as stack:
+            session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
+            return await self._complete(body, session)
+
+    async def _complete(
+        self, body: dict[str, Any], session: aiohttp.ClientSession
+    ) -> dict[str, Any]:
+        response = await self._post({**body, "stream": False}, session)
+        try:
+            raw = await response.read()
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamError(
+                f"upstream {self.name!r} failed while sending its answer: {type(exc).__name__}",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            ) from exc
+        finally:
+            response.release()
+        try:
+            answer = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(
+                f"upstream {self.name!r} answered with invalid JSON",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            ) from exc
+        if not isinstance(answer, dict) or "error" in answer:
+            raise UpstreamError(
+                f"upstream {self.name!r} answered with an error: {_error_message(raw)}",
+                code=ErrorCode.UPSTREAM_ERROR,
+            )
+        return answer

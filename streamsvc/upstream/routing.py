@@ -1,0 +1,45 @@
+"""Model name -> the upstreams that serve it, in fallback order. Clients never choose URLs."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from streamsvc.config import BUILTIN_SIMULATOR, Config
+from streamsvc.errors import ClientError, ErrorCode
+from streamsvc.upstream.client import UpstreamClient
+
+__all__ = ["Router"]
+
+
+class Router:
+    """Builds one :class:`UpstreamClient` per configured upstream and picks them by model.
+
+    Args:
+        config: the loaded config.
+        session: the app's shared ``ClientSession``.
+        simulator_url: the base URL of the in-process simulator, when one runs.
+    """
+
+    def __init__(
+        self, config: Config, session: aiohttp.ClientSession, simulator_url: str | None = None
+    ) -> None:
+        self._config = config
+        self.clients: dict[str, UpstreamClient] = {}
+        self._simulated = {n for n, u in config.upstreams.items() if u.base_url == BUILTIN_SIMULATOR}
+        for name, upstream in config.upstreams.items():
+            base_url = simulator_url if upstream.base_url == BUILTIN_SIMULATOR else None
+            self.clients[name] = UpstreamClient(name, upstream, session, base_url=base_url)
+
+    def is_simulator(self, name: str) -> bool:
+        """Whether the named upstream is the built-in simulator."""
+        return name in self._simulated
+
+    def clients_for(self, model: str) -> list[UpstreamClient]:
+        """The upstreams for ``model``: the first is primary, the rest fallbacks."""
+        route = self._config.route(model)
+        if route is None:
+            raise ClientError(
+                f"no route serves model {model!r}; see GET /v1/models",
+                code=ErrorCode.MODEL_NOT_FOUND, param="model",
+            )
+        return [self.clients[name] for name in route.upstreams]
