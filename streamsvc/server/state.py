@@ -18,4 +18,4 @@ JOURNAL = web.AppKey("journal", Journal)
 REGISTRY = web.AppKey("registry", StreamRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 SIMULATOR_URL = web.AppKey("simulator_url", str)
-REQUEST_ID = "streamsvc.request_id"
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -1,0 +1,78 @@
+"""Shared fixtures: real servers on free loopback ports, real client sessions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from streamsvc.config import Config, load_config
+from streamsvc.server.app import create_app
+from streamsvc.upstream.simulator import SimulatorServer
+
+
+@dataclass
+class RunningServer:
+    """A streamsvc app listening on a free port."""
+
+    url: str  # e.g. "http://127.0.0.1:54321"
+    app: web.Application
+    config: Config
+
+
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[SimulatorServer]:
+    """A standalone simulator; tests read its stats (requests, hang-ups)."""
+    async with SimulatorServer(host="127.0.0.1", port=0) as sim:
+        yield sim
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """Factory: ``await start_server(config)`` or ``await start_server(overrides={...})``."""
+    runners: list[web.AppRunner] = []
+
+    async def start(config: Config | None = None, *, overrides: dict[str, Any] | None = None
+                    ) -> RunningServer:
+        if config is None:
+            config = load_config(env={}, overrides=overrides or {})
+        app = create_app(config)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        return RunningServer(url=f"http://127.0.0.1:{port}", app=app, config=config)
+
+    yield start
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+def relay_overrides(simulator_url: str, **more: Any) -> dict[str, Any]:
+    """Config overrides that route every model to the given simulator URL."""
+    return {
+        "upstreams": {"sim": {"base_url": simulator_url}},
+        "routes": [{"model": "*", "upstreams": ["sim"]}],
+        **more,
+    }
+
+
+@pytest.fixture
+async def relay(start_server: StartServer, simulator: SimulatorServer) -> RunningServer:
+    """streamsvc in front of the standalone ``simulator`` fixture."""
+    return await start_server(overrides=relay_overrides(simulator.url))
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
