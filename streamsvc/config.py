@@ -49,7 +49,7 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pass
 
 
-class ServerConfig(_Section):
+class ServerConfig(_Section, frozen=True):
     """``[server]``: where to listen and how streams are written to clients."""
 
     host: str = "127.0.0.1"
@@ -63,7 +63,7 @@ class ServerConfig(_Section):
     shutdown_timeout_s: NonNegFloat = 10.0
 
 
-class JournalConfig(_Section):
+class JournalConfig(_Section, frozen=True):
     """``[journal]``: where numbered stream events are kept for replay."""
 
     backend: Literal["memory"] = "memory"
@@ -72,7 +72,7 @@ class JournalConfig(_Section):
     max_events: PosInt = 100_000
 
 
-class PipelineConfig(_Section):
+class PipelineConfig(_Section, frozen=True):
     """``[pipeline]``: the operators between the upstream and the journal."""
 
     coalesce: bool = True
@@ -83,13 +83,13 @@ class PipelineConfig(_Section):
     retry_backoff_max_ms: NonNegFloat = 5000.0
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     """``[log]``: log level and format."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class UpstreamConfig(_Section):
+class UpstreamConfig(_Section, frozen=True):
     """``[upstreams.NAME]``: one OpenAI-compatible server (or the built-in simulator)."""
 
     base_url: str
@@ -111,7 +111,7 @@ class UpstreamConfig(_Section):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
-class RouteConfig(_Section):
+class RouteConfig(_Section, frozen=True):
     """``[[routes]]``: a model-name glob and the upstreams that serve it, in fallback order."""
 
     model: str
@@ -130,7 +130,7 @@ def _default_routes() -> list[RouteConfig]:
     return [RouteConfig(model="*", upstreams=["simulator"])]
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     """The whole configuration; the defaults are ``config/streamsvc.toml``."""
 
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)

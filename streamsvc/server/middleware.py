@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
-from streamsvc.server.state import REQUEST_ID
+from streamsvc.server.state import CONFIG, REQUEST_ID
 
 __all__ = ["error_middleware", "set_request_id_header"]
 
@@ -30,27 +30,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     request[REQUEST_ID] = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
     try:
         return await handler(request)
-    except StreamsvcError as error:
-        log.info(
-            "request %s %s %s: %s %s (param=%s)", request[REQUEST_ID], request.method,
-            request.path, error.status, error.code, error.param,
-        )
-        return error_response(error)
-    except web.HTTPRequestEntityTooLarge as exc:
-        error = ClientError(
-            f"body: the request body is larger than server.max_body_bytes"
-            f" ({exc.max_size} bytes)",
+    except StreamsvcError as exc:
+        failure = exc
+    except web.HTTPRequestEntityTooLarge:
+        failure = ClientError(
+            "body: the request body is larger than server.max_body_bytes"
+            f" ({request.app[CONFIG].server.max_body_bytes} bytes)",
             code=ErrorCode.PAYLOAD_TOO_LARGE, param="body",
         )
-        log.info("request %s: 413 payload_too_large", request[REQUEST_ID])
-        return error_response(error)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = ErrorCode.NOT_FOUND if exc.status in (404, 405) else ErrorCode.BAD_REQUEST
-        error = ClientError(f"{request.method} {request.path}: {exc.reason}", code=code,
-                            status=exc.status)
-        return error_response(error)
+        failure = ClientError(f"{request.method} {request.path}: {exc.reason}", code=code,
+                              status=exc.status)
+    log.info(
+        "request %s %s %s: %s %s (param=%s)", request[REQUEST_ID], request.method,
+        request.path, failure.status, failure.code, failure.param,
+    )
+    return error_response(failure)
 
 
 async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -65,17 +65,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         source, max_pending=config.server.max_pending_bytes, size=_chunk_size
     ) as batches:
         first: asyncio.Future[list[Chunk]] = asyncio.ensure_future(anext(batches))
-        opened = asyncio.ensure_future(context.opened.wait())
         try:
-            await asyncio.wait({first, opened}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            opened.cancel()
-        if first.done() and first.exception() is not None:
-            error = first.exception()
-            if isinstance(error, StreamsvcError):
-                raise error  # before the stream: an HTTP status, via the middleware
-            if not isinstance(error, StopAsyncIteration):
-                raise error  # type: ignore[misc]
+            await _wait_for_answer(first, context, config.server.heartbeat_s)
+        except BaseException:
+            first.cancel()
+            raise
 
         response = SSEResponse(
             heartbeat_s=config.server.heartbeat_s,
@@ -119,6 +113,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 first.cancel()
             await response.close()
     return response
+
+
+async def _wait_for_answer(
+    first: asyncio.Future[list[Chunk]], context: StreamContext, limit_s: float
+) -> None:
+    """Hold the response headers until the upstream answered (at most ``limit_s``).
+
+    An error before that (no upstream, 429 after the retries) then raises here
+    and is answered with its HTTP status; past ``limit_s`` the headers go out
+    anyway so that proxies and clients see a live response.
+    """
+    opened: asyncio.Future[bool] = asyncio.ensure_future(context.opened.wait())
+    try:
+        await asyncio.wait((first, opened), timeout=limit_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        opened.cancel()
+    if first.done() and not first.cancelled():
+        error = first.exception()
+        if error is not None and not isinstance(error, StopAsyncIteration):
+            raise error
 
 
 async def _complete(

@@ -10,7 +10,6 @@ that ends without ``[DONE]`` or a finish reason, and a body left open after
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email.utils
 import time
@@ -146,7 +145,7 @@ class UpstreamClient:
                 f"cannot connect to upstream {self.name!r}: {exc.os_error}",
                 code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
             ) from exc
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamError(
                 f"upstream {self.name!r} did not answer in time",
                 code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True,
@@ -159,7 +158,7 @@ class UpstreamClient:
         if response.status != 200:
             try:
                 body_bytes = await response.content.read(_MAX_ERROR_BODY)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 body_bytes = b""
             finally:
                 response.release()
@@ -186,7 +185,9 @@ class UpstreamClient:
                                "include_usage": True},
         }
         async with contextlib.AsyncExitStack() as stack:
-            session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
+            session = self._session
+            if session is None:
+                session = await stack.enter_async_context(aiohttp.ClientSession())
             async for chunk in self._stream(body, session, on_open):
                 yield chunk
 
@@ -227,7 +228,7 @@ class UpstreamClient:
                         if choice.get("finish_reason") is not None:
                             finished.add(choice.get("index", 0))
                     yield chunk
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamError(
                 f"upstream {self.name!r} sent nothing for {self.config.read_timeout_s:g} s",
                 code=ErrorCode.IDLE_TIMEOUT, retryable=True,
@@ -250,7 +251,9 @@ class UpstreamClient:
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming chat completion: the upstream's ``chat.completion`` object."""
         async with contextlib.AsyncExitStack() as stack:
-            session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
+            session = self._session
+            if session is None:
+                session = await stack.enter_async_context(aiohttp.ClientSession())
             return await self._complete(body, session)
 
     async def _complete(
@@ -259,7 +262,7 @@ class UpstreamClient:
         response = await self._post({**body, "stream": False}, session)
         try:
             raw = await response.read()
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(
                 f"upstream {self.name!r} failed while sending its answer: {type(exc).__name__}",
                 code=ErrorCode.UPSTREAM_ERROR, retryable=True,
