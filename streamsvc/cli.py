@@ -70,6 +70,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from streamsvc.server.access_log import AccessLogger
     from streamsvc.server.app import create_app
 
     config_path = args.config or os.environ.get("STREAMSVC_CONFIG") or None
@@ -86,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=config.server.host,
         port=config.server.port,
         handler_cancellation=True,
+        access_log_class=AccessLogger,
         shutdown_timeout=config.server.shutdown_timeout_s,
         print=lambda _: print(
             f"streamsvc listening on http://{config.server.host}:{config.server.port}",

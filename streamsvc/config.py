@@ -12,6 +12,7 @@ parses as one (``9000``, ``true``, ``"x"``), else as a plain string.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import os
 import re
@@ -249,6 +250,7 @@ def load_config(
             raise ConfigError(f"not valid TOML: {exc}", source=source, key="(file)") from exc
 
     # Remember who set each key, so an error names the variable or flag, not the file.
+    from_file = copy.deepcopy(raw)
     origin: dict[str, str] = {}
     for name, value in sorted((os.environ if env is None else env).items()):
         if not name.startswith(ENV_PREFIX):
@@ -284,8 +286,12 @@ def load_config(
         if present and message != "unknown key" and "got" not in message and repr(value) not in message:
             message = f"{message}, got {value!r}"
         blamed = next(
-            (who for k, who in origin.items() if key == k or key.startswith(k + ".")), source
+            (who for k, who in origin.items() if key == k or key.startswith(k + ".")), None
         )
+        if blamed is None and not _lookup(from_file, key)[0]:
+            # An unknown section or upstream that only a variable or flag brought in.
+            blamed = next((who for k, who in origin.items() if k.startswith(key + ".")), None)
+        blamed = blamed or source
         raise ConfigError(message, source=blamed, key=key) from located.__cause__
 
 

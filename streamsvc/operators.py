@@ -1,4 +1,4 @@
-"""``streamsvc.operators``: the lossless operators, for embedders (see docs/operators.md)."""
+"""``streamsvc.operators``: the lossless operators, for embedders (see docs/architecture.md)."""
 
 from streamsvc.reactive.operators import RetryListener, coalesce, retry_with_backoff
 

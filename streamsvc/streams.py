@@ -14,6 +14,7 @@ import enum
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -58,6 +59,7 @@ class Generation:
         *,
         resumable: bool,
         coalesce_chars: int | None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.id = stream_id
         self.resumable = resumable
@@ -68,6 +70,7 @@ class Generation:
         self._source = source
         self._journal = journal
         self._coalesce_chars = coalesce_chars
+        self._on_error = on_error
         self._stop_reason: str | None = None
         self._iterator: ObservableIterator[Chunk] | None = None
         self._grace: asyncio.TimerHandle | None = None
@@ -117,6 +120,8 @@ class Generation:
         except StreamsvcError as exc:
             log.info("stream %s ended with %s: %s", self.id, exc.code, exc.message)
             final = (ERROR, _error_data(exc.to_event()))
+            if self._on_error is not None:
+                self._on_error(str(exc.code))
         except Exception:
             log.exception("stream %s failed", self.id)
             final = (ERROR, _error_data({
@@ -154,6 +159,8 @@ class StreamRegistry:
         self._grace_s = resume_grace_s
         self._coalesce_chars = coalesce_chars
         self._running: dict[str, Generation] = {}
+        self.on_error: Callable[[str], None] | None = None
+        """Told the code of every stream that ends with an ``error`` event."""
 
     def __len__(self) -> int:
         return len(self._running)
@@ -169,7 +176,7 @@ class StreamRegistry:
         await self.journal.create(stream_id)
         generation = Generation(
             stream_id, source, context, self.journal,
-            resumable=resumable, coalesce_chars=self._coalesce_chars,
+            resumable=resumable, coalesce_chars=self._coalesce_chars, on_error=self.on_error,
         )
         self._running[stream_id] = generation
         generation.start()

@@ -48,8 +48,10 @@ def from_async_iterable(factory: Callable[[], AsyncIterator[T]]) -> Observable[T
         disposed = False
 
         async def run() -> None:
-            iterator = factory()
+            iterator: AsyncIterator[T] | None = None
             try:
+                # Inside the try: a factory that fails at once is an error for the observer too.
+                iterator = factory()
                 async for item in iterator:
                     if disposed:
                         return
@@ -74,6 +76,10 @@ def from_async_iterable(factory: Callable[[], AsyncIterator[T]]) -> Observable[T
             disposed = True
             if task is not asyncio.current_task():
                 task.cancel()
+            else:
+                # Disposed from inside its own on_next: cancel once this step yields,
+                # or a source blocked on the network would never notice.
+                loop.call_soon(task.cancel)
 
         return Disposable(dispose)
 

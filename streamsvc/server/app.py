@@ -66,7 +66,9 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
     )
     app[JOURNAL] = journal
     app[REGISTRY] = registry
-    app[METRICS] = Metrics(active_streams=lambda: len(registry))
+    metrics = Metrics(active_streams=lambda: len(registry))
+    registry.on_error = lambda code: metrics.stream_errors.labels(code).inc()
+    app[METRICS] = metrics
     try:
         yield
     finally:

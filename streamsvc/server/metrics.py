@@ -23,7 +23,7 @@ class Metrics:
             registry=self.registry,
         )
         self.stream_errors = Counter(
-            "streamsvc_stream_errors", "Requests and streams that ended in an error, by code",
+            "streamsvc_stream_errors", "Requests refused and streams ended by an error, by code",
             ["code"], registry=self.registry,
         )
         self.client_hangups = Counter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -10,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
-from streamsvc.server.state import CONFIG, REQUEST_ID
+from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID
 
 __all__ = ["error_middleware", "set_request_id_header"]
 
@@ -29,7 +30,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     incoming = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
     try:
-        return await handler(request)
+        response = await handler(request)
+        _count(request, response.status)
+        return response
+    except asyncio.CancelledError:
+        _count(request, 499)  # the client hung up; the handler was cancelled
+        raise
     except StreamsvcError as exc:
         failure = exc
     except web.HTTPRequestEntityTooLarge:
@@ -41,14 +47,25 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = ErrorCode.NOT_FOUND if exc.status in (404, 405) else ErrorCode.BAD_REQUEST
+        code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.BAD_REQUEST
         failure = ClientError(f"{request.method} {request.path}: {exc.reason}", code=code,
                               status=exc.status)
     log.info(
         "request %s %s %s: %s %s (param=%s)", request[REQUEST_ID], request.method,
         request.path, failure.status, failure.code, failure.param,
     )
+    _count(request, failure.status)
+    request.app[METRICS].stream_errors.labels(str(failure.code)).inc()
     return error_response(failure)
+
+
+def _count(request: web.Request, status: int) -> None:
+    resource = request.match_info.route.resource
+    endpoint = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.requests.labels(endpoint, str(status)).inc()
+    if status == 499:
+        metrics.client_hangups.inc()
 
 
 async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:

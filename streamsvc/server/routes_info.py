@@ -19,18 +19,21 @@ DRAINING = web.AppKey("draining", asyncio.Event)
 async def list_models(request: web.Request) -> web.Response:
     """The models the routes serve, in OpenAI's list shape.
 
-    A route's literal model name is listed; a glob route to the built-in
-    simulator lists the simulator's models it matches.
+    A route's literal model name is listed; a glob route lists the models its
+    primary upstream lists (the built-in simulator's, or the upstream's own
+    ``GET /models``, cached for a minute) that the glob matches.
     """
     config = request.app[CONFIG]
+    router = request.app[ROUTER]
     names: list[str] = []
     for route in config.routes:
         if not any(c in route.model for c in "*?["):
             candidates = [route.model]
-        elif request.app[ROUTER].is_simulator(route.upstreams[0]):
+        elif router.is_simulator(route.upstreams[0]):
             candidates = [m for m in SIMULATOR_MODELS if route.matches(m)]
         else:
-            candidates = []
+            listed = await router.models_of(route.upstreams[0])
+            candidates = [m for m in listed if route.matches(m)]
         for name in candidates:
             # A model an earlier route already serves is listed once, under that route.
             if name not in names and config.route(name) is route:

@@ -39,13 +39,27 @@ def _frame(chunk: Chunk) -> bytes:
     return b"data: " + chunk.to_json() + b"\n\n"
 
 
+def _client_frames(batch: list[Chunk], include_usage: bool) -> list[bytes]:
+    """The frames this client gets: usage only if it asked, as OpenAI does.
+
+    streamsvc always asks the upstream for usage; a client that did not ask
+    gets neither the usage chunk nor the ``"usage": null`` field on the others.
+    """
+    if include_usage:
+        return [_frame(chunk) for chunk in batch]
+    frames = []
+    for chunk in batch:
+        if "usage" in chunk.data:
+            if chunk.data["usage"] is not None and not chunk.choices:
+                continue
+            chunk = Chunk({k: v for k, v in chunk.data.items() if k != "usage"})
+        frames.append(_frame(chunk))
+    return frames
+
+
 def _chunk_size(chunk: Chunk) -> int:
     raw = chunk.raw
     return len(raw) if raw is not None else 256
-
-
-def _is_usage_only(chunk: Chunk) -> bool:
-    return not chunk.choices and chunk.usage is not None
 
 
 @routes.post("/v1/chat/completions")
@@ -74,7 +88,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         response = SSEResponse(
             heartbeat_s=config.server.heartbeat_s,
             write_timeout_s=config.server.write_timeout_s,
-            headers={"X-Streamsvc-Upstream": context.upstream or ""},
+            headers={"X-Streamsvc-Upstream": context.upstream} if context.upstream else {},
         )
         try:
             await response.start(request)
@@ -85,9 +99,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             while batch is not None:
                 if coalesce_chars is not None:
                     batch = coalesce_batch(batch, coalesce_chars)
-                frames = [
-                    _frame(c) for c in batch if chat.include_usage or not _is_usage_only(c)
-                ]
+                frames = _client_frames(batch, chat.include_usage)
                 if frames:
                     await response.send_bytes(b"".join(frames))
                 try:

@@ -116,7 +116,8 @@ class UpstreamClient:
         self.name = name
         self.config = config
         self._session = session
-        self._url = (base_url or config.base_url).rstrip("/") + "/chat/completions"
+        self._base = (base_url or config.base_url).rstrip("/")
+        self._url = self._base + "/chat/completions"
         headers = {"Content-Type": "application/json", **config.headers}
         key = api_key or config.api_key()
         if key:
@@ -128,6 +129,32 @@ class UpstreamClient:
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self.name!r}, {self._url!r})"
+
+    async def models(self) -> list[str]:
+        """The model ids the upstream lists at ``GET /models`` (its OpenAI list shape)."""
+        if self._session is None:
+            raise RuntimeError("models() needs a shared session")
+        headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
+        try:
+            async with self._session.get(
+                self._base + "/models", headers=headers, params=self.config.query or None,
+                timeout=aiohttp.ClientTimeout(total=self.config.connect_timeout_s),
+            ) as response:
+                if response.status != 200:
+                    raise classify_status(
+                        response.status, await response.content.read(_MAX_ERROR_BODY),
+                        parse_retry_after(response.headers), self.name,
+                    )
+                listing = msgspec.json.decode(await response.read())
+        except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError) as exc:
+            raise UpstreamError(
+                f"upstream {self.name!r} did not list its models: {type(exc).__name__}",
+                code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
+            ) from exc
+        data = listing.get("data") if isinstance(listing, dict) else None
+        if not isinstance(data, list):
+            return []
+        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     async def _post(
         self, body: dict[str, Any], session: aiohttp.ClientSession

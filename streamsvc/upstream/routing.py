@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import aiohttp
 
 from streamsvc.config import BUILTIN_SIMULATOR, Config
-from streamsvc.errors import ClientError, ErrorCode
+from streamsvc.errors import ClientError, ErrorCode, UpstreamError
 from streamsvc.upstream.client import UpstreamClient
 
 __all__ = ["Router"]
+
+log = logging.getLogger("streamsvc.routing")
+_MODELS_TTL_S = 60.0
 
 
 class Router:
@@ -25,6 +31,7 @@ class Router:
     ) -> None:
         self._config = config
         self.clients: dict[str, UpstreamClient] = {}
+        self._models: dict[str, tuple[float, list[str]]] = {}
         self._simulated = {n for n, u in config.upstreams.items() if u.base_url == BUILTIN_SIMULATOR}
         for name, upstream in config.upstreams.items():
             base_url = simulator_url if upstream.base_url == BUILTIN_SIMULATOR else None
@@ -33,6 +40,20 @@ class Router:
     def is_simulator(self, name: str) -> bool:
         """Whether the named upstream is the built-in simulator."""
         return name in self._simulated
+
+    async def models_of(self, name: str) -> list[str]:
+        """The models upstream ``name`` lists, cached for a minute; [] when it cannot say."""
+        now = time.monotonic()
+        cached = self._models.get(name)
+        if cached is not None and now - cached[0] < _MODELS_TTL_S:
+            return cached[1]
+        try:
+            models = await self.clients[name].models()
+        except UpstreamError as error:
+            log.warning("GET /v1/models: %s", error.message)
+            models = []
+        self._models[name] = (now, models)
+        return models
 
     def clients_for(self, model: str) -> list[UpstreamClient]:
         """The upstreams for ``model``: the first is primary, the rest fallbacks."""

@@ -54,9 +54,16 @@ def retry_with_backoff_(
 
             def start(*_: Any) -> None:
                 held.clear()
-                current.disposable = sources[index].subscribe(
+                before = current.disposable
+                subscription = sources[index].subscribe(
                     on_next, on_error, on_completed, scheduler=scheduler_
                 )
+                # A source that failed inside subscribe has already scheduled the
+                # next attempt into ``current``: keep that timer, drop the dead subscription.
+                if current.disposable is before:
+                    current.disposable = subscription
+                else:
+                    subscription.dispose()
 
             def release_held() -> None:
                 for chunk in held:

@@ -1,0 +1,82 @@
+"""GET /v1/models lists what the routes serve; /metrics counts requests, hang-ups, errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from streamsvc.upstream.simulator import MODELS, SimulatorServer
+from tests.conftest import RunningServer, StartServer, relay_overrides
+
+
+async def _model_ids(session: aiohttp.ClientSession, url: str) -> list[str]:
+    async with session.get(f"{url}/v1/models") as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["object"] == "list"
+    return [m["id"] for m in body["data"]]
+
+
+async def test_models_of_builtin_simulator(start_server: StartServer,
+                                           session: aiohttp.ClientSession) -> None:
+    server = await start_server()
+    assert await _model_ids(session, server.url) == list(MODELS)
+
+
+async def test_models_of_a_real_upstream_come_from_its_own_listing(
+    relay: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    # The relay's upstream is a separate simulator process-alike over HTTP, not the built-in one.
+    assert await _model_ids(session, relay.url) == list(MODELS)
+
+
+async def test_models_literal_routes_and_globs(start_server: StartServer,
+                                               simulator: SimulatorServer,
+                                               session: aiohttp.ClientSession) -> None:
+    server = await start_server(overrides={
+        "upstreams": {"sim": {"base_url": simulator.url}},
+        "routes": [{"model": "my-alias", "upstreams": ["sim"]},
+                   {"model": "sim-*", "upstreams": ["sim"]}],
+    })
+    assert await _model_ids(session, server.url) == ["my-alias", "sim-small", "sim-large"]
+
+
+async def test_models_unreachable_upstream_lists_nothing(start_server: StartServer,
+                                                         session: aiohttp.ClientSession) -> None:
+    server = await start_server(overrides=relay_overrides("http://127.0.0.1:9/v1"))
+    assert await _model_ids(session, server.url) == []
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == (f"{name}{{{want}}}" if labels else name):
+            return float(value)
+    return 0.0
+
+
+async def test_metrics_count_requests_errors_and_hangups(
+    relay: RunningServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(f"{relay.url}/v1/chat/completions", data=b"{") as response:
+        assert response.status == 400
+    body = {"model": "sim-small", "messages": [{"role": "user", "content": "x"}],
+            "stream": True, "simulate": {"rate": 20, "tokens": 200}}
+    response = await session.post(f"{relay.url}/v1/chat/completions", json=body)
+    await response.content.readany()
+    response.close()
+    for _ in range(100):
+        if simulator.stats.disconnected:
+            break
+        await asyncio.sleep(0.02)
+    async with session.get(f"{relay.url}/metrics") as response:
+        text = await response.text()
+    assert _metric(text, "streamsvc_stream_errors_total", code="bad_request") == 1
+    assert _metric(text, "streamsvc_requests_total",
+                   endpoint="/v1/chat/completions", status="400") == 1
+    assert _metric(text, "streamsvc_client_hangups_total") == 1
+    assert _metric(text, "streamsvc_streams_started_total", kind="openai") == 1
