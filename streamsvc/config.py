@@ -249,6 +249,15 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", source=source, key="(file)") from exc
 
+    routes_missing = "upstreams" in raw and "routes" not in raw
+    if routes_missing:
+        raw["routes"] = []  # reported below, once the upstreams themselves are known good
+    if "upstreams" not in raw:
+        # The default upstreams (and their routes) take overrides like any other key.
+        defaults = msgspec.to_builtins(Config())
+        raw["upstreams"] = defaults["upstreams"]
+        raw.setdefault("routes", defaults["routes"])
+
     # Remember who set each key, so an error names the variable or flag, not the file.
     from_file = copy.deepcopy(raw)
     origin: dict[str, str] = {}
@@ -277,9 +286,16 @@ def load_config(
                 except msgspec.ValidationError as exc:
                     raise _Located(*_key_of(str(exc), prefix)) from exc
         try:
-            return msgspec.convert(raw, Config)
+            config = msgspec.convert(raw, Config)
         except msgspec.ValidationError as exc:
             raise _Located(*_key_of(str(exc))) from exc
+        if routes_missing and not config.routes:
+            raise ConfigError(
+                "missing: a file that defines [upstreams] must also define [[routes]]"
+                " naming them",
+                source=source, key="routes",
+            )
+        return config
     except _Located as located:
         key, message = located.key, located.message
         present, value = _lookup(raw, key)

@@ -1,0 +1,310 @@
+"""streamsvc.chunks: parse once, keep the upstream bytes, merge deltas without loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamsvc.chunks import Chunk, coalesce_batch, merge, text_size
+
+ENVELOPE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+
+def chunk(delta: dict[str, Any] | None = None, *, index: int = 0, **choice: Any) -> Chunk:
+    return Chunk({**ENVELOPE, "choices": [{"index": index, "delta": delta or {}, **choice}]})
+
+
+def text(content: str, *, index: int = 0, field: str = "content") -> Chunk:
+    return chunk({field: content}, index=index)
+
+
+def fragment(arguments: str, *, call: int = 0) -> Chunk:
+    return chunk({"tool_calls": [{"index": call, "function": {"arguments": arguments}}]})
+
+
+def tool_head(name: str, *, call: int = 0, arguments: str = "") -> Chunk:
+    return chunk({
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{
+            "index": call, "id": f"call_{call}", "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }],
+    })
+
+
+def delta_of(c: Chunk) -> dict[str, Any]:
+    delta: dict[str, Any] = c.choices[0]["delta"]
+    return delta
+
+
+# -- Chunk -----------------------------------------------------------------------------------
+
+
+def test_from_json_keeps_raw_bytes_and_to_json_returns_them_untouched() -> None:
+    raw = b'{"id":"x","choices":[{"index":0,"delta":{"content":" Hi"}}],  "extra":1}'
+    c = Chunk.from_json(raw)
+    assert c.raw is raw
+    assert c.to_json() is raw  # not re-encoded: the upstream's spacing survives
+    assert c.content == " Hi"
+    assert c.has_content
+
+
+def test_from_json_rejects_non_objects() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        Chunk.from_json(b"[1, 2]")
+    with pytest.raises(msgspec.DecodeError):
+        Chunk.from_json(b"{not json")
+
+
+def test_to_json_encodes_a_chunk_built_in_process() -> None:
+    c = text("é\n")
+    assert msgspec.json.decode(c.to_json()) == c.data
+
+
+def test_properties_of_framing_chunks() -> None:
+    role = chunk({"role": "assistant"})
+    assert role.content == "" and not role.has_content
+    finish = chunk({}, finish_reason="stop")
+    assert not finish.has_content
+    usage = Chunk({**ENVELOPE, "choices": [], "usage": {"total_tokens": 3}})
+    assert usage.usage == {"total_tokens": 3} and usage.choices == [] and not usage.has_content
+    assert chunk({"reasoning_content": "hmm"}).has_content
+    assert fragment('{"a').has_content
+    assert text("x", index=1).content == ""  # content is choice 0's text
+
+
+# -- merge: what merges ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["content", "reasoning_content", "reasoning", "refusal"])
+def test_merge_concatenates_the_same_text_field(field: str) -> None:
+    merged = merge(text(" Hel", field=field), text("lo", field=field))
+    assert merged is not None
+    assert delta_of(merged) == {field: " Hello"}
+
+
+def test_merge_keeps_the_first_chunks_envelope() -> None:
+    first = Chunk({**ENVELOPE, "system_fingerprint": "fp", "choices": [
+        {"index": 0, "delta": {"content": "a"}, "finish_reason": None, "logprobs": None}]})
+    second = Chunk({**ENVELOPE, "id": "other", "choices": [
+        {"index": 0, "delta": {"content": "b"}, "finish_reason": None}]})
+    merged = merge(first, second)
+    assert merged is not None
+    assert merged.data["id"] == "chatcmpl-1" and merged.data["system_fingerprint"] == "fp"
+    assert merged.choices == [
+        {"index": 0, "delta": {"content": "ab"}, "finish_reason": None, "logprobs": None}]
+
+
+def test_merge_role_and_content_head_with_content() -> None:
+    merged = merge(chunk({"role": "assistant", "content": "Hi"}), text(" there"))
+    assert merged is not None
+    assert delta_of(merged) == {"role": "assistant", "content": "Hi there"}
+
+
+def test_merge_two_text_fields_when_both_carry_the_same_pair() -> None:
+    both = {"content": "a", "reasoning_content": "b"}
+    merged = merge(chunk(dict(both)), chunk({"content": "c", "reasoning_content": "d"}))
+    assert merged is not None
+    assert delta_of(merged) == {"content": "ac", "reasoning_content": "bd"}
+
+
+def test_merge_tool_call_argument_fragments_of_the_same_call() -> None:
+    merged = merge(tool_head("get_weather"), fragment('{"city": '))
+    assert merged is not None
+    merged = merge(merged, fragment('"Paris"}'))
+    assert merged is not None
+    (call,) = delta_of(merged)["tool_calls"]
+    assert call == {"index": 0, "id": "call_0", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert delta_of(merged)["role"] == "assistant"
+
+
+def test_merge_two_bare_fragments_of_the_same_call() -> None:
+    merged = merge(fragment('{"a'), fragment('": 1}'))
+    assert merged is not None
+    assert delta_of(merged)["tool_calls"] == [{"index": 0, "function": {"arguments": '{"a": 1}'}}]
+
+
+def test_merge_does_not_modify_its_inputs() -> None:
+    a, b = tool_head("f", arguments="{"), fragment("}")
+    a_data, b_data = msgspec.json.encode(a.data), msgspec.json.encode(b.data)
+    assert merge(a, b) is not None
+    assert msgspec.json.encode(a.data) == a_data and msgspec.json.encode(b.data) == b_data
+
+
+# -- merge: what does not ----------------------------------------------------------------------
+
+
+NOT_MERGEABLE = {
+    "other call index": (fragment("{", call=0), fragment("}", call=1)),
+    "head of another call": (fragment("{", call=0), tool_head("g", call=1)),
+    "tool head after a fragment": (fragment("{"), tool_head("g")),
+    "other choice index": (text("a", index=0), text("b", index=1)),
+    "content then reasoning": (text("a"), text("b", field="reasoning_content")),
+    "content then content+reasoning": (
+        text("a"), chunk({"content": "b", "reasoning_content": "c"})),
+    "content+reasoning then content": (
+        chunk({"content": "b", "reasoning_content": "c"}), text("a")),
+    "role only then content": (chunk({"role": "assistant"}), text("a")),
+    "content then role+content": (text("a"), chunk({"role": "assistant", "content": "b"})),
+    "first has finish_reason": (chunk({"content": "a"}, finish_reason="stop"), text("b")),
+    "second has finish_reason": (text("a"), chunk({"content": "b"}, finish_reason="stop")),
+    "first has logprobs": (chunk({"content": "a"}, logprobs={"content": []}), text("b")),
+    "second has logprobs": (text("a"), chunk({"content": "b"}, logprobs={"content": []})),
+    "second has usage": (
+        text("a"),
+        Chunk({**ENVELOPE, "choices": [{"index": 0, "delta": {"content": "b"}}],
+               "usage": {"total_tokens": 1}}),
+    ),
+    "usage only": (text("a"), Chunk({**ENVELOPE, "choices": [], "usage": {"total_tokens": 1}})),
+    "n>1 chunk": (
+        text("a"),
+        Chunk({**ENVELOPE, "choices": [{"index": 0, "delta": {"content": "b"}},
+                                       {"index": 1, "delta": {"content": "c"}}]}),
+    ),
+    "unknown choice field": (text("a"), chunk({"content": "b"}, extra=1)),
+    "unknown delta field": (text("a"), chunk({"content": "b", "audio": {"id": "x"}})),
+    "text then fragment": (text("a"), fragment("{")),
+    "fragment then text": (fragment("{"), text("a")),
+    "fragment naming the function": (
+        tool_head("f"), chunk({"tool_calls": [{"index": 0, "function": {"name": "g",
+                                                                         "arguments": "x"}}]})),
+    "non-string content": (text("a"), chunk({"content": 5})),
+}
+
+
+@pytest.mark.parametrize(("first", "second"), NOT_MERGEABLE.values(), ids=NOT_MERGEABLE.keys())
+def test_merge_refuses_what_would_lose_something(first: Chunk, second: Chunk) -> None:
+    assert merge(first, second) is None
+
+
+def test_raw_kept_when_untouched_and_dropped_after_merge() -> None:
+    a = Chunk.from_json(b'{"choices":[{"index":0,"delta":{"content":"a"}}]}')
+    b = Chunk.from_json(b'{"choices":[{"index":0,"delta":{"content":"b"}}]}')
+    stop = Chunk.from_json(b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}')
+    out = coalesce_batch([a, b, stop], max_chars=100)
+    assert len(out) == 2
+    assert out[0].raw is None  # rebuilt: encoded again when written
+    assert msgspec.json.decode(out[0].to_json()) == {
+        "choices": [{"index": 0, "delta": {"content": "ab"}}]}
+    assert out[1] is stop and out[1].raw is not None
+    # a lone chunk passes through as the same object, bytes and all
+    (only,) = coalesce_batch([a], max_chars=100)
+    assert only is a and only.to_json() is a.raw
+
+
+def test_text_size() -> None:
+    assert text_size(text("héllo")) == 5
+    assert text_size(chunk({"role": "assistant", "content": "ab"})) == 2
+    assert text_size(chunk({"content": "ab", "reasoning_content": "c"})) == 3
+    assert text_size(tool_head("f", arguments="{}")) == 2
+    assert text_size(fragment("{")) == 1
+    assert text_size(chunk({"role": "assistant"})) is None
+    assert text_size(chunk({"content": "a"}, finish_reason="stop")) is None
+
+
+def test_coalesce_batch_stops_at_max_chars() -> None:
+    out = coalesce_batch([text("ab"), text("cd"), text("e"), text("fghij"), text("k")], 4)
+    assert [c.content for c in out] == ["abcd", "e", "fghij", "k"]
+
+
+# -- properties --------------------------------------------------------------------------------
+
+# Text with line breaks, CJK, emoji (incl. a ZWJ sequence) and U+2028.
+TEXT = st.lists(
+    st.one_of(
+        st.sampled_from(["\r", "\n", "\r\n", " ", "\u2028", "世", "界", "😀", "👩\u200d💻", "é"]),
+        st.characters(codec="utf-8", exclude_categories=("Cs",)),
+    ),
+    max_size=40,
+).map("".join)
+
+
+@st.composite
+def split(draw: st.DrawFn, whole: str) -> list[str]:
+    cuts = sorted(draw(st.lists(st.integers(0, len(whole)), max_size=12)))
+    bounds = [0, *cuts, len(whole)]
+    return [whole[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def framing() -> st.SearchStrategy[Chunk]:
+    return st.sampled_from(["role", "finish", "usage", "empty"]).map(
+        lambda kind: {
+            "role": lambda: chunk({"role": "assistant"}),
+            "finish": lambda: chunk({}, finish_reason="stop"),
+            "usage": lambda: Chunk({**ENVELOPE, "choices": [], "usage": {"total_tokens": 1}}),
+            "empty": lambda: chunk({}),
+        }[kind]()
+    )
+
+
+@st.composite
+def interleaved(draw: st.DrawFn) -> tuple[dict[int, str], list[Chunk]]:
+    """Texts of choices 0 and 1, split into content chunks, interleaved with framing chunks."""
+    texts = {0: draw(TEXT), 1: draw(TEXT)}
+    queues = {i: [text(p, index=i) for p in draw(split(t))] for i, t in texts.items()}
+    frames = draw(st.lists(framing(), max_size=6))
+    order = draw(st.permutations(
+        [0] * len(queues[0]) + [1] * len(queues[1]) + [2] * len(frames)))
+    out = [frames.pop() if pick == 2 else queues[pick].pop(0) for pick in order]
+    for position, c in enumerate(out):
+        c.data["id"] = str(position)
+    return texts, out
+
+
+def choice_text(chunks: list[Chunk], index: int) -> str:
+    return "".join(
+        (ch.get("delta") or {}).get("content") or ""
+        for c in chunks for ch in c.choices if ch.get("index", 0) == index
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(interleaved(), st.integers(0, 40))
+def test_coalesce_batch_is_lossless_and_keeps_order(
+    case: tuple[dict[int, str], list[Chunk]], max_chars: int
+) -> None:
+    texts, chunks = case
+    out = coalesce_batch(list(chunks), max_chars)
+    for index, whole in texts.items():
+        assert choice_text(out, index) == whole
+    # Each input carries its position as its id; a merged chunk keeps the id of the
+    # first chunk of its run. So the output's ids cut the input into segments: a
+    # segment of one chunk is that very object (bytes kept); a longer one is a run of
+    # text chunks of one choice whose text the merged chunk concatenates.
+    starts = [int(c.data["id"]) for c in out]
+    assert starts == sorted(set(starts)) and starts[:1] == ([0] if chunks else [])
+    for c, start, end in zip(out, starts, [*starts[1:], len(chunks)], strict=True):
+        segment = chunks[start:end]
+        if len(segment) == 1:
+            assert c is segment[0]
+            continue
+        assert c.raw is None
+        index = c.choices[0]["index"]
+        assert all(text_size(s) is not None and s.choices[0]["index"] == index for s in segment)
+        assert choice_text(segment, index) == choice_text([c], index)
+        size = text_size(c)
+        assert size is not None and size <= max_chars  # a merge never passes the bound
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80), st.data(), st.integers(1, 30))
+def test_tool_call_arguments_reassemble_identically(
+    arguments: str, data: st.DataObject, max_chars: int
+) -> None:
+    pieces = data.draw(split(arguments))
+    chunks = [tool_head("f", arguments=pieces[0]), *(fragment(p) for p in pieces[1:]),
+              chunk({}, finish_reason="tool_calls")]
+    out = coalesce_batch(chunks, max_chars)
+    assembled = "".join(
+        call["function"].get("arguments", "")
+        for c in out for ch in c.choices for call in ch["delta"].get("tool_calls", [])
+    )
+    assert assembled == arguments
+    assert out[0].choices[0]["delta"]["tool_calls"][0]["function"]["name"] == "f"
+    assert out[-1] is chunks[-1]

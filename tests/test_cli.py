@@ -1,0 +1,178 @@
+"""The ``streamsvc`` command: config check, exit status 2 on bad config, serve and stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamsvc.cli import EXIT_CONFIG, main
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TOML = ROOT / "config" / "streamsvc.toml"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without streamsvc settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STREAMSVC__") and k != "STREAMSVC_CONFIG"}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def streamsvc(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamsvc", *args],
+        capture_output=True, text=True, timeout=timeout, env=env or clean_env(), cwd=cwd,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def bad_toml(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.toml"
+    path.write_text("[server]\nportt = 8080\n", encoding="utf-8")
+    return path
+
+
+# -- config check ------------------------------------------------------------------------------
+
+
+def test_config_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", str(DEFAULT_TOML)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{DEFAULT_TOML}: OK\n" and err == ""
+
+
+def test_config_check_bad_key_exits_2_naming_file_and_key(
+    bad_toml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "check", str(bad_toml)]) == EXIT_CONFIG == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert str(bad_toml) in err and "server.portt" in err and "unknown key" in err
+
+
+def test_config_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.toml"
+    assert main(["config", "check", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_config_check_as_a_command(bad_toml: Path) -> None:
+    good = streamsvc("config", "check", str(DEFAULT_TOML))
+    assert (good.returncode, good.stdout) == (0, f"{DEFAULT_TOML}: OK\n")
+    bad = streamsvc("config", "check", str(bad_toml))
+    assert bad.returncode == 2
+    assert str(bad_toml) in bad.stderr and "server.portt" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_usage_errors_exit_2_from_argparse(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["frobnicate"])
+    assert caught.value.code == 2
+
+
+# -- serve: refuses a bad config before listening ----------------------------------------------
+
+
+def test_serve_with_a_bad_config_exits_2_naming_the_key(bad_toml: Path) -> None:
+    result = streamsvc("serve", "--config", str(bad_toml))
+    assert result.returncode == 2
+    assert str(bad_toml) in result.stderr and "server.portt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_reads_the_config_from_streamsvc_config(bad_toml: Path) -> None:
+    result = streamsvc("serve", env=clean_env(STREAMSVC_CONFIG=str(bad_toml)))
+    assert result.returncode == 2 and "server.portt" in result.stderr
+
+
+def test_serve_upstream_key_env_without_upstream_exits_2() -> None:
+    result = streamsvc("serve", "--upstream-key-env", "OPENAI_API_KEY")
+    assert result.returncode == 2
+    assert "--upstream-key-env" in result.stderr and "--upstream" in result.stderr
+
+
+def test_serve_bad_upstream_url_exits_2() -> None:
+    result = streamsvc("serve", "--upstream", "ftp://example.com")
+    assert result.returncode == 2
+    assert "command line" in result.stderr and "base_url" in result.stderr
+
+
+def test_serve_bad_env_override_exits_2_naming_the_variable() -> None:
+    result = streamsvc("serve", env=clean_env(STREAMSVC__SERVER__PORT="abc"))
+    assert result.returncode == 2
+    assert "STREAMSVC__SERVER__PORT" in result.stderr and "server.port" in result.stderr
+
+
+def test_serve_bad_port_flag_exits_2() -> None:
+    result = streamsvc("serve", "--port", "70000")
+    assert result.returncode == 2
+    assert "command line" in result.stderr and "server.port" in result.stderr
+
+
+# -- serve: starts, answers, stops -------------------------------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamsvc", "serve", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=clean_env(), cwd=tmp_path,
+    )
+    try:
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=10)
+
+
+def wait_healthy(process: subprocess.Popen[str], port: int, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "streamsvc serve exited before answering"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                assert r.status == 200
+                body: str = r.read().decode()
+                return body
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    raise AssertionError(f"no answer on port {port} within {timeout} s")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_answers_healthz_and_stops_on_signal(
+    server: tuple[subprocess.Popen[str], int], signum: signal.Signals
+) -> None:
+    process, port = server
+    wait_healthy(process, port)
+    process.send_signal(signum)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert f"streamsvc listening on http://127.0.0.1:{port}" in output
+    assert "Traceback" not in output
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
