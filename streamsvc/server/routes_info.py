@@ -62,3 +62,9 @@ async def metrics(request: web.Request) -> web.Response:
         body=request.app[METRICS].render(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )
+
+
+@routes.get("/favicon.ico")
+async def favicon(request: web.Request) -> web.Response:
+    """No icon; an empty answer instead of a 404 in every browser console."""
+    return web.Response(status=204)
