@@ -1,0 +1,281 @@
+"""Bad input gets a 4xx with an OpenAI-style error body naming the field; the server goes on.
+
+Every case is sent over a real socket to each endpoint that takes it, and is
+followed by a valid request that must still be answered.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from streamsvc.upstream.simulator import SimulatorServer
+from tests.conftest import RunningServer, StartServer, relay_overrides
+
+POST_PATHS = ["/v1/chat/completions", "/v1/chat/stream", "/v1/streams"]
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _ok(**more: Any) -> dict[str, Any]:
+    return {"model": "echo", "messages": USER, **more}
+
+
+def _without(name: str) -> dict[str, Any]:
+    body = _ok()
+    del body[name]
+    return body
+
+
+# (case id, raw body bytes, the field the error must name)
+BAD_BODIES: list[tuple[str, bytes, str]] = [
+    ("invalid-json", b'{"model": "echo", "messages": [', "body"),
+    ("empty-body", b"", "body"),
+    ("whitespace-body", b"  \n ", "body"),
+    ("body-array", b"[1, 2]", "body"),
+    ("body-string", b'"hello"', "body"),
+    ("body-null", b"null", "body"),
+    ("model-missing", json.dumps(_without("model")).encode(), "model"),
+    ("model-number", json.dumps(_ok(model=123)).encode(), "model"),
+    ("model-empty", json.dumps(_ok(model="")).encode(), "model"),
+    ("model-null", json.dumps(_ok(model=None)).encode(), "model"),
+    ("messages-missing", json.dumps(_without("messages")).encode(), "messages"),
+    ("messages-empty", json.dumps(_ok(messages=[])).encode(), "messages"),
+    ("messages-string", json.dumps(_ok(messages="hi")).encode(), "messages"),
+    ("messages-object", json.dumps(_ok(messages={"role": "user"})).encode(), "messages"),
+    ("message-not-object", json.dumps(_ok(messages=["hi"])).encode(), "messages[0]"),
+    ("second-message-not-object",
+     json.dumps(_ok(messages=[USER[0], 5])).encode(), "messages[1]"),
+    ("role-missing", json.dumps(_ok(messages=[{"content": "hi"}])).encode(), "messages[0].role"),
+    ("role-number",
+     json.dumps(_ok(messages=[{"role": 1, "content": "hi"}])).encode(), "messages[0].role"),
+    ("content-number",
+     json.dumps(_ok(messages=[{"role": "user", "content": 42}])).encode(), "messages[0].content"),
+    ("content-object",
+     json.dumps(_ok(messages=[{"role": "user", "content": {"t": 1}}])).encode(),
+     "messages[0].content"),
+    ("stream-string", json.dumps(_ok(stream="yes")).encode(), "stream"),
+    ("stream-number", json.dumps(_ok(stream=1)).encode(), "stream"),
+    ("n-zero", json.dumps(_ok(n=0)).encode(), "n"),
+    ("n-string", json.dumps(_ok(n="2")).encode(), "n"),
+    ("n-float", json.dumps(_ok(n=1.5)).encode(), "n"),
+    ("max-tokens-zero", json.dumps(_ok(max_tokens=0)).encode(), "max_tokens"),
+    ("temperature-string", json.dumps(_ok(temperature="hot")).encode(), "temperature"),
+    ("stream-options-not-object",
+     json.dumps(_ok(stream_options=True)).encode(), "stream_options"),
+    ("include-usage-string",
+     json.dumps(_ok(stream_options={"include_usage": "yes"})).encode(),
+     "stream_options.include_usage"),
+    ("streamsvc-unknown-option",
+     json.dumps(_ok(streamsvc={"retries": True, "bogus": 1})).encode(), "streamsvc.bogus"),
+    ("streamsvc-not-object", json.dumps(_ok(streamsvc=[1])).encode(), "streamsvc"),
+    ("streamsvc-retries-string",
+     json.dumps(_ok(streamsvc={"retries": "no"})).encode(), "streamsvc.retries"),
+]
+
+
+def _check_error(status: int, body: dict[str, Any], *, expected_status: int, param: str | None,
+                 code: str) -> None:
+    assert status == expected_status, body
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) >= {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    assert error["code"] == code
+    assert error["param"] == param
+    if param is not None:
+        assert param in error["message"], error["message"]
+
+
+async def _still_serving(relay: RunningServer, session: aiohttp.ClientSession) -> None:
+    async with session.post(f"{relay.url}/v1/chat/completions",
+                            json=_ok(messages=[{"role": "user", "content": " fine"}])) as r:
+        assert r.status == 200
+        answer = await r.json()
+    assert answer["choices"][0]["message"]["content"] == " fine"
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+@pytest.mark.parametrize(("raw", "param"), [pytest.param(raw, param, id=case)
+                                            for case, raw, param in BAD_BODIES])
+async def test_bad_body_names_the_field(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    path: str, raw: bytes, param: str,
+) -> None:
+    headers = {"Content-Type": "application/json"}
+    async with session.post(f"{relay.url}{path}", data=raw, headers=headers) as r:
+        assert r.headers["Content-Type"].startswith("application/json")
+        assert "X-Request-ID" in r.headers
+        body = await r.json()
+        status = r.status
+    _check_error(status, body, expected_status=400, param=param, code="bad_request")
+    assert body["error"]["type"] == "invalid_request_error"
+    assert simulator.stats.requests == 0  # nothing bad goes upstream
+    await _still_serving(relay, session)
+
+
+async def test_sdk_raises_bad_request_naming_the_field(relay: RunningServer) -> None:
+    async with openai.AsyncOpenAI(base_url=relay.url + "/v1", api_key="x",
+                                  max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "hi"}], n=0, stream=True
+            )
+        assert caught.value.status_code == 400
+        assert isinstance(caught.value.body, dict)
+        assert caught.value.body["param"] == "n"
+        assert caught.value.body["code"] == "bad_request"
+        answer = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "ok"}]
+        )
+    assert answer.choices[0].message.content == "ok"
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+async def test_model_no_route_matches_is_404(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+    path: str,
+) -> None:
+    overrides = {
+        "upstreams": {"sim": {"base_url": simulator.url}},
+        "routes": [{"model": "gpt-*", "upstreams": ["sim"]}],
+    }
+    relay = await start_server(overrides=overrides)
+    async with session.post(f"{relay.url}{path}", json=_ok(model="claude-x")) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=404, param="model", code="model_not_found")
+    assert "claude-x" in body["error"]["message"]
+    assert simulator.stats.requests == 0
+    # A model the routes do serve still works.
+    async with session.post(f"{relay.url}/v1/chat/completions",
+                            json=_ok(model="gpt-4o-mini")) as r:
+        assert r.status == 200
+    assert simulator.stats.requests == 1
+
+
+async def test_one_shot_get_model_no_route_is_404(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    overrides = {
+        "upstreams": {"sim": {"base_url": simulator.url}},
+        "routes": [{"model": "gpt-*", "upstreams": ["sim"]}],
+    }
+    relay = await start_server(overrides=overrides)
+    async with session.get(f"{relay.url}/v1/chat/stream",
+                           params={"q": "hi", "model": "claude-x"}) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=404, param="model", code="model_not_found")
+
+
+@pytest.mark.parametrize("path", POST_PATHS)
+async def test_body_over_max_body_bytes_is_413(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+    path: str,
+) -> None:
+    relay = await start_server(
+        overrides=relay_overrides(simulator.url, server={"max_body_bytes": 2000})
+    )
+    big = _ok(messages=[{"role": "user", "content": "x" * 5000}])
+    async with session.post(f"{relay.url}{path}", json=big) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=413, param="body", code="payload_too_large")
+    assert "max_body_bytes" in body["error"]["message"]
+    assert simulator.stats.requests == 0
+    # A body under the limit still goes through.
+    async with session.post(f"{relay.url}{path}", json=_ok()) as r:
+        assert r.status in (200, 201)
+        await r.read()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["garbage", "st_123:4", f"st_{'a' * 24}", f"st_{'a' * 24}:", f"st_{'a' * 24}:x",
+     f"st_{'a' * 24}:-1", f"st_{'A' * 24}:1", f"st_{'a' * 24}:{'9' * 13}"],
+)
+async def test_malformed_last_event_id(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer, value: str,
+) -> None:
+    url = f"{relay.url}/v1/chat/stream"
+    events_url = f"{relay.url}/v1/streams/st_{'a' * 24}/events"
+    for target in (url, events_url):
+        async with session.get(target, headers={"Last-Event-ID": value}) as r:
+            status, body = r.status, await r.json()
+        _check_error(status, body, expected_status=400, param="Last-Event-ID", code="bad_request")
+        for name in ("lastEventId", "Last-Event-ID"):
+            async with session.get(target, params={name: value}) as r:
+                status, body = r.status, await r.json()
+            _check_error(status, body, expected_status=400, param=name, code="bad_request")
+    assert simulator.stats.requests == 0
+    await _still_serving(relay, session)
+
+
+async def test_malformed_header_wins_over_good_query(
+    relay: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    async with session.get(f"{relay.url}/v1/chat/stream", headers={"Last-Event-ID": "nope"},
+                           params={"q": "hi", "model": "echo"}) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=400, param="Last-Event-ID", code="bad_request")
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/nope"), ("POST", "/v1/nope"), ("GET", "/v1/chat/completions/x"),
+     ("PUT", "/v1/chat/completions"), ("GET", "/v1/streams/st_x/bogus")],
+)
+async def test_unknown_path_is_json_404(
+    relay: RunningServer, session: aiohttp.ClientSession, method: str, path: str
+) -> None:
+    async with session.request(method, f"{relay.url}{path}") as r:
+        assert r.headers["Content-Type"].startswith("application/json")
+        status, body = r.status, await r.json()
+    if path == "/v1/chat/completions":
+        # A known path with the wrong method: 405, still an OpenAI-style JSON error.
+        assert status == 405
+        assert set(body["error"]) >= {"message", "type", "param", "code"}
+        assert "PUT" in body["error"]["message"]
+    else:
+        _check_error(status, body, expected_status=404, param=None, code="not_found")
+    assert path in body["error"]["message"]
+    await _still_serving(relay, session)
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [({"model": "echo"}, "q"), ({"q": "", "model": "echo"}, "q"), ({"q": "hi"}, "model"),
+     ({"q": "hi", "model": ""}, "model"), ({"q": "hi", "model": "echo", "n": "two"}, "n"),
+     ({"q": "hi", "model": "echo", "n": "0"}, "n"),
+     ({"q": "hi", "model": "echo", "temperature": "warm"}, "temperature"),
+     ({"messages": "[not json", "model": "echo"}, "messages"),
+     ({"messages": "[]", "model": "echo"}, "messages"),
+     ({"messages": '[{"role": "user", "content": 1}]', "model": "echo"}, "messages[0].content"),
+     ({"q": "hi", "model": "echo", "extra": "[1]"}, "extra"),
+     ({"q": "hi", "model": "echo", "extra": "{bad"}, "extra")],
+)
+async def test_one_shot_get_bad_query(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    params: dict[str, str], param: str,
+) -> None:
+    assert relay.config.server.default_model == ""
+    async with session.get(f"{relay.url}/v1/chat/stream", params=params) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=400, param=param, code="bad_request")
+    assert simulator.stats.requests == 0
+    await _still_serving(relay, session)
+
+
+async def test_one_shot_get_default_model_fills_in(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    relay = await start_server(
+        overrides=relay_overrides(simulator.url, server={"default_model": "echo"})
+    )
+    async with session.get(f"{relay.url}/v1/chat/stream", params={"q": " hi"}) as r:
+        assert r.status == 200
+        raw = await r.read()
+    assert b"event: done" in raw
+    assert simulator.stats.recent[-1]["body"]["model"] == "echo"

@@ -1,0 +1,542 @@
+"""The streamsvc event format over real sockets: ``/v1/chat/stream`` and ``/v1/streams``.
+
+Covers the framing (``retry`` first, ``id: <stream>:<seq>`` on every event,
+deltas, ``done``), resuming by ``Last-Event-ID`` without a second upstream
+request, ``204`` after the end, ``DELETE``, the resume grace period and the
+retention window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+
+from streamsvc.sse import SSEDecoder, ServerSentEvent
+from streamsvc.upstream.simtext import echo_tokens, generated_tokens
+from streamsvc.upstream.simulator import SimulatorServer
+from tests.conftest import RunningServer, StartServer, relay_overrides
+
+TORTURE = (
+    "  leading spaces\r\ncrlf line\rlone cr\nlf line\n\nblank above\n"
+    "data: x\nid: 1\n: c\nevent: done\nretry: 5\n\n\n"
+    "東京タワーは高いです 世界 🙂👍🏽 <b>html</b> &amp; \"quotes\" \\back\\slash\t tab  \n"
+)
+
+PROMPT = "tell me a story"
+
+
+def _body(text: str = "hello", model: str = "echo", **more: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **more}
+
+
+def _expected(tokens: int, model: str = "sim-small", prompt: str = PROMPT) -> str:
+    return "".join(generated_tokens(model, prompt, tokens))
+
+
+def _query(rate: float, tokens: int, **simulate: Any) -> dict[str, str]:
+    extra = {"simulate": {"rate": rate, "tokens": tokens, **simulate}}
+    return {"q": PROMPT, "model": "sim-small", "extra": json.dumps(extra)}
+
+
+async def _wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``check`` until it holds; False when ``timeout`` passes first (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+@dataclass
+class Read:
+    """What one reader got."""
+
+    status: int
+    headers: dict[str, str]
+    events: list[ServerSentEvent] = field(default_factory=list)
+    raw: bytes = b""
+    retry: int | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(json.loads(e.data).get("content", "") for e in self.events
+                       if e.event == "message")
+
+    @property
+    def last_id(self) -> str:
+        assert self.events[-1].id is not None
+        return self.events[-1].id
+
+    @property
+    def seqs(self) -> list[int]:
+        return [int(str(e.id).rpartition(":")[2]) for e in self.events]
+
+    def final(self) -> dict[str, Any]:
+        assert self.events[-1].event in ("done", "error"), self.events[-1]
+        return json.loads(self.events[-1].data)
+
+
+async def _read(
+    response: aiohttp.ClientResponse, *, stop_after: int | None = None
+) -> Read:
+    """Read the SSE body; with ``stop_after``, hang up once that many events arrived."""
+    result = Read(status=response.status, headers=dict(response.headers))
+    if response.status != 200:
+        result.raw = await response.read()
+        return result
+    decoder = SSEDecoder()
+    raw = bytearray()
+    async for data in response.content.iter_any():
+        raw += data
+        result.events.extend(decoder.feed(data))
+        if stop_after is not None and len(result.events) >= stop_after:
+            response.close()
+            break
+    else:
+        assert not decoder.pending, "the body ended inside an event"
+    result.raw = bytes(raw)
+    result.retry = decoder.retry
+    if stop_after is not None:
+        # Only what this reader had when it left; a later frame in the same chunk is dropped.
+        result.events = result.events[:stop_after]
+    return result
+
+
+async def _get(session: aiohttp.ClientSession, url: str, *, stop_after: int | None = None,
+               **kwargs: Any) -> Read:
+    async with session.get(url, **kwargs) as r:
+        return await _read(r, stop_after=stop_after)
+
+
+def _check_framing(read: Read, stream_id: str, *, first_seq: int = 1) -> None:
+    assert read.status == 200
+    assert read.headers["Content-Type"].startswith("text/event-stream")
+    assert read.headers["X-Stream-ID"] == stream_id
+    assert read.raw.startswith(b"retry: 1000\n\n")
+    assert read.retry == 1000
+    assert read.events, "no events"
+    assert read.seqs == list(range(first_seq, first_seq + len(read.events)))
+    for event in read.events:
+        assert event.id is not None and event.id.startswith(stream_id + ":")
+        assert event.event in ("message", "done", "error")
+    for event in read.events[:-1]:
+        assert event.event == "message"
+        data = json.loads(event.data)
+        assert isinstance(data, dict)
+        assert set(data) <= {"content", "role", "index"}, data
+    # Every frame ends with its blank line: nothing is left for a browser to discard.
+    assert read.raw.endswith(b"\n\n")
+
+
+# ---------------------------------------------------------------------------
+# framing and lossless text
+
+
+async def test_post_chat_stream_torture_text(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    async with session.post(f"{relay.url}/v1/chat/stream", json=_body(TORTURE)) as r:
+        read = await _read(r)
+    stream_id = read.headers["X-Stream-ID"]
+    _check_framing(read, stream_id)
+    assert read.text == TORTURE
+    assert read.text.encode() == TORTURE.encode()
+    assert read.events[-1].event == "done"
+    done = read.final()
+    assert done["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == len(echo_tokens(TORTURE))
+    assert done["usage"]["total_tokens"] == (
+        done["usage"]["prompt_tokens"] + done["usage"]["completion_tokens"]
+    )
+    assert "X-Request-ID" in read.headers
+    assert simulator.stats.requests == 1
+    # Deltas are default events (EventSource.onmessage) and nothing carries a raw CR.
+    assert b"\r" not in read.raw
+    assert b"event: message" not in read.raw
+
+
+async def test_post_chat_stream_stream_false_still_streams(
+    relay: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(f"{relay.url}/v1/chat/stream", json=_body(" hi")) as r:
+        read = await _read(r)
+    assert read.text == " hi"
+    assert read.final()["finish_reason"] == "stop"
+
+
+async def test_post_chat_stream_n2_carries_index(
+    relay: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    body = _body(PROMPT, model="sim-small", n=2, simulate={"tokens": 20})
+    async with session.post(f"{relay.url}/v1/chat/stream", json=body) as r:
+        read = await _read(r)
+    texts: dict[int, str] = {0: "", 1: ""}
+    for event in read.events[:-1]:
+        data = json.loads(event.data)
+        texts[data.get("index", 0)] += data.get("content", "")
+    assert texts == {i: "".join(generated_tokens("sim-small", PROMPT, 20, choice=i))
+                     for i in range(2)}
+    done = read.final()
+    assert done["finish_reasons"] == {"0": "stop", "1": "stop"}
+
+
+async def test_one_shot_get_torture_text(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    read = await _get(session, f"{relay.url}/v1/chat/stream",
+                      params={"q": TORTURE, "model": "echo"})
+    _check_framing(read, read.headers["X-Stream-ID"])
+    assert read.text == TORTURE
+    assert read.final()["finish_reason"] == "stop"
+    assert simulator.stats.recent[-1]["body"]["messages"] == [{"role": "user", "content": TORTURE}]
+
+
+async def test_one_shot_get_messages_as_json(
+    relay: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": " 世界\n"}]
+    read = await _get(session, f"{relay.url}/v1/chat/stream",
+                      params={"messages": json.dumps(messages), "model": "echo"})
+    assert read.text == " 世界\n"
+
+
+async def test_create_stream_then_read_events(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    before = time.time()
+    async with session.post(f"{relay.url}/v1/streams", json=_body(TORTURE)) as r:
+        assert r.status == 201
+        created = await r.json()
+        assert r.headers["X-Stream-ID"] == created["id"]
+    stream_id = created["id"]
+    assert created["events_url"] == f"/v1/streams/{stream_id}/events"
+    assert created["expires_at"] >= int(before)
+    read = await _get(session, relay.url + created["events_url"])
+    _check_framing(read, stream_id)
+    assert read.text == TORTURE
+    assert read.final()["finish_reason"] == "stop"
+    assert simulator.stats.requests == 1
+
+
+async def test_events_url_two_concurrent_readers_get_everything(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    body = _body(PROMPT, model="sim-small", simulate={"rate": 50, "tokens": 30})
+    async with session.post(f"{relay.url}/v1/streams", json=body) as r:
+        created = await r.json()
+    url = relay.url + created["events_url"]
+    async with aiohttp.ClientSession() as other:
+        first, second = await asyncio.gather(_get(session, url), _get(other, url))
+    for read in (first, second):
+        _check_framing(read, created["id"])
+        assert read.text == _expected(30)
+        assert read.final()["finish_reason"] == "stop"
+    assert [(e.id, e.event, e.data) for e in first.events] == [
+        (e.id, e.event, e.data) for e in second.events
+    ]
+    assert simulator.stats.requests == 1
+
+
+# ---------------------------------------------------------------------------
+# resume
+
+
+@pytest.mark.parametrize("how", ["header", "lastEventId", "Last-Event-ID"])
+async def test_one_shot_get_resumes_without_a_second_upstream_request(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer, how: str,
+) -> None:
+    url = f"{relay.url}/v1/chat/stream"
+    part = await _get(session, url, params=_query(20, 40), stop_after=5)
+    stream_id = part.headers["X-Stream-ID"]
+    _check_framing(part, stream_id)
+    assert len(part.events) == 5
+    assert part.events[-1].event == "message"  # really cut mid-stream
+    last_id = part.last_id
+    assert last_id == f"{stream_id}:5"
+
+    if how == "header":
+        rest = await _get(session, url, headers={"Last-Event-ID": last_id})
+    else:
+        rest = await _get(session, url, params={how: last_id})
+    _check_framing(rest, stream_id, first_seq=6)
+    assert rest.final()["finish_reason"] == "stop"
+    assert part.text + rest.text == _expected(40)
+    assert simulator.stats.requests == 1
+
+    # After the final event: 204, which stops EventSource for good.
+    async with session.get(url, headers={"Last-Event-ID": rest.last_id}) as r:
+        assert r.status == 204
+        assert await r.read() == b""
+    assert simulator.stats.requests == 1
+
+    # A full replay from the start gives the same events again.
+    again = await _get(session, url, headers={"Last-Event-ID": f"{stream_id}:0"})
+    assert [e.data for e in again.events] == [e.data for e in part.events + rest.events]
+    assert simulator.stats.requests == 1
+
+
+async def test_events_url_resume_header_and_query(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    body = _body(PROMPT, model="sim-small", simulate={"rate": 20, "tokens": 40})
+    async with session.post(f"{relay.url}/v1/streams", json=body) as r:
+        created = await r.json()
+    url = relay.url + created["events_url"]
+    part = await _get(session, url, stop_after=4)
+    rest_q = await _get(session, url, params={"lastEventId": part.last_id})
+    rest_h = await _get(session, url, headers={"Last-Event-ID": part.last_id})
+    _check_framing(rest_q, created["id"], first_seq=5)
+    assert part.text + rest_q.text == _expected(40)
+    assert [e.data for e in rest_h.events] == [e.data for e in rest_q.events]
+    # The header wins over the query parameter.
+    both = await _get(session, url, headers={"Last-Event-ID": part.last_id},
+                      params={"lastEventId": f"{created['id']}:1"})
+    assert both.seqs[0] == 5
+    async with session.get(url, params={"lastEventId": rest_q.last_id}) as r:
+        assert r.status == 204
+    assert simulator.stats.requests == 1
+
+
+async def test_resume_errors(relay: RunningServer, session: aiohttp.ClientSession) -> None:
+    url = f"{relay.url}/v1/chat/stream"
+    read = await _get(session, url, params={"q": " a b", "model": "echo"})
+    stream_id = read.headers["X-Stream-ID"]
+    last = read.seqs[-1]
+    async with session.get(url, headers={"Last-Event-ID": f"{stream_id}:{last + 1}"}) as r:
+        assert r.status == 400
+        error = (await r.json())["error"]
+    assert error["param"] == "Last-Event-ID"
+    assert "Last-Event-ID" in error["message"]
+    events_url = f"{relay.url}/v1/streams/{stream_id}/events"
+    async with session.get(events_url, headers={"Last-Event-ID": f"{stream_id}:{last + 5}"}) as r:
+        assert r.status == 400
+    # A Last-Event-ID from another stream on an events URL.
+    other = "st_" + "0" * 24
+    async with session.get(events_url, headers={"Last-Event-ID": f"{other}:1"}) as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["param"] == "Last-Event-ID"
+    # Unknown stream ids: 404.
+    unknown = "st_" + "ab" * 12
+    async with session.get(url, headers={"Last-Event-ID": f"{unknown}:3"}) as r:
+        assert r.status == 404
+        assert (await r.json())["error"]["code"] == "not_found"
+    async with session.get(f"{relay.url}/v1/streams/{unknown}/events") as r:
+        assert r.status == 404
+        assert (await r.json())["error"]["code"] == "not_found"
+    async with session.get(f"{relay.url}/v1/streams/not-a-stream/events") as r:
+        assert r.status == 404
+
+
+# ---------------------------------------------------------------------------
+# DELETE
+
+
+async def test_delete_mid_stream_cancels_upstream(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    body = _body(PROMPT, model="sim-small", simulate={"rate": 20, "tokens": 200})
+    async with session.post(f"{relay.url}/v1/streams", json=body) as r:
+        created = await r.json()
+    stream_id = created["id"]
+    url = relay.url + created["events_url"]
+
+    async def read_all(client: aiohttp.ClientSession) -> Read:
+        return await _get(client, url)
+
+    async with aiohttp.ClientSession() as other:
+        readers = [asyncio.ensure_future(read_all(session)), asyncio.ensure_future(read_all(other))]
+        assert await _wait_until(lambda: simulator.stats.active == 1)
+        await asyncio.sleep(0.3)  # a few tokens in
+        assert not any(reader.done() for reader in readers)
+        async with session.delete(f"{relay.url}/v1/streams/{stream_id}") as r:
+            assert r.status == 200
+            answer = await r.json()
+        assert answer == {"id": stream_id, "object": "stream", "status": "cancelled"}
+        results = await asyncio.wait_for(asyncio.gather(*readers), timeout=10)
+    for read in results:
+        _check_framing(read, stream_id)
+        assert read.events[-1].event == "done"
+        assert read.final()["finish_reason"] == "cancelled"
+        assert read.text and _expected(200).startswith(read.text)
+        assert read.text != _expected(200)
+    assert await _wait_until(lambda: simulator.stats.disconnected == 1)
+    assert simulator.stats.completed == 0
+    # Deleting again: it has ended, nothing to stop; the journal still has it.
+    async with session.delete(f"{relay.url}/v1/streams/{stream_id}") as r:
+        assert r.status == 200
+        assert (await r.json())["status"] == "ended"
+    assert simulator.stats.disconnected == 1
+
+
+async def test_delete_while_first_token_awaited(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    body = _body(PROMPT, model="sim-small", simulate={"first_token_delay": 30, "tokens": 5})
+    async with session.post(f"{relay.url}/v1/streams", json=body) as r:
+        created = await r.json()
+    reader = asyncio.ensure_future(_get(session, relay.url + created["events_url"]))
+    assert await _wait_until(lambda: simulator.stats.active == 1)
+    async with session.delete(f"{relay.url}/v1/streams/{created['id']}") as r:
+        assert (await r.json())["status"] == "cancelled"
+    read = await asyncio.wait_for(reader, timeout=10)
+    _check_framing(read, created["id"])
+    assert read.final()["finish_reason"] == "cancelled"
+    assert read.text == ""
+    assert await _wait_until(lambda: simulator.stats.disconnected == 1)
+
+
+async def test_delete_a_post_chat_stream(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    body = _body(PROMPT, model="sim-small", simulate={"rate": 20, "tokens": 200})
+    async with session.post(f"{relay.url}/v1/chat/stream", json=body) as r:
+        stream_id = r.headers["X-Stream-ID"]
+        decoder = SSEDecoder()
+        events: list[ServerSentEvent] = []
+        deleted = False
+        async for data in r.content.iter_any():
+            events.extend(decoder.feed(data))
+            if len(events) >= 2 and not deleted:
+                deleted = True
+                async with session.delete(f"{relay.url}/v1/streams/{stream_id}") as d:
+                    assert d.status == 200
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
+    assert await _wait_until(lambda: simulator.stats.disconnected == 1)
+
+
+async def test_delete_unknown_stream_is_404(
+    relay: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    async with session.delete(f"{relay.url}/v1/streams/st_{'0' * 24}") as r:
+        assert r.status == 404
+        error = (await r.json())["error"]
+    assert error["code"] == "not_found"
+    assert error["param"] == "id"
+    async with session.delete(f"{relay.url}/v1/streams/nonsense") as r:
+        assert r.status == 404
+
+
+# ---------------------------------------------------------------------------
+# grace and retention
+
+
+async def test_grace_expires_cancels_upstream(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    relay = await start_server(
+        overrides=relay_overrides(simulator.url, journal={"resume_grace_s": 0.5})
+    )
+    body = _body(PROMPT, model="sim-small", simulate={"rate": 20, "tokens": 200})
+    async with session.post(f"{relay.url}/v1/streams", json=body) as r:
+        created = await r.json()
+    url = relay.url + created["events_url"]
+    part = await _get(session, url, stop_after=3)
+    left = time.monotonic()
+    # Inside the grace the upstream keeps going.
+    await asyncio.sleep(0.2)
+    if time.monotonic() - left < 0.45:  # only meaningful while still inside the grace
+        assert simulator.stats.disconnected == 0
+        assert simulator.stats.active == 1
+    assert await _wait_until(lambda: simulator.stats.disconnected == 1)
+    assert time.monotonic() - left >= 0.5
+    assert simulator.stats.requests == 1
+    rest = await _get(session, url, headers={"Last-Event-ID": part.last_id})
+    _check_framing(rest, created["id"], first_seq=4)
+    assert rest.final()["finish_reason"] == "cancelled"
+    text = part.text + rest.text
+    assert _expected(200).startswith(text)
+    # It generated while nobody was reading.
+    assert len(rest.events) > 2
+    assert simulator.stats.requests == 1
+
+
+async def test_grace_expires_for_one_shot_get(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    relay = await start_server(
+        overrides=relay_overrides(simulator.url, journal={"resume_grace_s": 0.5})
+    )
+    url = f"{relay.url}/v1/chat/stream"
+    part = await _get(session, url, params=_query(20, 200), stop_after=3)
+    assert await _wait_until(lambda: simulator.stats.disconnected == 1)
+    rest = await _get(session, url, headers={"Last-Event-ID": part.last_id})
+    assert rest.final()["finish_reason"] == "cancelled"
+    assert _expected(200).startswith(part.text + rest.text)
+
+
+async def test_grace_with_nobody_attaching(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    relay = await start_server(
+        overrides=relay_overrides(simulator.url, journal={"resume_grace_s": 0.5})
+    )
+    body = _body(PROMPT, model="sim-small", simulate={"rate": 20, "tokens": 200})
+    async with session.post(f"{relay.url}/v1/streams", json=body) as r:
+        created = await r.json()
+    assert await _wait_until(lambda: simulator.stats.disconnected == 1)
+    read = await _get(session, relay.url + created["events_url"])
+    assert read.final()["finish_reason"] == "cancelled"
+
+
+async def test_reader_back_within_grace_completes_normally(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    relay = await start_server(
+        overrides=relay_overrides(simulator.url, journal={"resume_grace_s": 3.0})
+    )
+    body = _body(PROMPT, model="sim-small", simulate={"rate": 40, "tokens": 60})
+    async with session.post(f"{relay.url}/v1/streams", json=body) as r:
+        created = await r.json()
+    url = relay.url + created["events_url"]
+    part = await _get(session, url, stop_after=3)
+    await asyncio.sleep(0.1)
+    rest = await _get(session, url, headers={"Last-Event-ID": part.last_id})
+    _check_framing(rest, created["id"], first_seq=4)
+    assert rest.final()["finish_reason"] == "stop"
+    assert part.text + rest.text == _expected(60)
+    assert simulator.stats.disconnected == 0
+    assert simulator.stats.completed == 1
+    assert simulator.stats.requests == 1
+
+
+async def test_retention_then_404(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    relay = await start_server(
+        overrides=relay_overrides(simulator.url, journal={"retention_s": 0.5})
+    )
+    url = f"{relay.url}/v1/chat/stream"
+    read = await _get(session, url, params={"q": " a b c", "model": "echo"})
+    ended = time.monotonic()
+    stream_id = read.headers["X-Stream-ID"]
+    async with session.get(url, headers={"Last-Event-ID": read.last_id}) as r:
+        if time.monotonic() - ended < 0.4:  # still surely inside the retention window
+            assert r.status == 204
+    deadline = time.monotonic() + 5
+    while True:  # poll over HTTP: 204 while retained, then 404
+        async with session.get(url, headers={"Last-Event-ID": read.last_id}) as r:
+            if r.status == 404:
+                break
+            assert r.status == 204
+        assert time.monotonic() < deadline, "the stream never expired"
+        await asyncio.sleep(0.05)
+    # Retention counts from the final event (just before this client read it).
+    assert time.monotonic() - ended >= 0.4
+    for headers in ({"Last-Event-ID": read.last_id}, {"Last-Event-ID": f"{stream_id}:0"}):
+        async with session.get(url, headers=headers) as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "not_found"
+    async with session.get(f"{relay.url}/v1/streams/{stream_id}/events") as r:
+        assert r.status == 404
+    async with session.delete(f"{relay.url}/v1/streams/{stream_id}") as r:
+        assert r.status == 404
+
