@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,16 @@ class RunningServer:
 
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``check`` until it holds; False when ``timeout`` passes first (a hang guard)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 @pytest.fixture

@@ -8,19 +8,20 @@ asked to stream, and the simulator's stats show what the relay sent it.
 from __future__ import annotations
 
 import asyncio
+import re
 import json
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
-from streamsvc.sse import SSEDecoder, ServerSentEvent
+from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.simtext import echo_tokens, generated_tokens
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides
+from tests.conftest import wait_until as _wait_until
 
 # Leading spaces, CR, LF, CRLF, blank lines, lines that look like SSE fields,
 # CJK, emoji and markup: all must come back unchanged.
@@ -39,16 +40,6 @@ def _sdk(relay: RunningServer) -> openai.AsyncOpenAI:
 
 def _body(text: str = "hello", model: str = "echo", **more: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], **more}
-
-
-async def _wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``check`` until it holds; False when ``timeout`` passes first (a hang guard)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 async def _raw_events(response: aiohttp.ClientResponse) -> tuple[bytes, list[ServerSentEvent]]:
@@ -254,8 +245,10 @@ async def test_raw_wire_has_only_data_frames_and_ends_with_done(
 async def test_request_id_header(relay: RunningServer, session: aiohttp.ClientSession) -> None:
     async with session.post(f"{relay.url}/v1/chat/completions", json=_body(stream=True)) as r:
         generated = r.headers.get("X-Request-ID")
+        stream_id = r.headers.get("X-Stream-ID", "")
         await r.read()
     assert generated and len(generated) >= 8
+    assert re.fullmatch(r"st_[0-9a-f]{24}", stream_id)
 
     headers = {"X-Request-ID": "my-req.42_A"}
     async with session.post(

@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
 
-from streamsvc.sse import SSEDecoder, ServerSentEvent
+from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.simtext import echo_tokens, generated_tokens
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides
+from tests.conftest import wait_until as _wait_until
 
 TORTURE = (
     "  leading spaces\r\ncrlf line\rlone cr\nlf line\n\nblank above\n"
@@ -43,16 +43,6 @@ def _expected(tokens: int, model: str = "sim-small", prompt: str = PROMPT) -> st
 def _query(rate: float, tokens: int, **simulate: Any) -> dict[str, str]:
     extra = {"simulate": {"rate": rate, "tokens": tokens, **simulate}}
     return {"q": PROMPT, "model": "sim-small", "extra": json.dumps(extra)}
-
-
-async def _wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``check`` until it holds; False when ``timeout`` passes first (a hang guard)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 @dataclass

@@ -25,6 +25,7 @@ from streamsvc.reactive.operators._retry import backoff_delay, is_retryable
 from streamsvc.server.requests import ChatRequest, parse_chat_body
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID, ROUTER
+from streamsvc.streams import new_stream_id
 from streamsvc.upstream.client import UpstreamClient
 
 __all__ = ["routes"]
@@ -85,10 +86,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             first.cancel()
             raise
 
+        # Not resumable, but named like every stream, for logs and support.
+        headers = {"X-Stream-ID": new_stream_id()}
+        if context.upstream:
+            headers["X-Streamsvc-Upstream"] = context.upstream
         response = SSEResponse(
             heartbeat_s=config.server.heartbeat_s,
             write_timeout_s=config.server.write_timeout_s,
-            headers={"X-Streamsvc-Upstream": context.upstream} if context.upstream else {},
+            headers=headers,
         )
         try:
             await response.start(request)
