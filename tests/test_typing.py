@@ -1,0 +1,21 @@
+"""The package is strictly typed (``py.typed`` ships): mypy --strict, as configured, passes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_mypy_strict_passes_on_the_package() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_package_ships_py_typed() -> None:
+    assert (ROOT / "streamsvc" / "py.typed").is_file()
