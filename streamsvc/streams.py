@@ -13,7 +13,6 @@ import asyncio
 import enum
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +63,6 @@ class Generation:
         self.id = stream_id
         self.resumable = resumable
         self.context = context
-        self.created_at = time.time()
         self.state = GenerationState.RUNNING
         self.readers = 0
         self._source = source
@@ -75,7 +73,6 @@ class Generation:
         self._iterator: ObservableIterator[Chunk] | None = None
         self._grace: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
-        self.ended = asyncio.Event()
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"stream {self.id}")
@@ -132,10 +129,7 @@ class Generation:
         finally:
             self.state = GenerationState.ENDED
             self.cancel_grace()
-        try:
-            await self._journal.append(self.id, [final])
-        finally:
-            self.ended.set()
+        await self._journal.append(self.id, [final])
 
 
 def _error_data(event: dict[str, Any]) -> bytes:

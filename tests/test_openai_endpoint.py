@@ -8,16 +8,18 @@ asked to stream, and the simulator's stats show what the relay sent it.
 from __future__ import annotations
 
 import asyncio
-import re
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from streamsvc.sse import ServerSentEvent, SSEDecoder
+from streamsvc.upstream.client import MAX_EVENT_BYTES
 from streamsvc.upstream.simtext import echo_tokens, generated_tokens
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides
@@ -515,3 +517,34 @@ async def test_fault_before_first_token_is_retried_without_duplicates(
         assert "".join(json.loads(e.data).get("content", "") for e in events[:-1]) == TORTURE
         assert json.loads(events[-1].data)["attempts"] == 2
     assert simulator.stats.requests == 2
+
+
+async def test_an_upstream_event_without_end_is_bounded(
+    start_server: StartServer, session: aiohttp.ClientSession
+) -> None:
+    """A hostile upstream that never ends its event gets an error, not unbounded memory."""
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: ")
+        block = b"x" * 65536
+        for _ in range(MAX_EVENT_BYTES // len(block) + 2):
+            await response.write(block)
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", endless)
+    runner = web.AppRunner(upstream)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        relay = await start_server(overrides=relay_overrides(url))
+        async with session.post(f"{relay.url}/v1/chat/stream", json=_body()) as r:
+            text = await r.text()
+        assert "event: error" in text and "upstream_error" in text
+        assert "without ending an event" in text
+    finally:
+        await runner.cleanup()

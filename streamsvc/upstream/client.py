@@ -28,6 +28,8 @@ __all__ = ["UpstreamClient", "classify_status", "parse_retry_after"]
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _MAX_ERROR_BODY = 16_384
+# The largest upstream event accepted (a big tool-call chunk is well below it).
+MAX_EVENT_BYTES = 8 * 1024 * 1024
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -227,11 +229,20 @@ class UpstreamClient:
         response = await self._post(body, session)
         decoder = SSEDecoder()
         finished: set[int] = set()
+        undelivered = 0  # bytes read since the last whole event: bounds the decoder's buffer
         try:
             if on_open is not None:
                 on_open()
             async for data in response.content.iter_any():
-                for event in decoder.feed(data):
+                events = decoder.feed(data)
+                undelivered = 0 if events else undelivered + len(data)
+                if undelivered > MAX_EVENT_BYTES:
+                    raise UpstreamError(
+                        f"upstream {self.name!r} sent more than {MAX_EVENT_BYTES} bytes"
+                        " without ending an event",
+                        code=ErrorCode.UPSTREAM_ERROR,
+                    )
+                for event in events:
                     if event.event not in ("message", ""):
                         continue  # not a chunk: OpenAI sends only default events
                     text = event.data
