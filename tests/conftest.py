@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from streamsvc.config import Config, load_config
+from streamsvc.server.access_log import AccessLogger
 from streamsvc.server.app import create_app
 from streamsvc.upstream.simulator import SimulatorServer
 
@@ -56,7 +57,8 @@ async def start_server() -> AsyncIterator[StartServer]:
         if config is None:
             config = load_config(env={}, overrides=overrides or {})
         app = create_app(config)
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        # As `streamsvc serve` runs it: hang-ups cancel handlers, access lines without queries.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)
