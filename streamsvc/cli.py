@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -100,10 +102,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from streamsvc.upstream.simulator import serve_simulator
 
-    try:
-        asyncio.run(serve_simulator(args.host, args.port))
-    except KeyboardInterrupt:
-        pass
+    async def run() -> None:
+        task = asyncio.ensure_future(serve_simulator(args.host, args.port))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -176,3 +177,52 @@ def test_serve_answers_healthz_and_stops_on_signal(
     assert "Traceback" not in output
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def _wait_listening(process: subprocess.Popen[str], url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the process exited before answering"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.1)
+    raise AssertionError(f"no answer at {url} within {timeout} s")
+
+
+def test_simulate_and_serve_upstream_as_a_user_runs_them(tmp_path: Path) -> None:
+    """`streamsvc simulate` in one process, `streamsvc serve --upstream` in front of it."""
+    sim_port, relay_port = free_port(), free_port()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "streamsvc", "simulate", "--port", str(sim_port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=clean_env(), cwd=tmp_path,
+        ),
+        subprocess.Popen(
+            [sys.executable, "-m", "streamsvc", "serve", "--port", str(relay_port),
+             "--upstream", f"http://127.0.0.1:{sim_port}/v1",
+             "--upstream-key-env", "SIM_KEY"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=clean_env(SIM_KEY="sim-secret-key"), cwd=tmp_path,
+        ),
+    ]
+    try:
+        _wait_listening(processes[0], f"http://127.0.0.1:{sim_port}/v1/models")
+        _wait_listening(processes[1], f"http://127.0.0.1:{relay_port}/healthz")
+        url = f"http://127.0.0.1:{relay_port}/v1/chat/stream?model=echo&q=%20Hi%20there%0A"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = response.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{sim_port}/_sim/requests",
+                                    timeout=5) as response:
+            recent = json.loads(response.read())
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        outputs = [process.communicate(timeout=30)[0] for process in processes]
+    assert '"content":" Hi there\\n"' in body and "event: done" in body
+    assert recent[-1]["headers"]["Authorization"] == "Bearer sim-secret-key"
+    assert f"streamsvc simulator listening on http://127.0.0.1:{sim_port}/v1" in outputs[0]
+    assert "sim-secret-key" not in outputs[1]  # the relay's log never shows the key
+    assert all(process.returncode == 0 for process in processes), outputs
