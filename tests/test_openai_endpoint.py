@@ -548,3 +548,40 @@ async def test_an_upstream_event_without_end_is_bounded(
         assert "without ending an event" in text
     finally:
         await runner.cleanup()
+
+
+async def test_garbage_chunk_shapes_are_upstream_errors(
+    start_server: StartServer, session: aiohttp.ClientSession
+) -> None:
+    """Valid JSON of the wrong shape is the upstream's fault: a typed upstream_error."""
+    shapes = [b'{"choices": [1]}', b'{"choices": {"a": 1}}', b'{"choices": [{"delta": "x"}]}',
+              b'{"choices": [{"index": "0", "delta": {}}]}']
+
+    async def garbage(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: " + shapes[body["shape"]] + b"\n\n")
+        return response
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", garbage)
+    runner = web.AppRunner(upstream)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+        relay = await start_server(overrides=relay_overrides(
+            url, pipeline={"retry_max_attempts": 1}))
+        for shape in range(len(shapes)):
+            body = _body(shape=shape)
+            async with session.post(f"{relay.url}/v1/chat/stream", json=body) as r:
+                text = await r.text()
+            assert "event: error" in text and '"code":"upstream_error"' in text, text
+            async with session.post(f"{relay.url}/v1/chat/completions",
+                                    json={**body, "stream": True}) as r:
+                assert r.status == 502
+                assert (await r.json())["error"]["code"] == "upstream_error"
+    finally:
+        await runner.cleanup()

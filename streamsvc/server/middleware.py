@@ -50,6 +50,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = ErrorCode.NOT_FOUND if exc.status == 404 else ErrorCode.BAD_REQUEST
         failure = ClientError(f"{request.method} {request.path}: {exc.reason}", code=code,
                               status=exc.status)
+    except Exception:  # a bug of ours: a typed 500, and the process goes on
+        log.exception("request %s %s %s failed", request[REQUEST_ID], request.method,
+                      request.path)
+        failure = StreamsvcError("internal error", code=ErrorCode.INTERNAL_ERROR)
     log.info(
         "request %s %s %s: %s %s (param=%s)", request[REQUEST_ID], request.method,
         request.path, failure.status, failure.code, failure.param,

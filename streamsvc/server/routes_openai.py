@@ -11,6 +11,7 @@ an error is a ``data: {"error": ...}`` event and the body ends without
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -18,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from streamsvc.chunks import Chunk, coalesce_batch
-from streamsvc.errors import StreamsvcError
+from streamsvc.errors import ErrorCode, StreamsvcError
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.reactive.bridge import ObservableIterator
 from streamsvc.reactive.operators._retry import backoff_delay, is_retryable
@@ -116,20 +117,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             request.app[METRICS].client_hangups.inc()
             log.info("request %s: client left (499)", request[REQUEST_ID])
         except StreamsvcError as error:
-            request.app[METRICS].stream_errors.labels(str(error.code)).inc()
             log.info("request %s: stream ended with %s: %s", request[REQUEST_ID], error.code,
                      error.message)
-            try:
-                await response.send_bytes(
-                    b"data: " + msgspec.json.encode(error.to_openai()) + b"\n\n"
-                )
-            except ClientGone:
-                pass
+            await _send_error(request, response, error)
+        except Exception:  # a bug of ours: the client still gets a typed end, not a cut
+            log.exception("request %s: stream failed", request[REQUEST_ID])
+            await _send_error(request, response, StreamsvcError(
+                "internal error while relaying the stream",
+                code=ErrorCode.INTERNAL_ERROR, retryable=True,
+            ))
         finally:
             if not first.done():
                 first.cancel()
             await response.close()
     return response
+
+
+async def _send_error(
+    request: web.Request, response: SSEResponse, error: StreamsvcError
+) -> None:
+    """End a started OpenAI stream the way OpenAI does: an error object, no [DONE]."""
+    request.app[METRICS].stream_errors.labels(str(error.code)).inc()
+    with contextlib.suppress(ClientGone):
+        await response.send_bytes(b"data: " + msgspec.json.encode(error.to_openai()) + b"\n\n")
 
 
 async def _wait_for_answer(

@@ -68,6 +68,20 @@ def _error_message(body: bytes) -> str:
     return body[:200].decode("utf-8", "replace")
 
 
+def _well_formed(choices: Any) -> bool:
+    """The shape every later step relies on: a list of choice objects."""
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        index = choice.get("index", 0)
+        delta = choice.get("delta")
+        if not isinstance(index, int) or (delta is not None and not isinstance(delta, dict)):
+            return False
+    return True
+
+
 def classify_status(
     status: int, body: bytes, retry_after: float | None, upstream: str
 ) -> UpstreamError:
@@ -262,7 +276,14 @@ class UpstreamClient:
                             f"{_error_message(msgspec.json.encode({'error': error}))}",
                             code=ErrorCode.UPSTREAM_ERROR, retryable=True,
                         )
-                    for choice in chunk.choices:
+                    choices = chunk.data.get("choices", [])
+                    if not _well_formed(choices):
+                        raise UpstreamError(
+                            f"upstream {self.name!r} sent a chunk whose choices are not"
+                            f" objects with an integer index and an object delta: {text[:80]!r}",
+                            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+                        )
+                    for choice in choices:
                         if choice.get("finish_reason") is not None:
                             finished.add(choice.get("index", 0))
                     yield chunk
