@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +39,25 @@ async def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+@contextlib.asynccontextmanager
+async def fake_upstream(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A hand-written upstream at ``POST /v1/chat/completions``; yields its base URL.
+
+    For faults the simulator does not make (garbage shapes, endless events).
+    """
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(upstream)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
 
 
 @pytest.fixture

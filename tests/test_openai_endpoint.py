@@ -22,7 +22,7 @@ from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.client import MAX_EVENT_BYTES
 from streamsvc.upstream.simtext import echo_tokens, generated_tokens
 from streamsvc.upstream.simulator import SimulatorServer
-from tests.conftest import RunningServer, StartServer, relay_overrides
+from tests.conftest import RunningServer, StartServer, fake_upstream, relay_overrides
 from tests.conftest import wait_until as _wait_until
 
 # Leading spaces, CR, LF, CRLF, blank lines, lines that look like SSE fields,
@@ -533,21 +533,12 @@ async def test_an_upstream_event_without_end_is_bounded(
             await response.write(block)
         return response
 
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", endless)
-    runner = web.AppRunner(upstream)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    async with fake_upstream(endless) as url:
         relay = await start_server(overrides=relay_overrides(url))
         async with session.post(f"{relay.url}/v1/chat/stream", json=_body()) as r:
             text = await r.text()
-        assert "event: error" in text and "upstream_error" in text
-        assert "without ending an event" in text
-    finally:
-        await runner.cleanup()
+    assert "event: error" in text and "upstream_error" in text
+    assert "without ending an event" in text
 
 
 async def test_garbage_chunk_shapes_are_upstream_errors(
@@ -564,14 +555,7 @@ async def test_garbage_chunk_shapes_are_upstream_errors(
         await response.write(b"data: " + shapes[body["shape"]] + b"\n\n")
         return response
 
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", garbage)
-    runner = web.AppRunner(upstream)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    async with fake_upstream(garbage) as url:
         relay = await start_server(overrides=relay_overrides(
             url, pipeline={"retry_max_attempts": 1}))
         for shape in range(len(shapes)):
@@ -583,5 +567,3 @@ async def test_garbage_chunk_shapes_are_upstream_errors(
                                     json={**body, "stream": True}) as r:
                 assert r.status == 502
                 assert (await r.json())["error"]["code"] == "upstream_error"
-    finally:
-        await runner.cleanup()
