@@ -168,6 +168,13 @@ class UpstreamError(StreamsvcError):
         self.retry_after = retry_after
         self.upstream_status = upstream_status
 
+    def to_event(self) -> dict[str, Any]:
+        """The ``error`` event data; ``retry_after`` (seconds) when the upstream gave one."""
+        event = super().to_event()
+        if self.retry_after is not None:
+            event["retry_after"] = self.retry_after
+        return event
+
 
 class StreamError(StreamsvcError):
     """A stream ended abnormally for a reason of streamsvc's own (client, journal, shutdown)."""

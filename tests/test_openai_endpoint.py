@@ -33,7 +33,7 @@ TORTURE = (
     "東京タワーは高いです 世界 🙂👍🏽 <b>html</b> &amp; \"quotes\" \\back\\slash\t tab  \n"
 )
 
-FAST_RETRIES = {"pipeline": {"retry_backoff_base_ms": 1, "retry_backoff_max_ms": 5}}
+FAST_RETRIES = {"pipeline": {"retry_backoff_base_ms": 1, "retry_backoff_max_ms": 50}}
 
 
 def _sdk(relay: RunningServer) -> openai.AsyncOpenAI:
@@ -349,6 +349,27 @@ async def test_rate_limit_exhausted_non_stream_is_429(
     assert set(error) >= {"message", "type", "param", "code"}
     assert error["code"] == "rate_limited"
     assert simulator.stats.requests == relay.config.pipeline.retry_max_attempts
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_retry_after_longer_than_the_backoff_cap_is_passed_on_not_cut_short(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+    stream: bool,
+) -> None:
+    """Retry-After: 30 is not retried after 50 ms: the client gets 429 and Retry-After: 30."""
+    relay = await start_server(overrides=relay_overrides(simulator.url, **FAST_RETRIES))
+    simulate = {"fault": "429", "retry_after": 30, "key": f"long-wait-{stream}"}
+    async with session.post(
+        f"{relay.url}/v1/chat/completions", json=_body(stream=stream, simulate=simulate)
+    ) as r:
+        assert r.status == 429
+        assert r.headers["Retry-After"] == "30"
+        assert (await r.json())["error"]["code"] == "rate_limited"
+    assert simulator.stats.requests == 1
+    async with session.post(f"{relay.url}/v1/chat/stream", json=_body(simulate=simulate)) as r:
+        text = await r.text()
+    assert '"code":"rate_limited"' in text and '"retry_after":30' in text
+    assert simulator.stats.requests == 2
 
 
 @pytest.mark.parametrize("stream", [True, False])

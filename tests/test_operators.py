@@ -284,11 +284,23 @@ def test_retry_honours_retry_after(scheduler: TestScheduler) -> None:
     assert results.messages == [on_error(250, retryable(retry_after=30))]
 
 
-def test_retry_after_is_capped_by_backoff_max(scheduler: TestScheduler) -> None:
-    source = scheduler.create_cold_observable(on_error(10, retryable(retry_after=300)))
-    scheduler.start(lambda: source.pipe(
+def test_retry_after_beyond_backoff_max_is_not_retried_early(scheduler: TestScheduler) -> None:
+    error = retryable(retry_after=300)
+    source = scheduler.create_cold_observable(on_error(10, error))
+    results = scheduler.start(lambda: source.pipe(
         retry_with_backoff(2, backoff_base=0, backoff_max=20, scheduler=scheduler)))
-    assert source.subscriptions == [subscribe(200, 210), subscribe(230, 240)]
+    assert source.subscriptions == [subscribe(200, 210)]
+    assert results.messages == [on_error(210, error)]  # the client learns the retry_after
+
+
+def test_retry_after_beyond_backoff_max_moves_to_the_fallback(scheduler: TestScheduler) -> None:
+    primary = scheduler.create_cold_observable(on_error(10, retryable(retry_after=300)))
+    fallback = scheduler.create_cold_observable(on_next(5, text("ok")), on_completed(6))
+    results = scheduler.start(lambda: primary.pipe(retry_with_backoff(
+        3, backoff_base=0, backoff_max=20, fallbacks=[fallback], scheduler=scheduler)))
+    assert primary.subscriptions == [subscribe(200, 210)]
+    assert fallback.subscriptions == [subscribe(210, 216)]
+    assert results.messages == [on_next(215, text("ok")), on_completed(216)]
 
 
 def test_retry_backoff_is_jittered_within_the_exponential_bound(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(error: StreamsvcError) -> web.Response:
-    return web.json_response(error.to_openai(), status=error.status)
+    headers = {}
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        headers["Retry-After"] = str(math.ceil(retry_after))  # what the upstream asked for
+    return web.json_response(error.to_openai(), status=error.status, headers=headers)
 
 
 @web.middleware

@@ -170,6 +170,7 @@ async def _complete(
     policy = request.app[CONFIG].pipeline
     attempts = policy.retry_max_attempts if chat.retries else 1
     candidates = clients if chat.retries else clients[:1]
+    cap = policy.retry_backoff_max_ms / 1000
     last: StreamsvcError | None = None
     for client in candidates:
         for attempt in range(1, attempts + 1):
@@ -179,10 +180,10 @@ async def _complete(
                 last = error
                 if not is_retryable(error):
                     raise
-                if attempt < attempts:
-                    await asyncio.sleep(backoff_delay(
-                        attempt, policy.retry_backoff_base_ms / 1000,
-                        policy.retry_backoff_max_ms / 1000, getattr(error, "retry_after", None),
-                    ))
+                retry_after = getattr(error, "retry_after", None)
+                if attempt == attempts or (retry_after is not None and retry_after > cap):
+                    break  # next upstream, if any: this one asked for more than we wait
+                await asyncio.sleep(backoff_delay(
+                    attempt, policy.retry_backoff_base_ms / 1000, cap, retry_after))
     assert last is not None
     raise last

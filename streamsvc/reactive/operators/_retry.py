@@ -22,10 +22,14 @@ def is_retryable(error: Exception) -> bool:
 
 
 def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | None) -> float:
-    """Exponential backoff with full jitter, never shorter than ``retry_after``."""
+    """Exponential backoff with full jitter, never shorter than ``retry_after``.
+
+    A ``retry_after`` beyond ``cap`` is returned as it is: the caller decides
+    not to wait that long (and falls back or gives up) rather than retry early.
+    """
     delay = random.uniform(0, min(cap, base * (2 ** (attempt - 1))))
     if retry_after is not None:
-        delay = max(delay, min(retry_after, cap))
+        delay = max(delay, retry_after)
     return delay
 
 
@@ -87,9 +91,11 @@ def retry_with_backoff_(
                     release_held()
                     observer.on_error(error)
                     return
-                if attempt < max_attempts:
+                retry_after = getattr(error, "retry_after", None)
+                # An upstream that asks for more than backoff_max is not retried early.
+                patient = retry_after is None or retry_after <= backoff_max
+                if attempt < max_attempts and patient:
                     attempt += 1
-                    retry_after = getattr(error, "retry_after", None)
                     delay = backoff_delay(attempt - 1, backoff_base, backoff_max, retry_after)
                 elif index + 1 < len(sources):
                     index, attempt, delay = index + 1, 1, 0.0
