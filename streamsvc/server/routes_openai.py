@@ -22,7 +22,7 @@ from streamsvc.chunks import Chunk, coalesce_batch
 from streamsvc.errors import ErrorCode, StreamsvcError
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.reactive.bridge import ObservableIterator
-from streamsvc.reactive.operators._retry import backoff_delay, is_retryable
+from streamsvc.reactive.operators._retry import next_attempt
 from streamsvc.server.requests import ChatRequest, parse_chat_body
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID, ROUTER
@@ -170,20 +170,15 @@ async def _complete(
     policy = request.app[CONFIG].pipeline
     attempts = policy.retry_max_attempts if chat.retries else 1
     candidates = clients if chat.retries else clients[:1]
-    cap = policy.retry_backoff_max_ms / 1000
-    last: StreamsvcError | None = None
-    for client in candidates:
-        for attempt in range(1, attempts + 1):
-            try:
-                return await client.complete(chat.body)
-            except StreamsvcError as error:
-                last = error
-                if not is_retryable(error):
-                    raise
-                retry_after = getattr(error, "retry_after", None)
-                if attempt == attempts or (retry_after is not None and retry_after > cap):
-                    break  # next upstream, if any: this one asked for more than we wait
-                await asyncio.sleep(backoff_delay(
-                    attempt, policy.retry_backoff_base_ms / 1000, cap, retry_after))
-    assert last is not None
-    raise last
+    index, attempt = 0, 1
+    while True:
+        try:
+            return await candidates[index].complete(chat.body)
+        except StreamsvcError as error:
+            plan = next_attempt(error, index, attempt, len(candidates), attempts,
+                                policy.retry_backoff_base_ms / 1000,
+                                policy.retry_backoff_max_ms / 1000)
+            if plan is None:
+                raise
+            index, attempt, delay = plan
+            await asyncio.sleep(delay)

@@ -33,6 +33,32 @@ def backoff_delay(attempt: int, base: float, cap: float, retry_after: float | No
     return delay
 
 
+def next_attempt(
+    error: Exception,
+    index: int,
+    attempt: int,
+    sources: int,
+    max_attempts: int,
+    backoff_base: float,
+    backoff_max: float,
+) -> tuple[int, int, float] | None:
+    """After ``attempt`` on source ``index`` failed: (source, attempt, delay) next, or None.
+
+    The one retry policy, for streams (the operator) and plain requests alike:
+    classified retryable errors only; the same source again after a backoff
+    while attempts remain, unless it asked (``retry_after``) for longer than
+    ``backoff_max`` (it is not retried early); then the next source at once.
+    """
+    if not is_retryable(error):
+        return None
+    retry_after = getattr(error, "retry_after", None)
+    if attempt < max_attempts and (retry_after is None or retry_after <= backoff_max):
+        return index, attempt + 1, backoff_delay(attempt, backoff_base, backoff_max, retry_after)
+    if index + 1 < sources:
+        return index + 1, 1, 0.0
+    return None
+
+
 def retry_with_backoff_(
     max_attempts: int,
     backoff_base: float,
@@ -87,22 +113,15 @@ def retry_with_backoff_(
 
             def on_error(error: Exception) -> None:
                 nonlocal index, attempt
-                if started or not is_retryable(error) or timer_scheduler is None:
+                plan = None
+                if not started:
+                    plan = next_attempt(error, index, attempt, len(sources), max_attempts,
+                                        backoff_base, backoff_max)
+                if plan is None or timer_scheduler is None:
                     release_held()
                     observer.on_error(error)
                     return
-                retry_after = getattr(error, "retry_after", None)
-                # An upstream that asks for more than backoff_max is not retried early.
-                patient = retry_after is None or retry_after <= backoff_max
-                if attempt < max_attempts and patient:
-                    attempt += 1
-                    delay = backoff_delay(attempt - 1, backoff_base, backoff_max, retry_after)
-                elif index + 1 < len(sources):
-                    index, attempt, delay = index + 1, 1, 0.0
-                else:
-                    release_held()
-                    observer.on_error(error)
-                    return
+                index, attempt, delay = plan
                 if on_retry is not None:
                     on_retry(index, attempt, error, delay)
                 held.clear()
