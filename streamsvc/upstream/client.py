@@ -146,13 +146,20 @@ class UpstreamClient:
     def __repr__(self) -> str:
         return f"UpstreamClient({self.name!r}, {self._url!r})"
 
+    @contextlib.asynccontextmanager
+    async def _session_for_request(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """The shared session, or (embedded use) one opened and closed for this request."""
+        if self._session is not None:
+            yield self._session
+            return
+        async with aiohttp.ClientSession() as session:
+            yield session
+
     async def models(self) -> list[str]:
         """The model ids the upstream lists at ``GET /models`` (its OpenAI list shape)."""
-        if self._session is None:
-            raise RuntimeError("models() needs a shared session")
         headers = {k: v for k, v in self._headers.items() if k != "Content-Type"}
         try:
-            async with self._session.get(
+            async with self._session_for_request() as session, session.get(
                 self._base + "/models", headers=headers, params=self.config.query or None,
                 timeout=aiohttp.ClientTimeout(total=self.config.connect_timeout_s),
             ) as response:
@@ -227,10 +234,7 @@ class UpstreamClient:
             "stream_options": {**(options if isinstance(options, dict) else {}),
                                "include_usage": True},
         }
-        async with contextlib.AsyncExitStack() as stack:
-            session = self._session
-            if session is None:
-                session = await stack.enter_async_context(aiohttp.ClientSession())
+        async with self._session_for_request() as session:
             async for chunk in self._stream(body, session, on_open):
                 yield chunk
 
@@ -309,10 +313,7 @@ class UpstreamClient:
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming chat completion: the upstream's ``chat.completion`` object."""
-        async with contextlib.AsyncExitStack() as stack:
-            session = self._session
-            if session is None:
-                session = await stack.enter_async_context(aiohttp.ClientSession())
+        async with self._session_for_request() as session:
             return await self._complete(body, session)
 
     async def _complete(
