@@ -259,7 +259,7 @@ def load_config(
         raw.setdefault("routes", defaults["routes"])
 
     # Remember who set each key, so an error names the variable or flag, not the file.
-    from_file = copy.deepcopy(raw)
+    before_overrides = copy.deepcopy(raw)  # the file, or the defaults it leaves out
     origin: dict[str, str] = {}
     for name, value in sorted((os.environ if env is None else env).items()):
         if not name.startswith(ENV_PREFIX):
@@ -304,7 +304,7 @@ def load_config(
         blamed = next(
             (who for k, who in origin.items() if key == k or key.startswith(k + ".")), None
         )
-        if blamed is None and not _lookup(from_file, key)[0]:
+        if blamed is None and not _lookup(before_overrides, key)[0]:
             # An unknown section or upstream that only a variable or flag brought in.
             blamed = next((who for k, who in origin.items() if k.startswith(key + ".")), None)
         blamed = blamed or source
