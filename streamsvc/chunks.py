@@ -12,7 +12,9 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["TEXT_FIELDS", "Chunk", "coalesce_batch", "merge", "text_size"]
+__all__ = [
+    "TEXT_FIELDS", "Chunk", "ChunkBuffer", "coalesce_batch", "merge", "split_text", "text_size",
+]
 
 # Delta fields that carry text and concatenate losslessly. Upstreams name the
 # reasoning text "reasoning_content" (DeepSeek, vLLM) or "reasoning" (OpenRouter).
@@ -217,27 +219,78 @@ def text_size(chunk: Chunk) -> int | None:
     return None
 
 
+class ChunkBuffer:
+    """Chunks waiting to be emitted, each merged into the one before it when that loses nothing.
+
+    Args:
+        max_chars: the most text characters one merged chunk carries (None: no bound).
+    """
+
+    __slots__ = ("_chunks", "_max_chars", "_tail_chars")
+
+    def __init__(self, max_chars: int | None = None) -> None:
+        self._chunks: list[Chunk] = []
+        self._max_chars = max_chars
+        self._tail_chars: int | None = None  # text of the last chunk; None: it cannot merge
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def append(self, chunk: Chunk) -> None:
+        size = text_size(chunk)
+        tail = self._tail_chars
+        if size is not None and tail is not None and (
+            self._max_chars is None or tail + size <= self._max_chars
+        ):
+            merged = merge(self._chunks[-1], chunk)
+            if merged is not None:
+                self._chunks[-1] = merged
+                self._tail_chars = tail + size
+                return
+        self._chunks.append(chunk)
+        self._tail_chars = size
+
+    def drain(self) -> list[Chunk]:
+        """Everything held, in order; the buffer is empty afterwards."""
+        chunks, self._chunks = self._chunks, []
+        self._tail_chars = None
+        return chunks
+
+
 def coalesce_batch(chunks: list[Chunk], max_chars: int) -> list[Chunk]:
     """Merge adjacent mergeable chunks of a batch that is already here (no timer needed)."""
     if len(chunks) < 2:
         return chunks
-    out: list[Chunk] = []
-    held: Chunk | None = None
-    held_chars = 0
+    buffer = ChunkBuffer(max_chars)
     for chunk in chunks:
-        size = text_size(chunk)
-        if held is not None and size is not None and held_chars + size <= max_chars:
-            merged = merge(held, chunk)
-            if merged is not None:
-                held, held_chars = merged, held_chars + size
-                continue
-        if held is not None:
-            out.append(held)
-            held = None
-        if size is None:
-            out.append(chunk)
-        else:
-            held, held_chars = chunk, size
-    if held is not None:
-        out.append(held)
-    return out
+        buffer.append(chunk)
+    return buffer.drain()
+
+
+def split_text(chunk: Chunk, n: int) -> tuple[Chunk, Chunk] | None:
+    """Cut a chunk that carries one text field after ``n`` characters: (head, rest).
+
+    The head keeps the delta's other fields (a role); the rest carries only
+    the remaining text. None when the chunk is not a plain text delta or is
+    no longer than ``n``. Concatenating the two texts gives the original.
+    """
+    choice = _only_choice(chunk)
+    if choice is None or n < 1:
+        return None
+    delta: dict[str, Any] = choice["delta"]
+    keys = _text_keys({k: v for k, v in delta.items() if k != "role"})
+    if keys is None or len(keys) != 1:
+        return None
+    (key,) = keys
+    text: str = delta[key]
+    if len(text) <= n:
+        return None
+    return _with_delta(chunk, choice, {**delta, key: text[:n]}), _with_delta(
+        chunk, choice, {key: text[n:]}
+    )
+
+
+def _with_delta(chunk: Chunk, choice: dict[str, Any], delta: dict[str, Any]) -> Chunk:
+    data = dict(chunk.data)
+    data["choices"] = [{**choice, "delta": delta}]
+    return Chunk(data)

@@ -79,9 +79,15 @@ class PipelineConfig(_Section, frozen=True):
     coalesce: bool = True
     coalesce_max_delay_ms: NonNegFloat = 0.0
     coalesce_max_chars: PosInt = 4096
+    throttle_ms: NonNegFloat = 0.0
+    pace_chars_per_s: NonNegFloat = 0.0
+    pace_max_lag_ms: NonNegFloat = 1000.0
     retry_max_attempts: PosInt = 3
     retry_backoff_base_ms: NonNegFloat = 200.0
     retry_backoff_max_ms: NonNegFloat = 5000.0
+    first_token_timeout_s: NonNegFloat = 120.0
+    idle_timeout_s: NonNegFloat = 60.0
+    total_timeout_s: NonNegFloat = 0.0
 
 
 class LogConfig(_Section, frozen=True):

@@ -151,7 +151,11 @@ class ClientError(StreamsvcError):
 
 
 class UpstreamError(StreamsvcError):
-    """The upstream failed; ``retryable`` and ``retry_after`` drive retry and fallback."""
+    """The upstream failed; ``retryable``, ``retry_after`` and ``fallback_only`` drive retry.
+
+    ``fallback_only`` marks a failure not worth repeating on the same upstream
+    (it was too slow to answer): the next upstream of the route is tried instead.
+    """
 
     default_code = ErrorCode.UPSTREAM_ERROR
 
@@ -163,10 +167,12 @@ class UpstreamError(StreamsvcError):
         retryable: bool = False,
         retry_after: float | None = None,
         upstream_status: int | None = None,
+        fallback_only: bool = False,
     ) -> None:
         super().__init__(message, code=code, retryable=retryable)
         self.retry_after = retry_after
         self.upstream_status = upstream_status
+        self.fallback_only = fallback_only
 
     def to_event(self) -> dict[str, Any]:
         """The ``error`` event data; ``retry_after`` (seconds) when the upstream gave one."""

@@ -12,7 +12,15 @@ from reactivex import Observable
 from streamsvc.chunks import Chunk
 from streamsvc.config import PipelineConfig
 from streamsvc.reactive.bridge import from_async_iterable
-from streamsvc.reactive.operators import coalesce, retry_with_backoff
+from streamsvc.reactive.operators import (
+    coalesce,
+    first_token_timeout,
+    idle_timeout,
+    pace,
+    retry_with_backoff,
+    throttle,
+    total_timeout,
+)
 from streamsvc.upstream.client import UpstreamClient
 
 __all__ = ["StreamContext", "build_pipeline"]
@@ -54,7 +62,12 @@ def build_pipeline(
     *,
     retries: bool = True,
 ) -> Observable[Chunk]:
-    """The chunks of one chat request, through retry/fallback and coalescing.
+    """The chunks of one chat request, through the operators ``[pipeline]`` turns on.
+
+    Per upstream attempt: ``first_token_timeout`` and ``idle_timeout``; across
+    attempts: ``retry_with_backoff`` with the route's fallbacks; then
+    ``total_timeout`` over the whole answer, ``coalesce``, ``throttle`` and
+    ``pace``. A setting of 0 leaves its operator out.
 
     Args:
         body: the chat request as the upstream gets it.
@@ -63,7 +76,7 @@ def build_pipeline(
         context: filled in as the pipeline runs.
         retries: False turns retries and fallbacks off for this request.
     """
-    sources = [upstream_source(c, body, context) for c in clients]
+    sources = [_attempt(upstream_source(c, body, context), config) for c in clients]
     stream = sources[0]
     if retries:
         stream = stream.pipe(
@@ -74,8 +87,25 @@ def build_pipeline(
                 fallbacks=sources[1:],
             )
         )
+    if config.total_timeout_s > 0:
+        stream = stream.pipe(total_timeout(config.total_timeout_s))
     if config.coalesce and config.coalesce_max_delay_ms > 0:
         stream = stream.pipe(
             coalesce(config.coalesce_max_delay_ms / 1000, config.coalesce_max_chars)
         )
+    if config.throttle_ms > 0:
+        stream = stream.pipe(throttle(config.throttle_ms / 1000))
+    if config.pace_chars_per_s > 0:
+        stream = stream.pipe(
+            pace(config.pace_chars_per_s, max_lag=config.pace_max_lag_ms / 1000)
+        )
     return stream
+
+
+def _attempt(source: Observable[Chunk], config: PipelineConfig) -> Observable[Chunk]:
+    """One upstream request with the timeouts that make it fail (and be retried) in time."""
+    if config.first_token_timeout_s > 0:
+        source = source.pipe(first_token_timeout(config.first_token_timeout_s))
+    if config.idle_timeout_s > 0:
+        source = source.pipe(idle_timeout(config.idle_timeout_s))
+    return source

@@ -47,12 +47,16 @@ def next_attempt(
     The one retry policy, for streams (the operator) and plain requests alike:
     classified retryable errors only; the same source again after a backoff
     while attempts remain, unless it asked (``retry_after``) for longer than
-    ``backoff_max`` (it is not retried early); then the next source at once.
+    ``backoff_max`` (it is not retried early) or was too slow to answer
+    (``fallback_only``: a first-token timeout); then the next source at once.
     """
     if not is_retryable(error):
         return None
     retry_after = getattr(error, "retry_after", None)
-    if attempt < max_attempts and (retry_after is None or retry_after <= backoff_max):
+    same_again = not getattr(error, "fallback_only", False) and (
+        retry_after is None or retry_after <= backoff_max
+    )
+    if attempt < max_attempts and same_again:
         return index, attempt + 1, backoff_delay(attempt, backoff_base, backoff_max, retry_after)
     if index + 1 < sources:
         return index + 1, 1, 0.0

@@ -1,0 +1,120 @@
+"""Body of :func:`streamsvc.operators.pace`.
+
+A token bucket over characters: every ``tick`` the text that the rate allows
+goes out, cutting a long delta where the allowance ends. The rate rises with
+the backlog so that nothing waits much longer than ``max_lag``; the timer
+runs only while something waits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from reactivex import Observable, abc
+from reactivex.disposable import CompositeDisposable, SerialDisposable
+
+from streamsvc.chunks import TEXT_FIELDS, Chunk, split_text
+from streamsvc.reactive.operators._timeouts import scheduler_of
+
+
+def _chars(chunk: Chunk) -> int:
+    """Characters of text and tool-call arguments a chunk carries, over all choices."""
+    total = 0
+    for choice in chunk.choices:
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            continue
+        for field in TEXT_FIELDS:
+            value = delta.get(field)
+            if isinstance(value, str):
+                total += len(value)
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                arguments = function.get("arguments") if isinstance(function, dict) else None
+                if isinstance(arguments, str):
+                    total += len(arguments)
+    return total
+
+
+def pace_(
+    chars_per_s: float, max_lag: float, tick: float, scheduler: abc.SchedulerBase | None
+) -> Callable[[Observable[Chunk]], Observable[Chunk]]:
+    def operator(source: Observable[Chunk]) -> Observable[Chunk]:
+        def subscribe(
+            observer: abc.ObserverBase[Chunk], scheduler_: abc.SchedulerBase | None = None
+        ) -> abc.DisposableBase:
+            timer_scheduler = scheduler_of(scheduler, scheduler_, "pace")
+            timer = SerialDisposable()
+            queue: deque[tuple[Chunk, int]] = deque()
+            backlog = 0  # characters waiting
+            allowance = 0.0
+            last_tick: datetime | None = None
+            completed = False
+
+            def emit_allowed() -> None:
+                nonlocal allowance, backlog
+                while queue:
+                    chunk, size = queue[0]
+                    if size <= allowance or size == 0:
+                        queue.popleft()
+                    elif allowance >= 1 and (parts := split_text(chunk, int(allowance))):
+                        head, rest = parts
+                        size = int(allowance)
+                        queue[0] = (rest, queue[0][1] - size)
+                        chunk = head
+                    elif allowance > 0 and split_text(chunk, 1) is None:
+                        queue.popleft()  # cannot be cut: goes whole, paid for by the next ticks
+                    else:
+                        return
+                    allowance -= size
+                    backlog -= size
+                    observer.on_next(chunk)
+
+            def run(*_: Any) -> None:
+                nonlocal allowance, last_tick
+                timer.disposable = None
+                now = timer_scheduler.now
+                elapsed = tick if last_tick is None else (now - last_tick).total_seconds()
+                last_tick = now
+                rate = max(chars_per_s, backlog / max_lag) if max_lag > 0 else chars_per_s
+                allowance += rate * elapsed
+                emit_allowed()
+                if queue:
+                    timer.disposable = timer_scheduler.schedule_relative(tick, run)
+                    return
+                allowance, last_tick = min(allowance, 0.0), None
+                if completed:
+                    observer.on_completed()
+
+            def on_next(chunk: Chunk) -> None:
+                nonlocal backlog
+                size = _chars(chunk)
+                queue.append((chunk, size))
+                backlog += size
+                if timer.disposable is None and len(queue) == 1:
+                    run()
+
+            def on_error(error: Exception) -> None:
+                # The error is not held back: what waits goes out at once, then the error.
+                timer.disposable = None
+                while queue:
+                    observer.on_next(queue.popleft()[0])
+                observer.on_error(error)
+
+            def on_completed() -> None:
+                nonlocal completed
+                completed = True
+                if not queue:
+                    observer.on_completed()
+
+            subscription = source.subscribe(on_next, on_error, on_completed, scheduler=scheduler_)
+            return CompositeDisposable(subscription, timer)
+
+        return Observable(subscribe)
+
+    return operator
