@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from reactivex import Observable
@@ -32,7 +31,6 @@ class StreamContext:
 
     upstream: str | None = None
     attempts: int = 0
-    opened: asyncio.Event = field(default_factory=asyncio.Event)
 
     def summary(self) -> dict[str, Any]:
         return {"upstream": self.upstream, "attempts": self.attempts}
@@ -45,7 +43,6 @@ def upstream_source(
 
     def opened() -> None:
         context.upstream = client.name
-        context.opened.set()
 
     def start() -> Any:
         context.attempts += 1

@@ -70,6 +70,7 @@ class Generation:
         self._coalesce_chars = coalesce_chars
         self._on_error = on_error
         self._stop_reason: str | None = None
+        self._failure: StreamsvcError | None = None
         self._iterator: ObservableIterator[Chunk] | None = None
         self._grace: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
@@ -77,11 +78,16 @@ class Generation:
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"stream {self.id}")
 
-    def stop(self, reason: str = "cancelled") -> None:
-        """End the generation: the upstream request is cancelled, readers get ``done``."""
+    def stop(self, reason: str = "cancelled", *, error: StreamsvcError | None = None) -> None:
+        """End the generation: the upstream request is cancelled.
+
+        Readers get ``done`` with ``reason`` as the finish reason, or the
+        ``error`` event of ``error`` when one is given (``slow_consumer``).
+        """
         if self.state is not GenerationState.RUNNING or self._stop_reason is not None:
             return
         self._stop_reason = reason
+        self._failure = error
         self.cancel_grace()
         if self._iterator is not None:
             self._iterator.dispose()
@@ -113,6 +119,8 @@ class Generation:
                             events.append((DELTA, data))
                     if events:
                         await self._journal.append(self.id, events)
+            if self._failure is not None:
+                raise self._failure
             final = (DONE, builder.done(finish_reason=self._stop_reason, **self.context.summary()))
         except StreamsvcError as exc:
             log.info("stream %s ended with %s: %s", self.id, exc.code, exc.message)
@@ -200,12 +208,15 @@ class StreamRegistry:
         else:
             generation.stop("cancelled")
 
-    def cancel(self, stream_id: str) -> bool:
-        """Stop a stream's generation (DELETE); False when it does not run here."""
+    def cancel(self, stream_id: str, error: StreamsvcError | None = None) -> bool:
+        """Stop a stream's generation (DELETE); False when it does not run here.
+
+        With ``error`` the stream ends with that error event instead of ``done``.
+        """
         generation = self._running.get(stream_id)
         if generation is None:
             return False
-        generation.stop("cancelled")
+        generation.stop("cancelled", error=error)
         return True
 
     async def close(self) -> None:

@@ -22,16 +22,26 @@ def encode_frame(stream_id: str, seq: int, kind: str, data: bytes) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One journaled event: ``seq`` counts from 1 within its stream."""
+    """One journaled event: ``seq`` counts from 1 within its stream.
+
+    ``end`` is the byte count of the stream's frames up to and including this
+    one, so a reader knows how far behind the journal it is.
+    """
 
     seq: int
     kind: str
     data: bytes
     frame: bytes
+    end: int
 
     @property
     def final(self) -> bool:
         return self.kind != "message"
+
+    @property
+    def start(self) -> int:
+        """The byte offset of this event's frame within its stream."""
+        return self.end - len(self.frame)
 
 
 class Journal(Protocol):
@@ -47,15 +57,20 @@ class Journal(Protocol):
         bound; a final event (``done``/``error``) is always accepted.
         """
 
-    async def read(self, stream_id: str, after: int) -> list[Event]:
+    async def read(self, stream_id: str, after: int, max_bytes: int | None = None) -> list[Event]:
         """Events with seq > ``after``, waiting until there is one or the stream has ended.
 
-        Returns [] only when the stream has ended and nothing follows ``after``.
-        Raises ``ClientError(not_found)`` for an unknown (or expired) stream.
+        With ``max_bytes``, the events stop before their frames pass that many
+        bytes (the first one always comes). Returns [] only when the stream has
+        ended and nothing follows ``after``. Raises ``ClientError(not_found)``
+        for an unknown (or expired) stream.
         """
 
     def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
         """(last seq, ended) for a known stream, None for an unknown one."""
+
+    def size(self, stream_id: str) -> int | None:
+        """Bytes of all the frames of a known stream so far, None for an unknown one."""
 
     async def close(self) -> None:
         """Release what the journal holds (wakes every waiting reader)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError
 from streamsvc.journal.base import Event, encode_frame
@@ -10,11 +11,16 @@ from streamsvc.journal.base import Event, encode_frame
 __all__ = ["MemoryJournal"]
 
 
+def _end(event: Event) -> int:
+    return event.end
+
+
 class _Log:
-    __slots__ = ("ended", "events", "expiry", "waiters")
+    __slots__ = ("ended", "events", "expiry", "size", "waiters")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.size = 0
         self.ended = False
         self.waiters: list[asyncio.Future[None]] = []
         self.expiry: asyncio.TimerHandle | None = None
@@ -70,7 +76,9 @@ class MemoryJournal:
                     code=ErrorCode.JOURNAL_FULL,
                 )
             seq = len(items) + 1
-            items.append(Event(seq, kind, data, encode_frame(stream_id, seq, kind, data)))
+            frame = encode_frame(stream_id, seq, kind, data)
+            log.size += len(frame)
+            items.append(Event(seq, kind, data, frame, log.size))
             if final:
                 log.ended = True
                 log.expiry = asyncio.get_running_loop().call_later(
@@ -85,11 +93,16 @@ class MemoryJournal:
         if log is not None:
             log.wake()
 
-    async def read(self, stream_id: str, after: int) -> list[Event]:
+    async def read(self, stream_id: str, after: int, max_bytes: int | None = None) -> list[Event]:
         log = self._log(stream_id)
         while True:
-            if len(log.events) > after:
-                return log.events[after:]
+            events = log.events
+            if len(events) > after:
+                if max_bytes is None or events[-1].end - events[after].start <= max_bytes:
+                    return events[after:]
+                limit = events[after].start + max_bytes
+                stop = bisect.bisect_right(events, limit, lo=after + 1, key=_end)
+                return events[after:stop]
             if log.ended:
                 return []
             waiter = asyncio.get_running_loop().create_future()
@@ -107,6 +120,10 @@ class MemoryJournal:
     def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
         log = self._logs.get(stream_id)
         return None if log is None else (len(log.events), log.ended)
+
+    def size(self, stream_id: str) -> int | None:
+        log = self._logs.get(stream_id)
+        return None if log is None else log.size
 
     async def close(self) -> None:
         for log in self._logs.values():

@@ -30,6 +30,10 @@ class Metrics:
             "streamsvc_client_hangups", "Clients that left before their stream ended",
             registry=self.registry,
         )
+        self.slow_consumers = Counter(
+            "streamsvc_slow_consumers", "Connections closed because the client fell behind",
+            registry=self.registry,
+        )
         active = Gauge(
             "streamsvc_streams_active", "Generations running in this process",
             registry=self.registry,

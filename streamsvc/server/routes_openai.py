@@ -1,9 +1,9 @@
 """``POST /v1/chat/completions`` and ``GET /v1/models``: OpenAI's wire format, exactly.
 
 Streaming answers relay the upstream's chunk bytes unchanged where nothing
-merged them. The response headers wait for the upstream's own answer (not
-for the first token), so an error before the stream (429, no upstream,
-exhausted retries) gets an HTTP status, as OpenAI clients expect; after that,
+merged them. The response headers wait for the first content (at most
+``heartbeat_s``), so an error before the stream (429, no upstream, exhausted
+retries and fallbacks) gets an HTTP status, as OpenAI clients expect; after that,
 an error is a ``data: {"error": ...}`` event and the body ends without
 ``[DONE]``. No ``id:`` or ``retry:`` frames: they break the OpenAI SDK.
 """
@@ -19,7 +19,8 @@ import msgspec
 from aiohttp import web
 
 from streamsvc.chunks import Chunk, coalesce_batch
-from streamsvc.errors import ErrorCode, StreamsvcError
+from streamsvc.config import PipelineConfig
+from streamsvc.errors import ErrorCode, StreamsvcError, UpstreamError
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.reactive.bridge import ObservableIterator
 from streamsvc.reactive.operators._retry import next_attempt
@@ -70,8 +71,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_body(await request.read())
     clients = request.app[ROUTER].clients_for(chat.model)
     if not chat.stream:
-        return web.json_response(await _complete(request, chat, clients),
-                                 dumps=lambda o: msgspec.json.encode(o).decode())
+        answer, upstream, attempts = await _complete(request, chat, clients)
+        return web.json_response(
+            answer, dumps=lambda o: msgspec.json.encode(o).decode(),
+            headers={"X-Streamsvc-Upstream": upstream, "X-Streamsvc-Attempts": str(attempts)},
+        )
     request.app[METRICS].streams_started.labels("openai").inc()
 
     context = StreamContext()
@@ -82,13 +86,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ) as batches:
         first: asyncio.Future[list[Chunk]] = asyncio.ensure_future(anext(batches))
         try:
-            await _wait_for_answer(first, context, config.server.heartbeat_s)
+            await _wait_for_answer(first, config.server.heartbeat_s)
         except BaseException:
             first.cancel()
             raise
 
         # Not resumable, but named like every stream, for logs and support.
-        headers = {"X-Stream-ID": new_stream_id()}
+        headers = {"X-Stream-ID": new_stream_id(), "X-Streamsvc-Attempts": str(context.attempts)}
         if context.upstream:
             headers["X-Streamsvc-Upstream"] = context.upstream
         response = SSEResponse(
@@ -142,21 +146,16 @@ async def _send_error(
         await response.send_bytes(b"data: " + msgspec.json.encode(error.to_openai()) + b"\n\n")
 
 
-async def _wait_for_answer(
-    first: asyncio.Future[list[Chunk]], context: StreamContext, limit_s: float
-) -> None:
-    """Hold the response headers until the upstream answered (at most ``limit_s``).
+async def _wait_for_answer(first: asyncio.Future[list[Chunk]], limit_s: float) -> None:
+    """Hold the response headers until the first content came (at most ``limit_s``).
 
-    An error before that (no upstream, 429 after the retries) then raises here
-    and is answered with its HTTP status; past ``limit_s`` the headers go out
-    anyway so that proxies and clients see a live response.
+    Until then the status is still open: an error (no upstream, 429 after the
+    retries, a first-token timeout on the last upstream) raises here and is
+    answered with its HTTP status, and the upstream that answers is known
+    for ``X-Streamsvc-Upstream``. Past ``limit_s`` the headers go out anyway
+    so that proxies and clients see a live response.
     """
-    opened: asyncio.Future[bool] = asyncio.ensure_future(context.opened.wait())
-    try:
-        await asyncio.wait((first, opened), timeout=limit_s,
-                           return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        opened.cancel()
+    await asyncio.wait((first,), timeout=limit_s)
     if first.done() and not first.cancelled():
         error = first.exception()
         if error is not None and not isinstance(error, StopAsyncIteration):
@@ -165,15 +164,36 @@ async def _wait_for_answer(
 
 async def _complete(
     request: web.Request, chat: ChatRequest, clients: list[UpstreamClient]
-) -> dict[str, Any]:
-    """Non-streaming answer, with the same retry and fallback policy as streams."""
+) -> tuple[dict[str, Any], str, int]:
+    """Non-streaming answer, with the same retry, fallback and total timeout as streams.
+
+    Returns the answer, the name of the upstream that gave it and the number
+    of attempts made.
+    """
     policy = request.app[CONFIG].pipeline
+    if policy.total_timeout_s <= 0:
+        return await _complete_with_retries(chat, clients, policy)
+    try:
+        async with asyncio.timeout(policy.total_timeout_s):
+            return await _complete_with_retries(chat, clients, policy)
+    except TimeoutError as exc:
+        raise UpstreamError(
+            f"the answer did not come within {policy.total_timeout_s:g} s"
+            " (pipeline.total_timeout_s)",
+            code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True,
+        ) from exc
+
+
+async def _complete_with_retries(
+    chat: ChatRequest, clients: list[UpstreamClient], policy: PipelineConfig
+) -> tuple[dict[str, Any], str, int]:
     attempts = policy.retry_max_attempts if chat.retries else 1
     candidates = clients if chat.retries else clients[:1]
-    index, attempt = 0, 1
+    index, attempt, made = 0, 1, 0
     while True:
         try:
-            return await candidates[index].complete(chat.body)
+            made += 1
+            return await candidates[index].complete(chat.body), candidates[index].name, made
         except StreamsvcError as error:
             plan = next_attempt(error, index, attempt, len(candidates), attempts,
                                 policy.retry_backoff_base_ms / 1000,

@@ -8,12 +8,13 @@ answer that stops EventSource for good.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from aiohttp import web
 
-from streamsvc.errors import ClientError, ErrorCode
+from streamsvc.errors import ClientError, ErrorCode, StreamError
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.server.requests import (
     ChatRequest,
@@ -85,13 +86,22 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
         write_timeout_s=server.write_timeout_s,
         headers={"X-Stream-ID": stream_id},
     )
+    limit = server.max_pending_bytes
+    behind: int | None = None  # bytes journaled but not yet written here, at the last check
     try:
         await response.start(request)
         await response.send_bytes(encode_retry(server.sse_retry_ms))
         while True:
-            events = await journal.read(stream_id, after)
+            # Everything pending goes in one write, up to the bound; a reader far
+            # behind (a resume) catches up in writes of at most ``limit`` bytes.
+            events = await journal.read(stream_id, after, limit)
             if not events:
                 break
+            lag = (journal.size(stream_id) or 0) - events[0].start
+            if behind is not None and lag > limit and lag > behind:
+                await _slow_consumer(request, response, stream_id, after, lag)
+                break
+            behind = lag
             await response.send_bytes(b"".join([event.frame for event in events]))
             after = events[-1].seq
             if events[-1].final:
@@ -104,6 +114,37 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
         registry.detach(stream_id)
         await response.close()
     return response
+
+
+async def _slow_consumer(
+    request: web.Request, response: SSEResponse, stream_id: str, after: int, lag: int
+) -> None:
+    """A reader fell behind by more than ``max_pending_bytes`` and keeps falling behind.
+
+    A resumable stream goes on into the journal and only this connection is
+    closed (EventSource comes back with Last-Event-ID when it can). Otherwise
+    the upstream is cancelled and the client gets the ``slow_consumer`` error
+    event in place of what it could not take.
+    """
+    app = request.app
+    app[METRICS].slow_consumers.inc()
+    generation = app[REGISTRY].get(stream_id)
+    log.info("request %s: client of stream %s is %d bytes behind at event %d: slow_consumer",
+             request[REQUEST_ID], stream_id, lag, after)
+    if generation is None or generation.resumable:
+        return
+    error = StreamError(
+        f"the client did not keep up: {lag} bytes waiting, more than"
+        f" server.max_pending_bytes ({app[CONFIG].server.max_pending_bytes})",
+        code=ErrorCode.SLOW_CONSUMER,
+    )
+    generation.stop("cancelled", error=error)
+    if generation.task is not None:
+        await asyncio.shield(generation.task)
+    state = app[JOURNAL].last_seq(stream_id)
+    if state is not None and state[1]:
+        final = await app[JOURNAL].read(stream_id, state[0] - 1)
+        await response.send_bytes(final[-1].frame)
 
 
 @routes.post("/v1/chat/stream")

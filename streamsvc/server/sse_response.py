@@ -64,7 +64,20 @@ class SSEResponse(EventSourceResponse):
             raise ClientGone(str(exc)) from exc
 
     async def close(self) -> None:
-        """Stop the heartbeat task; the handler returning ends the body."""
+        """Stop the heartbeat task and end the body, within the write timeout.
+
+        Ending the body waits for the socket to drain; a client that stopped
+        reading would hold the handler forever, so past the timeout the
+        connection is aborted instead.
+        """
         if self._ping_task is not None:
             self.stop_streaming()
             await self.wait()
+        if self.prepared:
+            try:
+                async with asyncio.timeout(self._write_timeout_s):
+                    await self.write_eof()
+            except (TimeoutError, ConnectionError, RuntimeError):
+                transport = self._req.transport if self._req is not None else None
+                if transport is not None:
+                    transport.abort()
