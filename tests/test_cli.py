@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from streamsvc.cli import EXIT_CONFIG, main
+from streamsvc.sse import SSEDecoder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOML = ROOT / "config" / "streamsvc.toml"
@@ -221,7 +222,9 @@ def test_simulate_and_serve_upstream_as_a_user_runs_them(tmp_path: Path) -> None
         for process in processes:
             process.send_signal(signal.SIGTERM)
         outputs = [process.communicate(timeout=30)[0] for process in processes]
-    assert '"content":" Hi there\\n"' in body and "event: done" in body
+    events = list(SSEDecoder().feed(body.encode()))
+    text = "".join(json.loads(e.data).get("content", "") for e in events if e.event == "message")
+    assert text == " Hi there\n" and events[-1].event == "done"
     assert recent[-1]["headers"]["Authorization"] == "Bearer sim-secret-key"
     assert f"streamsvc simulator listening on http://127.0.0.1:{sim_port}/v1" in outputs[0]
     assert "sim-secret-key" not in outputs[1]  # the relay's log never shows the key

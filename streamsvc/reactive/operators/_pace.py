@@ -1,9 +1,9 @@
 """Body of :func:`streamsvc.operators.pace`.
 
 A token bucket over characters: every ``tick`` the text that the rate allows
-goes out, cutting a long delta where the allowance ends. The rate rises with
-the backlog so that nothing waits much longer than ``max_lag``; the timer
-runs only while something waits.
+goes out, cutting a long delta where the allowance ends; quiet time saves up
+at most one tick's allowance. When a backlog builds, the rate rises so that
+it drains in about ``max_lag``; the timer runs only while something waits.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def pace_(
             queue: deque[tuple[Chunk, int]] = deque()
             backlog = 0  # characters waiting
             allowance = 0.0
+            rate = chars_per_s
             last_tick: datetime | None = None
             completed = False
 
@@ -76,18 +77,26 @@ def pace_(
                     observer.on_next(chunk)
 
             def run(*_: Any) -> None:
-                nonlocal allowance, last_tick
+                nonlocal allowance, last_tick, rate
                 timer.disposable = None
+                # Catch up: the rate rises so that what waits now drains in about
+                # max_lag, and stays there until the backlog is gone (recomputing
+                # it every tick would drain it ever more slowly).
+                if max_lag > 0 and backlog / max_lag > rate:
+                    rate = backlog / max_lag
                 now = timer_scheduler.now
-                elapsed = tick if last_tick is None else (now - last_tick).total_seconds()
+                if last_tick is None:
+                    allowance = rate * tick
+                else:
+                    # Quiet time pays off debt but saves up no more than one tick.
+                    elapsed = (now - last_tick).total_seconds()
+                    allowance = min(allowance + rate * elapsed, rate * tick)
                 last_tick = now
-                rate = max(chars_per_s, backlog / max_lag) if max_lag > 0 else chars_per_s
-                allowance += rate * elapsed
                 emit_allowed()
                 if queue:
                     timer.disposable = timer_scheduler.schedule_relative(tick, run)
                     return
-                allowance, last_tick = min(allowance, 0.0), None
+                rate = chars_per_s
                 if completed:
                     observer.on_completed()
 

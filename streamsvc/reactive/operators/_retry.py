@@ -122,7 +122,10 @@ def retry_with_backoff_(
                     plan = next_attempt(error, index, attempt, len(sources), max_attempts,
                                         backoff_base, backoff_max)
                 if plan is None or timer_scheduler is None:
-                    release_held()
+                    # Framing of an attempt that failed before content is no part of
+                    # any answer; holding it back keeps the error first (an HTTP status).
+                    if not started:
+                        held.clear()
                     observer.on_error(error)
                     return
                 index, attempt, delay = plan
