@@ -61,6 +61,7 @@ class ServerConfig(_Section, frozen=True):
     sse_retry_ms: Annotated[int, msgspec.Meta(ge=0)] = 1000
     max_pending_bytes: PosInt = 1_048_576
     write_timeout_s: PosFloat = 30.0
+    send_buffer_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     shutdown_timeout_s: NonNegFloat = 10.0
 
 

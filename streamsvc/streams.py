@@ -20,7 +20,7 @@ import msgspec
 from reactivex import Observable
 
 from streamsvc.chunks import Chunk, coalesce_batch
-from streamsvc.errors import ErrorCode, StreamsvcError
+from streamsvc.errors import ErrorCode, StreamError, StreamsvcError
 from streamsvc.events import DELTA, DONE, ERROR, EventBuilder
 from streamsvc.journal.base import Journal
 from streamsvc.pipeline import StreamContext
@@ -58,6 +58,7 @@ class Generation:
         *,
         resumable: bool,
         coalesce_chars: int | None,
+        max_lag_bytes: int | None = None,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
         self.id = stream_id
@@ -65,6 +66,9 @@ class Generation:
         self.context = context
         self.state = GenerationState.RUNNING
         self.readers = 0
+        self.delivered = 0
+        """Bytes of the journal its reader has written to its socket (non-resumable streams)."""
+        self._max_lag = None if resumable else max_lag_bytes
         self._source = source
         self._journal = journal
         self._coalesce_chars = coalesce_chars
@@ -119,6 +123,7 @@ class Generation:
                             events.append((DELTA, data))
                     if events:
                         await self._journal.append(self.id, events)
+                        self._check_lag()
             if self._failure is not None:
                 raise self._failure
             final = (DONE, builder.done(finish_reason=self._stop_reason, **self.context.summary()))
@@ -140,6 +145,19 @@ class Generation:
         await self._journal.append(self.id, [final])
 
 
+    def _check_lag(self) -> None:
+        """A non-resumable stream's one reader must keep up: it has nowhere else to read."""
+        if self._max_lag is None:
+            return
+        lag = (self._journal.size(self.id) or 0) - self.delivered
+        if lag > self._max_lag:
+            raise StreamError(
+                f"the client did not keep up: {lag} bytes waiting, more than"
+                f" server.max_pending_bytes ({self._max_lag})",
+                code=ErrorCode.SLOW_CONSUMER,
+            )
+
+
 def _error_data(event: dict[str, Any]) -> bytes:
     return msgspec.json.encode(event)
 
@@ -152,14 +170,22 @@ class StreamRegistry:
         resume_grace_s: how long a resumable stream with no reader keeps generating.
         coalesce_chars: merge what is pending for the journal up to this many
             characters per event (None: no merging).
+        max_lag_bytes: how far the reader of a non-resumable stream may fall
+            behind the journal before the stream ends with ``slow_consumer``.
     """
 
     def __init__(
-        self, journal: Journal, *, resume_grace_s: float, coalesce_chars: int | None
+        self,
+        journal: Journal,
+        *,
+        resume_grace_s: float,
+        coalesce_chars: int | None,
+        max_lag_bytes: int | None = None,
     ) -> None:
         self.journal = journal
         self._grace_s = resume_grace_s
         self._coalesce_chars = coalesce_chars
+        self._max_lag = max_lag_bytes
         self._running: dict[str, Generation] = {}
         self.on_error: Callable[[str], None] | None = None
         """Told the code of every stream that ends with an ``error`` event."""
@@ -178,7 +204,8 @@ class StreamRegistry:
         await self.journal.create(stream_id)
         generation = Generation(
             stream_id, source, context, self.journal,
-            resumable=resumable, coalesce_chars=self._coalesce_chars, on_error=self.on_error,
+            resumable=resumable, coalesce_chars=self._coalesce_chars,
+            max_lag_bytes=self._max_lag, on_error=self.on_error,
         )
         self._running[stream_id] = generation
         generation.start()

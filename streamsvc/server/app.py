@@ -63,11 +63,12 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
         journal,
         resume_grace_s=config.journal.resume_grace_s,
         coalesce_chars=config.pipeline.coalesce_max_chars if config.pipeline.coalesce else None,
+        max_lag_bytes=config.server.max_pending_bytes,
     )
     app[JOURNAL] = journal
     app[REGISTRY] = registry
     metrics = Metrics(active_streams=lambda: len(registry))
-    registry.on_error = lambda code: metrics.stream_errors.labels(code).inc()
+    registry.on_error = metrics.count_error
     app[METRICS] = metrics
     try:
         yield

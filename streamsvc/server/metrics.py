@@ -31,7 +31,8 @@ class Metrics:
             registry=self.registry,
         )
         self.slow_consumers = Counter(
-            "streamsvc_slow_consumers", "Connections closed because the client fell behind",
+            "streamsvc_slow_consumers",
+            "Streams ended or connections closed because the client fell behind",
             registry=self.registry,
         )
         active = Gauge(
@@ -39,6 +40,12 @@ class Metrics:
             registry=self.registry,
         )
         active.set_function(lambda: float(active_streams()))
+
+    def count_error(self, code: str) -> None:
+        """A request or stream ended by an error with this code."""
+        self.stream_errors.labels(code).inc()
+        if code == "slow_consumer":
+            self.slow_consumers.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

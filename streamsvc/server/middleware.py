@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
-from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID
+from streamsvc.server.state import CONFIG, HUNG_UP, METRICS, REQUEST_ID
 
 __all__ = ["error_middleware", "set_request_id_header"]
 
@@ -64,7 +64,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         request.path, failure.status, failure.code, failure.param,
     )
     _count(request, failure.status)
-    request.app[METRICS].stream_errors.labels(str(failure.code)).inc()
+    request.app[METRICS].count_error(str(failure.code))
     return error_response(failure)
 
 
@@ -74,7 +74,14 @@ def _count(request: web.Request, status: int) -> None:
     metrics = request.app[METRICS]
     metrics.requests.labels(endpoint, str(status)).inc()
     if status == 499:
-        metrics.client_hangups.inc()
+        note_hangup(request)
+
+
+def note_hangup(request: web.Request) -> None:
+    """Count a client that left, once per request (a handler may see it twice)."""
+    if not request.get(HUNG_UP):
+        request[HUNG_UP] = True
+        request.app[METRICS].client_hangups.inc()
 
 
 async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -25,6 +25,7 @@ from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.reactive.bridge import ObservableIterator
 from streamsvc.reactive.operators._retry import next_attempt
 from streamsvc.server.requests import ChatRequest, parse_chat_body
+from streamsvc.server.middleware import note_hangup
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID, ROUTER
 from streamsvc.streams import new_stream_id
@@ -95,11 +96,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers = {"X-Stream-ID": new_stream_id(), "X-Streamsvc-Attempts": str(context.attempts)}
         if context.upstream:
             headers["X-Streamsvc-Upstream"] = context.upstream
-        response = SSEResponse(
-            heartbeat_s=config.server.heartbeat_s,
-            write_timeout_s=config.server.write_timeout_s,
-            headers=headers,
-        )
+        response = SSEResponse(config.server, headers=headers)
         try:
             await response.start(request)
             try:
@@ -118,7 +115,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     batch = None
             await response.send_bytes(_DONE)
         except ClientGone:
-            request.app[METRICS].client_hangups.inc()
+            note_hangup(request)
             log.info("request %s: client left (499)", request[REQUEST_ID])
         except StreamsvcError as error:
             log.info("request %s: stream ended with %s: %s", request[REQUEST_ID], error.code,
@@ -141,7 +138,7 @@ async def _send_error(
     request: web.Request, response: SSEResponse, error: StreamsvcError
 ) -> None:
     """End a started OpenAI stream the way OpenAI does: an error object, no [DONE]."""
-    request.app[METRICS].stream_errors.labels(str(error.code)).inc()
+    request.app[METRICS].count_error(str(error.code))
     with contextlib.suppress(ClientGone):
         await response.send_bytes(b"data: " + msgspec.json.encode(error.to_openai()) + b"\n\n")
 

@@ -8,13 +8,12 @@ answer that stops EventSource for good.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from aiohttp import web
 
-from streamsvc.errors import ClientError, ErrorCode, StreamError
+from streamsvc.errors import ClientError, ErrorCode
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.server.requests import (
     ChatRequest,
@@ -23,6 +22,7 @@ from streamsvc.server.requests import (
     parse_chat_query,
     parse_last_event_id,
 )
+from streamsvc.server.middleware import note_hangup
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import CONFIG, JOURNAL, METRICS, REGISTRY, REQUEST_ID, ROUTER
 from streamsvc.sse import encode_retry
@@ -81,12 +81,9 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
     server = app[CONFIG].server
     registry = app[REGISTRY]
     registry.attach(stream_id)
-    response = SSEResponse(
-        heartbeat_s=server.heartbeat_s,
-        write_timeout_s=server.write_timeout_s,
-        headers={"X-Stream-ID": stream_id},
-    )
+    response = SSEResponse(server, headers={"X-Stream-ID": stream_id})
     limit = server.max_pending_bytes
+    generation = registry.get(stream_id)
     behind: int | None = None  # bytes journaled but not yet written here, at the last check
     try:
         await response.start(request)
@@ -97,17 +94,21 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
             events = await journal.read(stream_id, after, limit)
             if not events:
                 break
-            lag = (journal.size(stream_id) or 0) - events[0].start
-            if behind is not None and lag > limit and lag > behind:
-                await _slow_consumer(request, response, stream_id, after, lag)
-                break
-            behind = lag
+            if generation is not None and generation.resumable:
+                lag = (journal.size(stream_id) or 0) - events[0].start
+                if behind is not None and lag > limit and lag > behind:
+                    _slow_reader(request, stream_id, after, lag)
+                    break
+                behind = lag
             await response.send_bytes(b"".join([event.frame for event in events]))
             after = events[-1].seq
+            if generation is not None:
+                # A non-resumable generation stops with slow_consumer when this falls behind.
+                generation.delivered = events[-1].end
             if events[-1].final:
                 break
     except ClientGone:
-        app[METRICS].client_hangups.inc()
+        note_hangup(request)
         log.info("request %s: client left stream %s at event %d (499)", request[REQUEST_ID],
                  stream_id, after)
     finally:
@@ -116,35 +117,16 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
     return response
 
 
-async def _slow_consumer(
-    request: web.Request, response: SSEResponse, stream_id: str, after: int, lag: int
-) -> None:
-    """A reader fell behind by more than ``max_pending_bytes`` and keeps falling behind.
+def _slow_reader(request: web.Request, stream_id: str, after: int, lag: int) -> None:
+    """A reader of a resumable stream is over ``max_pending_bytes`` behind and falling further.
 
-    A resumable stream goes on into the journal and only this connection is
-    closed (EventSource comes back with Last-Event-ID when it can). Otherwise
-    the upstream is cancelled and the client gets the ``slow_consumer`` error
-    event in place of what it could not take.
+    Only this connection is closed: the generation goes on into the journal,
+    and EventSource comes back with Last-Event-ID when it can. (A reader
+    catching up on a replay is not one: its lag shrinks.)
     """
-    app = request.app
-    app[METRICS].slow_consumers.inc()
-    generation = app[REGISTRY].get(stream_id)
-    log.info("request %s: client of stream %s is %d bytes behind at event %d: slow_consumer",
-             request[REQUEST_ID], stream_id, lag, after)
-    if generation is None or generation.resumable:
-        return
-    error = StreamError(
-        f"the client did not keep up: {lag} bytes waiting, more than"
-        f" server.max_pending_bytes ({app[CONFIG].server.max_pending_bytes})",
-        code=ErrorCode.SLOW_CONSUMER,
-    )
-    generation.stop("cancelled", error=error)
-    if generation.task is not None:
-        await asyncio.shield(generation.task)
-    state = app[JOURNAL].last_seq(stream_id)
-    if state is not None and state[1]:
-        final = await app[JOURNAL].read(stream_id, state[0] - 1)
-        await response.send_bytes(final[-1].frame)
+    request.app[METRICS].slow_consumers.inc()
+    log.info("request %s: reader of stream %s is %d bytes behind at event %d: closing"
+             " (slow_consumer; the stream goes on)", request[REQUEST_ID], stream_id, lag, after)
 
 
 @routes.post("/v1/chat/stream")

@@ -10,10 +10,13 @@ gone (half-open connections are found this way).
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Mapping
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
+
+from streamsvc.config import ServerConfig
 
 __all__ = ["ClientGone", "SSEResponse"]
 
@@ -26,25 +29,29 @@ class SSEResponse(EventSourceResponse):
     """An ``EventSourceResponse`` for any method, with a timed ``send_bytes``.
 
     Args:
-        heartbeat_s: seconds between ``: ping`` comments.
-        write_timeout_s: a write that takes longer counts as a hang-up.
+        server: ``[server]``: heartbeat interval, write timeout, socket send buffer.
         headers: extra response headers (request and stream ids).
     """
 
-    def __init__(
-        self, *, heartbeat_s: float, write_timeout_s: float, headers: Mapping[str, str]
-    ) -> None:
+    def __init__(self, server: ServerConfig, *, headers: Mapping[str, str]) -> None:
         super().__init__(
             headers=headers,
             sep="\n",
             allow_all_methods=True,
-            send_timeout=write_timeout_s,
-            ping_interval=heartbeat_s,
+            send_timeout=server.write_timeout_s,
+            ping_interval=server.heartbeat_s,
         )
-        self._write_timeout_s = write_timeout_s
+        self._write_timeout_s = server.write_timeout_s
+        self._send_buffer = server.send_buffer_bytes
 
     async def start(self, request: web.Request) -> None:
         """Send the headers now, before the first token."""
+        if self._send_buffer and request.transport is not None:
+            sock = request.transport.get_extra_info("socket")
+            if sock is not None:
+                # A small kernel buffer makes a slow client's backlog visible to
+                # the relay (and its bound) instead of piling up in the kernel.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._send_buffer)
         try:
             await self.prepare(request)
         except (ConnectionError, RuntimeError) as exc:
