@@ -7,7 +7,7 @@ config loader and the error tree. Operators live in :mod:`streamsvc.operators`.
 
 from streamsvc.api import chat_stream
 from streamsvc.chunks import Chunk
-from streamsvc.config import Config, load_config
+from streamsvc.config import Config, PipelineConfig, load_config
 from streamsvc.errors import (
     ClientError,
     ConfigError,
@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "ErrorCode",
     "ObservableIterator",
+    "PipelineConfig",
     "SimulatorServer",
     "StreamError",
     "StreamsvcError",

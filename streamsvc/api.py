@@ -27,8 +27,9 @@ def chat_stream(
 ) -> Observable[Chunk]:
     """Stream a chat completion from an OpenAI-compatible server as a cold Observable.
 
-    Each subscription makes one request (with retry before the first token,
-    per ``pipeline``); disposing the subscription cancels it. Compose it with
+    Each subscription makes one request, through the operators ``pipeline``
+    turns on (timeouts, retry before the first content, coalesce, throttle,
+    pace); disposing the subscription cancels it. Compose it with
     ``reactivex`` operators and :mod:`streamsvc.operators`.
 
     Args:
@@ -37,7 +38,7 @@ def chat_stream(
         base_url: the server's OpenAI base URL, e.g. ``http://127.0.0.1:8081/v1``.
         api_key: sent as ``Authorization: Bearer``.
         headers: extra request headers.
-        pipeline: retry and coalescing settings (default: ``[pipeline]`` defaults).
+        pipeline: the operators' settings (default: the ``[pipeline]`` defaults).
         **params: more request fields (``temperature``, ``max_tokens``, ...).
 
     Example::
