@@ -74,16 +74,16 @@ def build_pipeline(
         retries: False turns retries and fallbacks off for this request.
     """
     sources = [_attempt(upstream_source(c, body, context), config) for c in clients]
-    stream = sources[0]
-    if retries:
-        stream = stream.pipe(
-            retry_with_backoff(
-                config.retry_max_attempts,
-                backoff_base=config.retry_backoff_base_ms / 1000,
-                backoff_max=config.retry_backoff_max_ms / 1000,
-                fallbacks=sources[1:],
-            )
+    # With retries off it still runs, once: it holds framing until the first
+    # content, so an error before content keeps its HTTP status.
+    stream = sources[0].pipe(
+        retry_with_backoff(
+            config.retry_max_attempts if retries else 1,
+            backoff_base=config.retry_backoff_base_ms / 1000,
+            backoff_max=config.retry_backoff_max_ms / 1000,
+            fallbacks=sources[1:] if retries else (),
         )
+    )
     if config.total_timeout_s > 0:
         stream = stream.pipe(total_timeout(config.total_timeout_s))
     if config.coalesce and config.coalesce_max_delay_ms > 0:

@@ -150,6 +150,21 @@ async def test_first_token_timeout_on_the_last_upstream_is_504_before_the_header
     assert await wait_until(lambda: upstream.cancelled == 1)
 
 
+async def test_with_retries_off_a_first_token_timeout_still_gets_its_status(
+    start_server: StartServer, stalled: tuple[StalledUpstream, str],
+    session: aiohttp.ClientSession,
+) -> None:
+    # The stalled upstream's role chunk must not send the 200 headers on its own.
+    _, url = stalled
+    relay = await start_server(overrides={
+        **relay_overrides(url), "pipeline": {"first_token_timeout_s": 0.2},
+    })
+    body = {**_body(), "stream": True, "streamsvc": {"retries": False}}
+    async with session.post(relay.url + "/v1/chat/completions", json=body) as response:
+        assert response.status == 504
+        assert (await response.json())["error"]["code"] == "upstream_timeout"
+
+
 async def test_first_token_timeout_is_an_error_event_on_the_streamsvc_format(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
 ) -> None:

@@ -426,3 +426,14 @@ def test_pace_without_any_scheduler_refuses_to_subscribe() -> None:
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             pace(10)
         ).subscribe()
+
+
+def test_pace_below_one_character_per_tick_still_releases_text(scheduler: TestScheduler) -> None:
+    # --"abc"--|            0.1 chars per tick of 1: the allowance never reaches one
+    # [ pace(0.1, max_lag=0, tick=1) ]   character a tick, yet one goes out every 10 ticks
+    # --a---------b---------(c|)
+    source = scheduler.create_hot_observable(on_next(210, text("abc")), on_completed(211))
+    results = scheduler.start(
+        lambda: source.pipe(pace(0.1, max_lag=0, tick=1, scheduler=scheduler)))
+    assert contents(results.messages) == [(210, "a"), (220, "b"), (230, "c")]
+    assert results.messages[-1] == on_completed(230)

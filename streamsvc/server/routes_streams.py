@@ -103,8 +103,9 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
             await response.send_bytes(b"".join([event.frame for event in events]))
             after = events[-1].seq
             if generation is not None:
-                # A non-resumable generation stops with slow_consumer when this falls behind.
-                generation.delivered = events[-1].end
+                # A non-resumable generation stops with slow_consumer when its reader
+                # falls behind (the one furthest on counts, if a second one reads it).
+                generation.delivered = max(generation.delivered, events[-1].end)
             if events[-1].final:
                 break
     except ClientGone:

@@ -2,7 +2,7 @@
 
 A token bucket over characters: every ``tick`` the text that the rate allows
 goes out, cutting a long delta where the allowance ends; quiet time saves up
-at most one tick's allowance. When a backlog builds, the rate rises so that
+at most one tick's allowance (or one character, at slow rates). When a backlog builds, the rate rises so that
 it drains in about ``max_lag``; the timer runs only while something waits.
 """
 
@@ -18,6 +18,10 @@ from reactivex.disposable import CompositeDisposable, SerialDisposable
 
 from streamsvc.chunks import TEXT_FIELDS, Chunk, split_text
 from streamsvc.reactive.operators._timeouts import scheduler_of
+
+
+# Allowance is a float sum of rate * elapsed: 10 x 0.1 must count as 1.
+_EPSILON = 1e-9
 
 
 def _chars(chunk: Chunk) -> int:
@@ -61,14 +65,15 @@ def pace_(
                 nonlocal allowance, backlog
                 while queue:
                     chunk, size = queue[0]
-                    if size <= allowance or size == 0:
+                    whole = int(allowance + _EPSILON)  # characters allowed now
+                    if size <= whole or size == 0:
                         queue.popleft()
-                    elif allowance >= 1 and (parts := split_text(chunk, int(allowance))):
+                    elif whole >= 1 and (parts := split_text(chunk, whole)):
                         head, rest = parts
-                        size = int(allowance)
+                        size = whole
                         queue[0] = (rest, queue[0][1] - size)
                         chunk = head
-                    elif allowance > 0 and split_text(chunk, 1) is None:
+                    elif allowance > 0 and size > 1 and split_text(chunk, 1) is None:
                         queue.popleft()  # cannot be cut: goes whole, paid for by the next ticks
                     else:
                         return
@@ -85,12 +90,14 @@ def pace_(
                 if max_lag > 0 and backlog / max_lag > rate:
                     rate = backlog / max_lag
                 now = timer_scheduler.now
+                # At least one character, or a slow rate would never release one.
+                burst = max(rate * tick, 1.0)
                 if last_tick is None:
-                    allowance = rate * tick
+                    allowance = burst
                 else:
                     # Quiet time pays off debt but saves up no more than one tick.
                     elapsed = (now - last_tick).total_seconds()
-                    allowance = min(allowance + rate * elapsed, rate * tick)
+                    allowance = min(allowance + rate * elapsed, burst)
                 last_tick = now
                 emit_allowed()
                 if queue:
