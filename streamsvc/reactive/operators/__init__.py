@@ -77,10 +77,13 @@ def retry_with_backoff(
 
     Waits with exponential backoff and full jitter (at least the error's
     ``retry_after``); an error marked ``fallback_only`` (a first-token
-    timeout) goes to the next source at once. Framing chunks (a role-only delta) are held until the
-    first content so they are not duplicated by a retry. When ``max_attempts``
-    are used up, the next Observable in ``fallbacks`` is tried. After content
-    has been emitted an error passes through: a retry would repeat text.
+    timeout) goes to the next source at once. Framing chunks (a role-only
+    delta) are held until the first content so they are not duplicated by a
+    retry; when the last attempt fails before content they are dropped, so the
+    error is the first thing downstream sees (an HTTP endpoint can still answer
+    with its status). When ``max_attempts`` are used up, the next Observable in
+    ``fallbacks`` is tried. After content has been emitted an error passes
+    through: a retry would repeat text.
 
     ::
 

@@ -81,7 +81,7 @@ def pace_(
                     backlog -= size
                     observer.on_next(chunk)
 
-            def run(*_: Any) -> None:
+            def run(*_: Any, after_quiet: bool = False) -> None:
                 nonlocal allowance, last_tick, rate
                 timer.disposable = None
                 # Catch up: the rate rises so that what waits now drains in about
@@ -95,9 +95,12 @@ def pace_(
                 if last_tick is None:
                     allowance = burst
                 else:
-                    # Quiet time pays off debt but saves up no more than one tick.
                     elapsed = (now - last_tick).total_seconds()
-                    allowance = min(allowance + rate * elapsed, burst)
+                    allowance += rate * elapsed
+                    if after_quiet:
+                        # Quiet time pays off debt but saves up no more than one tick;
+                        # while text waits, the fraction a tick leaves over is kept.
+                        allowance = min(allowance, burst)
                 last_tick = now
                 emit_allowed()
                 if queue:
@@ -113,7 +116,7 @@ def pace_(
                 queue.append((chunk, size))
                 backlog += size
                 if timer.disposable is None and len(queue) == 1:
-                    run()
+                    run(after_quiet=True)
 
             def on_error(error: Exception) -> None:
                 # The error is not held back: what waits goes out at once, then the error.
