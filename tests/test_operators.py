@@ -64,11 +64,14 @@ class SpyScheduler:
         self.scheduled.append(self.inner.clock)
         return self.inner.schedule(self._wrap(action), state)
 
+    # Due times may come as ticks, timedeltas (idle_timeout) or datetimes (throttle).
     def schedule_relative(self, duetime: Any, action: Any, state: Any = None) -> abc.DisposableBase:
+        duetime = self.inner.to_seconds(duetime)
         self.scheduled.append(self.inner.clock + duetime)
         return self.inner.schedule_relative(duetime, self._wrap(action), state)
 
     def schedule_absolute(self, duetime: Any, action: Any, state: Any = None) -> abc.DisposableBase:
+        duetime = self.inner.to_seconds(duetime)
         self.scheduled.append(duetime)
         return self.inner.schedule_absolute(duetime, self._wrap(action), state)
 

@@ -25,20 +25,6 @@ on_completed = ReactiveTest.on_completed
 subscribe = ReactiveTest.subscribe
 
 
-class Spy(SpyScheduler):
-    """A SpyScheduler that also takes timedelta and datetime due times, and records ticks.
-
-    ``throttle`` schedules at a datetime and ``idle_timeout`` after a timedelta;
-    the plain SpyScheduler adds those to a float clock.
-    """
-
-    def schedule_relative(self, duetime: Any, action: Any, state: Any = None) -> abc.DisposableBase:
-        return super().schedule_relative(self.inner.to_seconds(duetime), action, state)
-
-    def schedule_absolute(self, duetime: Any, action: Any, state: Any = None) -> abc.DisposableBase:
-        return super().schedule_absolute(self.inner.to_seconds(duetime), action, state)
-
-
 def role_text(content: str) -> Chunk:
     return Chunk({"choices": [{"index": 0, "delta": {"role": "assistant", "content": content}}]})
 
@@ -118,7 +104,7 @@ def test_throttle_emits_what_it_holds_before_completion(scheduler: TestScheduler
     # --a-b-c-|
     # [ throttle(10) ]
     # --a-----(bc)|      completion flushes at once, the timer at 220 never fires
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, text("a")), on_next(212, text("b")), on_next(213, text("c")),
         on_completed(214),
@@ -136,7 +122,7 @@ def test_throttle_emits_what_it_holds_before_an_error(scheduler: TestScheduler) 
     # [ throttle(10) ]
     # --a-----(bc)#
     error = retryable("upstream went away")
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, text("a")), on_next(212, text("b")), on_next(213, text("c")),
         on_error(214, error),
@@ -153,7 +139,7 @@ def test_throttle_dispose_cancels_the_timer_and_the_source(scheduler: TestSchedu
     # --a-b--!        ! dispose at 215, while b is held
     # [ throttle(10) ]
     # --a----!        b is not emitted, the timer at 220 never fires
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, text("a")), on_next(212, text("b")), on_next(400, text("c")))
     results = scheduler.start(
@@ -169,7 +155,7 @@ def test_throttle_schedules_no_timer_when_nothing_is_held(scheduler: TestSchedul
     # --r---------a---------f--|     each chunk at least min_interval after the last
     # [        throttle(10)      ]
     # --r---------a---------f--|
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, role()), on_next(220, text("a")), on_next(235, finish()),
         on_completed(240),
@@ -186,7 +172,7 @@ def test_throttle_one_timer_for_many_tokens_in_one_interval(scheduler: TestSched
     # xxxxxxxxxxxxxxxxxxxx-------|     20 tokens at 201..220
     # [      throttle(50)       ]
     # x-----------------(x*19)---|     one timer, at 201 + 50
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         *(on_next(201 + i, text("x")) for i in range(20)), on_completed(300))
     results = scheduler.start(
@@ -287,7 +273,7 @@ def test_pace_sends_the_backlog_at_once_before_an_error(scheduler: TestScheduler
     # [ pace(0.4, tick=5) ]
     # --ab---------(cdefgh f #)      the timer at 215 never fires
     error = retryable("upstream went away")
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, text("abcdefgh")), on_next(211, finish()), on_error(212, error))
     results = scheduler.start(lambda: source.pipe(
@@ -368,7 +354,7 @@ def test_pace_dispose_cancels_the_timer_and_the_source(scheduler: TestScheduler)
     # --"Hello world"---------
     # [ pace(0.4, tick=5) ]
     # --He---ll-!             ! dispose at 217: the timer at 220 never fires
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(on_next(210, text("Hello world")))
     results = scheduler.start(
         lambda: source.pipe(pace(0.4, max_lag=0, tick=5, scheduler=spy)),  # type: ignore[arg-type]
@@ -383,7 +369,7 @@ def test_pace_schedules_no_timer_when_nothing_waits(scheduler: TestScheduler) ->
     # --r----ab----f-|     "ab" fits in one tick's allowance
     # [ pace(0.4, tick=5) ]
     # --r----ab----f-|
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, role()), on_next(220, text("ab")), on_next(230, finish()),
         on_completed(240),
@@ -398,7 +384,7 @@ def test_pace_schedules_no_timer_when_nothing_waits(scheduler: TestScheduler) ->
 def test_pace_one_timer_per_tick_not_per_token(scheduler: TestScheduler) -> None:
     # 20 deltas "abc" at 201..220, 60 chars at 2 per tick: emissions at 201, 206, ..., 346;
     # timers only at those ticks, none when a delta arrives
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         *(on_next(201 + i, text("abc")) for i in range(20)), on_completed(221))
     results = scheduler.start(lambda: source.pipe(

@@ -24,8 +24,7 @@ from streamsvc.operators import (
     total_timeout,
 )
 from streamsvc.reactive.operators._retry import next_attempt
-from tests.test_operators import finish, retryable, role, text
-from tests.test_throttle_pace import Spy
+from tests.test_operators import SpyScheduler, finish, retryable, role, text
 
 on_next = ReactiveTest.on_next
 on_error = ReactiveTest.on_error
@@ -83,7 +82,7 @@ def test_first_token_timeout_is_stopped_by_the_first_content(scheduler: TestSche
     # --r--a--------------------b--|     the source is slow after a: no error
     # [ first_token_timeout(50) ]
     # --r--a--------------------b--|
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, role()), on_next(240, text("a")), on_next(400, text("b")),
         on_completed(500),
@@ -100,7 +99,7 @@ def test_first_token_timeout_completion_cancels_the_timer(scheduler: TestSchedul
     # --r-f-|
     # [ first_token_timeout(50) ]
     # --r-f-|       the timer at 250 never fires
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, role()), on_next(215, finish()), on_completed(220))
     results = scheduler.start(lambda: source.pipe(
@@ -115,7 +114,7 @@ def test_first_token_timeout_passes_a_source_error_through(scheduler: TestSchedu
     # [ first_token_timeout(50) ]
     # --r-#         the source's error, unchanged; the timer never fires
     error = retryable()
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(on_next(210, role()), on_error(220, error))
     results = scheduler.start(lambda: source.pipe(
         first_token_timeout(50, scheduler=spy)))  # type: ignore[arg-type]
@@ -128,7 +127,7 @@ def test_first_token_timeout_dispose_cancels_the_timer_and_the_source(
     scheduler: TestScheduler,
 ) -> None:
     # --r---!          ! dispose at 230: the timer at 250 never fires
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(on_next(210, role()), on_next(400, text("a")))
     results = scheduler.start(
         lambda: source.pipe(first_token_timeout(50, scheduler=spy)),  # type: ignore[arg-type]
@@ -141,7 +140,7 @@ def test_first_token_timeout_dispose_cancels_the_timer_and_the_source(
 
 def test_first_token_timeout_one_timer_not_one_per_token(scheduler: TestScheduler) -> None:
     # rxxxxxxxxxxxxxxxxxxxx---|     role at 201, 20 tokens at 202..221: one timer, at 250
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(201, role()), *(on_next(202 + i, text("x")) for i in range(20)),
         on_completed(300),
@@ -201,7 +200,7 @@ def test_idle_timeout_starts_at_the_first_content_not_at_framing(
 
 def test_idle_timeout_schedules_no_timer_before_content(scheduler: TestScheduler) -> None:
     # --r------------------f---|     framing only: no clock, no timer
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, role()), on_next(400, finish()), on_completed(500))
     results = scheduler.start(lambda: source.pipe(
@@ -213,7 +212,7 @@ def test_idle_timeout_schedules_no_timer_before_content(scheduler: TestScheduler
 
 def test_idle_timeout_completion_cancels_the_timer(scheduler: TestScheduler) -> None:
     # --a---|       the timer at 230 never fires
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(on_next(210, text("a")), on_completed(225))
     results = scheduler.start(lambda: source.pipe(
         idle_timeout(20, scheduler=spy)))  # type: ignore[arg-type]
@@ -224,7 +223,7 @@ def test_idle_timeout_completion_cancels_the_timer(scheduler: TestScheduler) -> 
 def test_idle_timeout_passes_a_source_error_through(scheduler: TestScheduler) -> None:
     # --a-#         the source's error, unchanged; the timer at 230 never fires
     error = retryable()
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(on_next(210, text("a")), on_error(215, error))
     results = scheduler.start(lambda: source.pipe(
         idle_timeout(20, scheduler=spy)))  # type: ignore[arg-type]
@@ -235,7 +234,7 @@ def test_idle_timeout_passes_a_source_error_through(scheduler: TestScheduler) ->
 
 def test_idle_timeout_dispose_cancels_the_timer_and_the_source(scheduler: TestScheduler) -> None:
     # --a-!         ! dispose at 220: the timer at 230 never fires
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(on_next(210, text("a")), on_next(400, text("b")))
     results = scheduler.start(
         lambda: source.pipe(idle_timeout(20, scheduler=spy)),  # type: ignore[arg-type]
@@ -249,7 +248,7 @@ def test_idle_timeout_dispose_cancels_the_timer_and_the_source(scheduler: TestSc
 def test_idle_timeout_one_timer_per_period_not_per_token(scheduler: TestScheduler) -> None:
     # 50 tokens at 201..250, one a tick, then silence; timeout 20
     # the timer is re-armed for what is left when it fires early: 221, 241, 261, 270
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(*(on_next(201 + i, text("x")) for i in range(50)))
     results = scheduler.start(lambda: source.pipe(
         idle_timeout(20, scheduler=spy)))  # type: ignore[arg-type]
@@ -292,7 +291,7 @@ def test_total_timeout_fires_while_chunks_flow(scheduler: TestScheduler) -> None
 
 def test_total_timeout_completion_cancels_the_timer(scheduler: TestScheduler) -> None:
     # --a-f-|       the timer at 250 never fires
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         on_next(210, text("a")), on_next(220, finish()), on_completed(230))
     results = scheduler.start(lambda: source.pipe(
@@ -305,7 +304,7 @@ def test_total_timeout_completion_cancels_the_timer(scheduler: TestScheduler) ->
 def test_total_timeout_passes_a_source_error_through(scheduler: TestScheduler) -> None:
     # --a-#         the source's error, unchanged; the timer at 250 never fires
     error = retryable()
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(on_next(210, text("a")), on_error(220, error))
     results = scheduler.start(lambda: source.pipe(
         total_timeout(50, scheduler=spy)))  # type: ignore[arg-type]
@@ -316,7 +315,7 @@ def test_total_timeout_passes_a_source_error_through(scheduler: TestScheduler) -
 
 def test_total_timeout_dispose_cancels_the_timer_and_the_source(scheduler: TestScheduler) -> None:
     # --a-!         ! dispose at 230: the timer at 250 never fires
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(on_next(210, text("a")), on_next(400, text("b")))
     results = scheduler.start(
         lambda: source.pipe(total_timeout(50, scheduler=spy)),  # type: ignore[arg-type]
@@ -329,7 +328,7 @@ def test_total_timeout_dispose_cancels_the_timer_and_the_source(scheduler: TestS
 
 def test_total_timeout_one_timer_not_one_per_token(scheduler: TestScheduler) -> None:
     # xxxxxxxx...x|     40 tokens at 201..240: one timer, at 250, cancelled by completion
-    spy = Spy(scheduler)
+    spy = SpyScheduler(scheduler)
     source = scheduler.create_hot_observable(
         *(on_next(201 + i, text("x")) for i in range(40)), on_completed(241))
     results = scheduler.start(lambda: source.pipe(
