@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ def _examples() -> list[tuple[str, str]]:
     """(python block, the plain block right after it: its printed output)."""
     found = list(FENCE.finditer(OPERATORS_MD))
     pairs = []
-    for block, after in zip(found, found[1:], strict=False):
+    for block, after in itertools.pairwise(found):
         if block["lang"] == "python" and after["lang"] == "":
             pairs.append((textwrap.dedent(block["body"]), textwrap.dedent(after["body"])))
     return pairs
@@ -33,7 +34,7 @@ def _run(example: str, tmp_path: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")}
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            timeout=60, env=env, cwd=tmp_path)
+                            timeout=60, env=env, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

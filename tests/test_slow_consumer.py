@@ -142,10 +142,10 @@ async def clients() -> AsyncIterator[list[SlowClient]]:
 
 def _journal_final(relay: RunningServer) -> tuple[str, dict[str, Any], int] | None:
     journal = relay.app[JOURNAL]
-    for stream_id in list(journal._logs):  # noqa: SLF001 - the test looks inside its own server
+    for stream_id in list(journal._logs):
         state = journal.last_seq(stream_id)
         if state and state[1]:
-            event = journal._logs[stream_id].events[-1]  # noqa: SLF001
+            event = journal._logs[stream_id].events[-1]
             return event.kind, json.loads(event.data), journal.size(stream_id) or 0
     return None
 
@@ -175,7 +175,7 @@ async def test_slow_reader_of_a_direct_stream_gets_slow_consumer_and_the_upstrea
     assert text and _expected(tokens).startswith(text)
     seqs = [int(str(e.id).rpartition(":")[2]) for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
-    assert tight_relay.app[METRICS].slow_consumers._value.get() == 1  # noqa: SLF001
+    assert tight_relay.app[METRICS].slow_consumers._value.get() == 1
 
 
 async def test_stalled_reader_of_a_direct_stream_is_cut_and_memory_stays_bounded(
@@ -193,7 +193,7 @@ async def test_stalled_reader_of_a_direct_stream_is_cut_and_memory_stays_bounded
         assert final[2] < 2_000_000, final[2]
         # The handler blocked on the stalled socket gives up after write_timeout_s.
         hangups = tight_relay.app[METRICS].client_hangups
-        assert await wait_until(lambda: hangups._value.get() == 1, timeout=10)  # noqa: SLF001
+        assert await wait_until(lambda: hangups._value.get() == 1, timeout=10)
     finally:
         reading.cancel()
 
@@ -240,7 +240,7 @@ async def test_slow_reader_of_a_resumable_stream_is_closed_and_resumes_losslessl
         rest = SSEDecoder().feed(await r.read())
     assert rest[-1].event == "done"
     assert _text(got) + _text(rest) == _expected(tokens)
-    assert tight_relay.app[METRICS].slow_consumers._value.get() == 1  # noqa: SLF001
+    assert tight_relay.app[METRICS].slow_consumers._value.get() == 1
 
 
 # -- memory of a whole relay process ------------------------------------------------------------
@@ -274,7 +274,7 @@ async def test_a_client_reading_one_byte_a_second_cannot_grow_the_relay(path: st
     env = {**os.environ, "STREAMSVC__SERVER__MAX_PENDING_BYTES": "65536",
            "STREAMSVC__SERVER__SEND_BUFFER_BYTES": "65536",
            "STREAMSVC__JOURNAL__MAX_EVENTS": "10000000", "STREAMSVC__PIPELINE__COALESCE": "false"}
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
         [sys.executable, "-m", "streamsvc", "serve", "--port", str(port)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reactivex import Observable, abc
+from reactivex import Observable
 from reactivex.testing import ReactiveTest, TestScheduler
 
 from streamsvc.chunks import Chunk

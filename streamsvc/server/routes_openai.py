@@ -24,8 +24,8 @@ from streamsvc.errors import ErrorCode, StreamsvcError, UpstreamError
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.reactive.bridge import ObservableIterator
 from streamsvc.reactive.operators._retry import next_attempt
-from streamsvc.server.requests import ChatRequest, parse_chat_body
 from streamsvc.server.middleware import note_hangup
+from streamsvc.server.requests import ChatRequest, parse_chat_body
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID, ROUTER
 from streamsvc.streams import new_stream_id

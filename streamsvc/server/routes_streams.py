@@ -15,6 +15,7 @@ from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode
 from streamsvc.pipeline import StreamContext, build_pipeline
+from streamsvc.server.middleware import note_hangup
 from streamsvc.server.requests import (
     ChatRequest,
     is_stream_id,
@@ -22,7 +23,6 @@ from streamsvc.server.requests import (
     parse_chat_query,
     parse_last_event_id,
 )
-from streamsvc.server.middleware import note_hangup
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import CONFIG, JOURNAL, METRICS, REGISTRY, REQUEST_ID, ROUTER
 from streamsvc.sse import encode_retry

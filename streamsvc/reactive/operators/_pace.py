@@ -19,7 +19,6 @@ from reactivex.disposable import CompositeDisposable, SerialDisposable
 from streamsvc.chunks import TEXT_FIELDS, Chunk, split_text
 from streamsvc.reactive.operators._timeouts import scheduler_of
 
-
 # Allowance is a float sum of rate * elapsed: 10 x 0.1 must count as 1.
 _EPSILON = 1e-9
 
