@@ -1,4 +1,4 @@
-"""Command line: ``streamsvc serve | simulate | config check``.
+"""Command line: ``streamsvc serve | simulate | bench | config check``.
 
 Exit status 2 for a bad config, flag or environment override, with a message
 that names the file (or variable, or flag) and the key.
@@ -18,8 +18,10 @@ from typing import Any
 
 from aiohttp import web
 
+from streamsvc.bench.options import add_arguments as add_bench_arguments
 from streamsvc.config import Config, load_config
 from streamsvc.errors import ConfigError
+from streamsvc.eventloop import loop_factory, loop_name
 
 __all__ = ["main"]
 
@@ -45,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="run the OpenAI-compatible simulator")
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8081)
+    simulate.add_argument("--config", metavar="FILE",
+                          help="TOML config, for [server] event_loop only"
+                               " (default: $STREAMSVC_CONFIG, else built-in defaults)")
+
+    bench = commands.add_parser(
+        "bench", help="measure the relay's cost against a bare aiohttp relay",
+        description="Run the simulator, the relays and the load clients as separate processes"
+                    " and report CPU per relayed token, added latency and memory per stream"
+                    " (docs/performance.md).",
+    )
+    add_bench_arguments(bench)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True,
@@ -84,15 +97,18 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("streamsvc").info(
         "config: %s", config_path or "built-in defaults (config/streamsvc.toml)"
     )
+    loop = loop_factory(config.server.event_loop)()
     web.run_app(
         create_app(config),
+        loop=loop,
         host=config.server.host,
         port=config.server.port,
         handler_cancellation=True,
         access_log_class=AccessLogger,
         shutdown_timeout=config.server.shutdown_timeout_s,
         print=lambda _: print(
-            f"streamsvc listening on http://{config.server.host}:{config.server.port}",
+            f"streamsvc listening on http://{config.server.host}:{config.server.port}"
+            f" (event loop: {loop_name(loop)})",
             flush=True,
         ),
     )
@@ -102,16 +118,32 @@ def _serve(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from streamsvc.upstream.simulator import serve_simulator
 
+    config = load_config(args.config or os.environ.get("STREAMSVC_CONFIG") or None)
+
     async def run() -> None:
-        task = asyncio.ensure_future(serve_simulator(args.host, args.port))
         loop = asyncio.get_running_loop()
+        print(f"event loop: {loop_name(loop)}", flush=True)
+        task = asyncio.ensure_future(serve_simulator(args.host, args.port))
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    asyncio.run(run())
+    with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
+        runner.run(run())
     return 0
+
+
+def _bench(args: argparse.Namespace, command: list[str]) -> int:
+    from streamsvc.bench.options import options_from_args
+    from streamsvc.bench.orchestrator import run_bench
+
+    try:
+        options = options_from_args(args)
+    except ValueError as error:
+        print(f"streamsvc bench: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_bench(options, command=command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "bench":
+            return _bench(args, ["streamsvc", *(sys.argv[1:] if argv is None else argv)])
         load_config(args.file)
         print(f"{args.file}: OK")
         return 0

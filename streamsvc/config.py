@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from streamsvc.errors import ConfigError
+from streamsvc.eventloop import UVLOOP_MISSING, EventLoopSetting, uvloop_available
 
 __all__ = [
     "BUILTIN_SIMULATOR",
@@ -63,6 +64,11 @@ class ServerConfig(_Section, frozen=True):
     write_timeout_s: PosFloat = 30.0
     send_buffer_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     shutdown_timeout_s: NonNegFloat = 10.0
+    event_loop: EventLoopSetting = "auto"
+
+    def __post_init__(self) -> None:
+        if self.event_loop == "uvloop" and not uvloop_available():
+            raise ValueError(f"@event_loop: {UVLOOP_MISSING}")
 
 
 class JournalConfig(_Section, frozen=True):

@@ -17,24 +17,18 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from reactivex import Observable
+from reactivex import Observable, abc
+from reactivex.scheduler.eventloop import AsyncIOScheduler
 
-from streamsvc.chunks import Chunk, coalesce_batch
+from streamsvc.chunks import Chunk
 from streamsvc.errors import ErrorCode, StreamError, StreamsvcError
 from streamsvc.events import DELTA, DONE, ERROR, EventBuilder
 from streamsvc.journal.base import Journal
 from streamsvc.pipeline import StreamContext
-from streamsvc.reactive.bridge import ObservableIterator
 
 __all__ = ["Generation", "GenerationState", "StreamRegistry", "new_stream_id"]
 
 log = logging.getLogger("streamsvc.streams")
-
-# Chunks that may wait for the journal writer before the generation fails;
-# the writer takes all of them each time it runs, so this only fills if the
-# event loop is starved.
-_MAX_PENDING_CHUNKS = 100_000
-
 
 def new_stream_id() -> str:
     """A random stream id: URL-safe, no ':' (it separates the seq in event ids)."""
@@ -47,7 +41,13 @@ class GenerationState(enum.Enum):
 
 
 class Generation:
-    """One upstream answer being written into the journal."""
+    """One upstream answer being written into the journal.
+
+    It subscribes to the pipeline and journals each chunk's events from
+    ``on_next`` itself, on the upstream reader's own turn of the loop: no task
+    of its own and no hand-off per token (that hop cost a task wake-up per
+    token). Readers take whatever is pending from the journal.
+    """
 
     def __init__(
         self,
@@ -57,7 +57,6 @@ class Generation:
         journal: Journal,
         *,
         resumable: bool,
-        coalesce_chars: int | None,
         max_lag_bytes: int | None = None,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
@@ -68,19 +67,30 @@ class Generation:
         self.readers = 0
         self.delivered = 0
         """Bytes of the journal its reader has written to its socket (non-resumable streams)."""
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once the final event (``done`` or ``error``) is journaled."""
         self._max_lag = None if resumable else max_lag_bytes
         self._source = source
         self._journal = journal
-        self._coalesce_chars = coalesce_chars
         self._on_error = on_error
-        self._stop_reason: str | None = None
-        self._failure: StreamsvcError | None = None
-        self._iterator: ObservableIterator[Chunk] | None = None
+        self._builder = EventBuilder()
+        self._subscription: abc.DisposableBase | None = None
         self._grace: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"stream {self.id}")
+        """Subscribe to the pipeline: the upstream request starts now."""
+        scheduler = AsyncIOScheduler(asyncio.get_running_loop())
+        try:
+            subscription = self._source.subscribe(
+                self._on_next, self._on_error_event, self._on_completed, scheduler=scheduler
+            )
+        except Exception as exc:  # noqa: BLE001 - a pipeline that fails to start ends the stream
+            self._on_error_event(exc)
+            return
+        if self.state is GenerationState.RUNNING:
+            self._subscription = subscription
+        else:
+            subscription.dispose()
 
     def stop(self, reason: str = "cancelled", *, error: StreamsvcError | None = None) -> None:
         """End the generation: the upstream request is cancelled.
@@ -88,13 +98,12 @@ class Generation:
         Readers get ``done`` with ``reason`` as the finish reason, or the
         ``error`` event of ``error`` when one is given (``slow_consumer``).
         """
-        if self.state is not GenerationState.RUNNING or self._stop_reason is not None:
+        if self.state is not GenerationState.RUNNING:
             return
-        self._stop_reason = reason
-        self._failure = error
-        self.cancel_grace()
-        if self._iterator is not None:
-            self._iterator.dispose()
+        if error is not None:
+            self._fail(error)
+        else:
+            self._finish(DONE, self._builder.done(finish_reason=reason, **self.context.summary()))
 
     def arm_grace(self, seconds: float) -> None:
         self.cancel_grace()
@@ -105,45 +114,53 @@ class Generation:
             self._grace.cancel()
             self._grace = None
 
-    async def _run(self) -> None:
-        builder = EventBuilder()
-        final: tuple[str, bytes]
+    def _on_next(self, chunk: Chunk) -> None:
+        if self.state is not GenerationState.RUNNING:
+            return
         try:
-            iterator = ObservableIterator(self._source, max_pending=_MAX_PENDING_CHUNKS)
-            self._iterator = iterator
-            if self._stop_reason is not None:
-                iterator.dispose()
-            async with iterator:
-                async for batch in iterator:
-                    if self._coalesce_chars is not None:
-                        batch = coalesce_batch(batch, self._coalesce_chars)
-                    events: list[tuple[str, bytes]] = []
-                    for chunk in batch:
-                        for data in builder.deltas(chunk):
-                            events.append((DELTA, data))
-                    if events:
-                        await self._journal.append(self.id, events)
-                        self._check_lag()
-            if self._failure is not None:
-                raise self._failure
-            final = (DONE, builder.done(finish_reason=self._stop_reason, **self.context.summary()))
-        except StreamsvcError as exc:
-            log.info("stream %s ended with %s: %s", self.id, exc.code, exc.message)
-            final = (ERROR, _error_data(exc.to_event()))
-            if self._on_error is not None:
-                self._on_error(str(exc.code))
-        except Exception:
-            log.exception("stream %s failed", self.id)
-            final = (ERROR, _error_data({
-                "code": str(ErrorCode.INTERNAL_ERROR),
-                "message": "internal error while relaying the stream",
-                "retryable": True,
-            }))
-        finally:
-            self.state = GenerationState.ENDED
-            self.cancel_grace()
-        await self._journal.append(self.id, [final])
+            events = [(DELTA, data) for data in self._builder.deltas(chunk)]
+            if events:
+                self._journal.append_nowait(self.id, events)
+                self._check_lag()
+        except Exception as exc:  # noqa: BLE001 - journal_full, slow_consumer, or a bug of ours
+            self._on_error_event(exc)
 
+    def _on_completed(self) -> None:
+        if self.state is GenerationState.RUNNING:
+            self._finish(DONE, self._builder.done(**self.context.summary()))
+
+    def _on_error_event(self, error: Exception) -> None:
+        if self.state is not GenerationState.RUNNING:
+            return
+        if isinstance(error, StreamsvcError):
+            self._fail(error)
+            return
+        log.error("stream %s failed", self.id, exc_info=error)
+        self._finish(ERROR, _error_data({
+            "code": str(ErrorCode.INTERNAL_ERROR),
+            "message": "internal error while relaying the stream",
+            "retryable": True,
+        }))
+
+    def _fail(self, error: StreamsvcError) -> None:
+        log.info("stream %s ended with %s: %s", self.id, error.code, error.message)
+        self._finish(ERROR, _error_data(error.to_event()))
+        if self._on_error is not None:
+            self._on_error(str(error.code))
+
+    def _finish(self, kind: str, data: bytes) -> None:
+        """Cancel the upstream (if it still runs) and journal the final event, once."""
+        self.state = GenerationState.ENDED
+        self.cancel_grace()
+        if self._subscription is not None:
+            self._subscription.dispose()
+            self._subscription = None
+        try:
+            self._journal.append_nowait(self.id, [(kind, data)])
+        except Exception:  # the journal was closed under us (shutdown): nothing to tell
+            log.exception("stream %s: the final event could not be journaled", self.id)
+        if not self.ended.done():
+            self.ended.set_result(None)
 
     def _check_lag(self) -> None:
         """A non-resumable stream's one reader must keep up: it has nowhere else to read."""
@@ -168,8 +185,6 @@ class StreamRegistry:
     Args:
         journal: where generations write and readers read.
         resume_grace_s: how long a resumable stream with no reader keeps generating.
-        coalesce_chars: merge what is pending for the journal up to this many
-            characters per event (None: no merging).
         max_lag_bytes: how far the reader of a non-resumable stream may fall
             behind the journal before the stream ends with ``slow_consumer``.
     """
@@ -179,12 +194,10 @@ class StreamRegistry:
         journal: Journal,
         *,
         resume_grace_s: float,
-        coalesce_chars: int | None,
         max_lag_bytes: int | None = None,
     ) -> None:
         self.journal = journal
         self._grace_s = resume_grace_s
-        self._coalesce_chars = coalesce_chars
         self._max_lag = max_lag_bytes
         self._running: dict[str, Generation] = {}
         self.on_error: Callable[[str], None] | None = None
@@ -204,15 +217,13 @@ class StreamRegistry:
         await self.journal.create(stream_id)
         generation = Generation(
             stream_id, source, context, self.journal,
-            resumable=resumable, coalesce_chars=self._coalesce_chars,
-            max_lag_bytes=self._max_lag, on_error=self.on_error,
+            resumable=resumable, max_lag_bytes=self._max_lag, on_error=self.on_error,
         )
         self._running[stream_id] = generation
         generation.start()
-        if resumable:
+        if resumable and generation.state is GenerationState.RUNNING:
             generation.arm_grace(self._grace_s)  # nobody has attached yet
-        assert generation.task is not None
-        generation.task.add_done_callback(lambda _: self._running.pop(stream_id, None))
+        generation.ended.add_done_callback(lambda _: self._running.pop(stream_id, None))
         return generation
 
     def attach(self, stream_id: str) -> None:
@@ -251,6 +262,4 @@ class StreamRegistry:
         generations = list(self._running.values())
         for generation in generations:
             generation.stop("cancelled")
-        tasks = [g.task for g in generations if g.task is not None]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(g.ended for g in generations), return_exceptions=True)

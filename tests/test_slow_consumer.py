@@ -216,9 +216,15 @@ async def test_slow_reader_on_the_openai_endpoint_gets_slow_consumer(
 
 
 async def test_slow_reader_of_a_resumable_stream_is_closed_and_resumes_losslessly(
-    tight_relay: RunningServer, simulator: SimulatorServer, clients: list[SlowClient],
+    start_server: StartServer, simulator: SimulatorServer, clients: list[SlowClient],
     session: aiohttp.ClientSession,
 ) -> None:
+    # A write may wait seconds for this reader to drain the buffers: a write
+    # timeout well above that, so the lag check is what closes it.
+    tight_relay = await start_server(overrides=relay_overrides(
+        simulator.url,
+        server={"max_pending_bytes": LIMIT, "write_timeout_s": 20, "send_buffer_bytes": LIMIT},
+    ))
     tokens = 4_000
     story = _story(tokens)
     story["simulate"]["rate"] = 2000  # ~2 s at ~50 KB/s, twice this reader's speed

@@ -57,6 +57,14 @@ class Journal(Protocol):
         bound; a final event (``done``/``error``) is always accepted.
         """
 
+    def append_nowait(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
+        """``append`` without waiting, for a generation's ``on_next``: returns the last seq.
+
+        The events are readable in order right away (memory) or after the
+        backend has written them, still in order (remote backends queue them).
+        Raises like ``append``.
+        """
+
     async def read(self, stream_id: str, after: int, max_bytes: int | None = None) -> list[Event]:
         """Events with seq > ``after``, waiting until there is one or the stream has ended.
 

@@ -63,6 +63,9 @@ class MemoryJournal:
         return log
 
     async def append(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
+        return self.append_nowait(stream_id, events)
+
+    def append_nowait(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
         log = self._log(stream_id)
         if log.ended:
             raise ValueError(f"stream {stream_id!r} has already ended")

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from streamsvc.config import BUILTIN_SIMULATOR, Config
 from streamsvc.journal.memory import MemoryJournal
-from streamsvc.server import routes_info, routes_openai, routes_streams
+from streamsvc.server import routes_info, routes_openai, routes_page, routes_streams
 from streamsvc.server.metrics import Metrics
 from streamsvc.server.middleware import error_middleware, set_request_id_header
 from streamsvc.server.routes_info import DRAINING
@@ -62,7 +62,6 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
     registry = StreamRegistry(
         journal,
         resume_grace_s=config.journal.resume_grace_s,
-        coalesce_chars=config.pipeline.coalesce_max_chars if config.pipeline.coalesce else None,
         max_lag_bytes=config.server.max_pending_bytes,
     )
     app[JOURNAL] = journal
@@ -101,4 +100,5 @@ def create_app(config: Config | None = None) -> web.Application:
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_streams.routes)
     app.add_routes(routes_info.routes)
+    app.add_routes(routes_page.routes)
     return app

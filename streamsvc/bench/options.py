@@ -1,0 +1,141 @@
+"""The flags of ``streamsvc bench`` and the scenario they make.
+
+The defaults are issue 4's scenario: 200 concurrent streams of 200 tokens at
+50 tokens/s, then 1,000 open streams at 20 tokens/s for the memory figures.
+``--quick`` is a smoke run of a few seconds (what CI runs); explicit flags
+still win over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+from typing import Literal
+
+__all__ = [
+    "DEFAULT",
+    "ENDPOINTS",
+    "QUICK",
+    "BenchOptions",
+    "add_arguments",
+    "options_from_args",
+]
+
+Endpoint = Literal["openai", "events"]
+ENDPOINTS: dict[str, str] = {
+    "openai": "/v1/chat/completions",  # the OpenAI wire format, byte-comparable to the baseline
+    "events": "/v1/chat/stream",  # the streamsvc event format
+}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BenchOptions:
+    """One benchmark run; see ``streamsvc bench --help``."""
+
+    streams: int = 200  # K
+    tokens: int = 200  # N
+    rate: float = 50.0  # R, tokens/s per stream
+    ramp_s: float = 1.0  # stream starts are spread over this long (random, seeded)
+    slow_streams: int = 1000  # M; 0 skips the open-streams phase
+    slow_rate: float = 20.0
+    slow_tokens: int = 160  # 8 s at 20 tokens/s: long enough for a plateau
+    endpoints: tuple[Endpoint, ...] = ("openai", "events")
+    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    model: str = "sim-small"
+    nginx: bool = True  # include nginx when the binary is installed
+    quick: bool = False
+    json_path: str | None = None
+    plot_path: str | None = None
+    markdown_path: str | None = None
+    keep_logs: str | None = None  # a folder to keep the processes' logs in
+
+    def __post_init__(self) -> None:
+        for name in ("streams", "tokens", "slow_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.slow_streams < 0:
+            raise ValueError("--slow-streams must be 0 or more")
+        if self.rate <= 0 or self.slow_rate <= 0:
+            raise ValueError("--rate and --slow-rate must be more than 0")
+        if self.ramp_s < 0:
+            raise ValueError("--ramp must be 0 or more")
+        if not self.endpoints:
+            raise ValueError("--endpoints must name at least one of: " + ", ".join(ENDPOINTS))
+
+
+DEFAULT = BenchOptions()
+QUICK = BenchOptions(
+    streams=10, tokens=20, rate=100.0, ramp_s=0.2, slow_streams=50, slow_rate=20.0,
+    slow_tokens=20, quick=True,
+)
+
+
+def _endpoints(text: str) -> tuple[Endpoint, ...]:
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    chosen: list[Endpoint] = []
+    for name in names:
+        if name == "openai":
+            chosen.append("openai")
+        elif name == "events":
+            chosen.append("events")
+        else:
+            raise argparse.ArgumentTypeError(
+                f"unknown endpoint {name!r}; choose from {', '.join(ENDPOINTS)}"
+            )
+    return tuple(chosen)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` flags to ``parser`` (defaults None: the preset decides)."""
+    d = DEFAULT
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of a few seconds: K=%d, N=%d, R=%g, M=%d"
+                             % (QUICK.streams, QUICK.tokens, QUICK.rate, QUICK.slow_streams))
+    parser.add_argument("-k", "--streams", type=int, metavar="K",
+                        help=f"concurrent streams per path (default {d.streams})")
+    parser.add_argument("-n", "--tokens", type=int, metavar="N",
+                        help=f"tokens per stream (default {d.tokens})")
+    parser.add_argument("-r", "--rate", type=float, metavar="R",
+                        help=f"tokens per second per stream (default {d.rate:g})")
+    parser.add_argument("--ramp", type=float, metavar="S", dest="ramp_s",
+                        help=f"spread stream starts over S seconds (default {d.ramp_s:g})")
+    parser.add_argument("-m", "--slow-streams", type=int, metavar="M",
+                        help=f"open streams for the memory phase; 0 skips it"
+                             f" (default {d.slow_streams})")
+    parser.add_argument("--slow-rate", type=float, metavar="R",
+                        help=f"tokens per second in the memory phase (default {d.slow_rate:g})")
+    parser.add_argument("--slow-tokens", type=int, metavar="N",
+                        help=f"tokens per stream in the memory phase (default {d.slow_tokens})")
+    parser.add_argument("--endpoints", type=_endpoints, metavar="LIST",
+                        help="streamsvc endpoints to measure, comma-separated: openai"
+                             " (POST /v1/chat/completions), events (POST /v1/chat/stream)"
+                             " (default openai,events)")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"),
+                        help="event loop of the relays under test (streamsvc and the"
+                             " baseline; default auto: uvloop when installed)")
+    parser.add_argument("--model", help=f"simulator model (default {d.model})")
+    parser.add_argument("--no-nginx", action="store_false", dest="nginx", default=None,
+                        help="leave nginx out even when it is installed")
+    parser.add_argument("--json", metavar="FILE", dest="json_path",
+                        help="write every figure, the machine and the command to FILE")
+    parser.add_argument("--plot", metavar="FILE.png", dest="plot_path",
+                        help="write the latency distributions and CPU per token"
+                             " (needs the plot extra: pip install 'streamsvc[plot]')")
+    parser.add_argument("--markdown", metavar="FILE", dest="markdown_path",
+                        help="write the tables as Markdown (for docs/performance.md)")
+    parser.add_argument("--keep-logs", metavar="DIR",
+                        help="keep the processes' logs in DIR (default: a temporary folder)")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """The preset (``--quick`` or the defaults) with the flags given on top.
+
+    Raises:
+        ValueError: a flag out of range, naming the flag.
+    """
+    preset = QUICK if args.quick else DEFAULT
+    fields = ("streams", "tokens", "rate", "ramp_s", "slow_streams", "slow_rate",
+              "slow_tokens", "endpoints", "loop", "model", "nginx", "json_path",
+              "plot_path", "markdown_path", "keep_logs")
+    given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    return replace(preset, **given)

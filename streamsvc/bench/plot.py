@@ -1,0 +1,79 @@
+"""The PNG of a run: latency distributions per path and CPU per token, side by side.
+
+Needs the ``plot`` extra (matplotlib); importing this module without it
+raises ImportError, which ``streamsvc bench --plot`` reports and skips.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatter  # noqa: E402
+
+from streamsvc.bench.results import BenchReport  # noqa: E402
+
+__all__ = ["write_plot"]
+
+TAIL_FLOOR = 1e-4  # the complementary CDF is drawn down to the 99.99th percentile
+
+
+def _ccdf(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    xs = [max(ms, 1e-3) for ms, _ in points]
+    ys = [max(1.0 - level, TAIL_FLOOR) for _, level in points]
+    return xs, ys
+
+
+def write_plot(report: BenchReport, path: Path) -> None:
+    """Three panels: inter-token gap tail, time to first token, CPU µs per token."""
+    s = report.settings
+    fig, (gaps, ttft, cpu) = plt.subplots(1, 3, figsize=(16, 5.2))
+    fig.suptitle(
+        f"streamsvc bench: {s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s"
+        f" ({report.machine.get('cpus')} CPUs, {report.date[:10]})"
+    )
+    for p in report.paths:
+        xs, ys = _ccdf(p.load.gap_cdf)
+        gaps.step(xs, ys, where="post", label=p.label)
+        ttft.step([max(ms, 1e-3) for ms, _ in p.load.ttft_cdf],
+                  [level for _, level in p.load.ttft_cdf], where="post", label=p.label)
+    for o in report.open_streams:
+        xs, ys = _ccdf(o.load.gap_cdf)
+        gaps.step(xs, ys, where="post", linestyle="--",
+                  label=f"{o.label}, {o.load.streams} open at {o.load.rate:g}/s")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for axes in (gaps, ttft):
+        axes.set_xscale("log")
+        axes.xaxis.set_major_formatter(plain)
+        # Labels minor ticks only when the axis spans few decades, as plain numbers.
+        axes.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+        axes.tick_params(axis="x", which="minor", labelsize=7)
+    gaps.set(yscale="log", xlabel="inter-token gap (ms)",
+             ylabel="fraction of gaps longer", title="inter-token gap, tail")
+    gaps.grid(True, which="both", alpha=0.3)
+    gaps.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    ttft.set(xlabel="time to first token (ms)", ylabel="fraction of streams",
+             title="time to first token")
+    ttft.grid(True, which="both", alpha=0.3)
+    ttft.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+
+    relays = [p for p in report.paths if p.cpu_us_per_token is not None]
+    labels = [p.name.replace("-", "\n") for p in relays]
+    values = [p.cpu_us_per_token or 0.0 for p in relays]
+    bars = cpu.bar(range(len(values)), values, color="tab:blue")
+    for bar, p in zip(bars, relays, strict=True):
+        ratio = f"\n{p.cpu_ratio_to_baseline:.2f}x" if p.cpu_ratio_to_baseline else ""
+        cpu.annotate(f"{p.cpu_us_per_token:.0f} µs{ratio}",
+                     (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                     ha="center", va="bottom", fontsize=8)
+    cpu.set_xticks(range(len(values)), labels, fontsize=8)
+    cpu.set(ylabel="CPU µs per relayed token", title="relay CPU per token (lower is better)")
+    cpu.margins(y=0.2)
+    cpu.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,243 @@
+"""Judging a run against issue 4's targets, and showing it: table, JSON, Markdown, plot."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from streamsvc.bench.options import DEFAULT, BenchOptions
+from streamsvc.bench.results import BenchReport, TargetResult
+
+__all__ = [
+    "ADDED_GAP_P99_LIMIT_MS",
+    "ADDED_TTFT_P99_LIMIT_MS",
+    "CPU_RATIO_LIMIT",
+    "RSS_PER_STREAM_LIMIT_KIB",
+    "evaluate_targets",
+    "markdown",
+    "notes",
+    "print_report",
+    "tables",
+    "write_outputs",
+]
+
+CPU_RATIO_LIMIT = 1.3
+ADDED_GAP_P99_LIMIT_MS = 50.0
+ADDED_TTFT_P99_LIMIT_MS = 10.0
+RSS_PER_STREAM_LIMIT_KIB = 64.0
+MIB = 1024 * 1024
+
+
+def _scenario_note(report: BenchReport) -> tuple[str, str]:
+    """Notes for the main and the open-streams targets when the run is not the issue's scenario."""
+    s = report.settings
+    main = open_ = ""
+    if (s.streams, s.tokens, s.rate) != (DEFAULT.streams, DEFAULT.tokens, DEFAULT.rate):
+        main = (f"measured at K={s.streams}, N={s.tokens}, R={s.rate:g}; the target is for"
+                f" K={DEFAULT.streams}, N={DEFAULT.tokens}, R={DEFAULT.rate:g}")
+    if (s.slow_streams, s.slow_rate) != (DEFAULT.slow_streams, DEFAULT.slow_rate):
+        open_ = (f"measured at M={s.slow_streams} x {s.slow_rate:g} tokens/s; the target is for"
+                 f" M={DEFAULT.slow_streams} x {DEFAULT.slow_rate:g}")
+    return main, open_
+
+
+def _target(
+    name: str, description: str, limit: float, unit: str, value: float | None, note: str
+) -> TargetResult:
+    if value is None:
+        return TargetResult(name=name, description=description, limit=limit, unit=unit,
+                            value=None, met=None, note=note or "not measured in this run")
+    return TargetResult(name=name, description=description, limit=limit, unit=unit,
+                        value=value, met=value <= limit, note=note)
+
+
+def evaluate_targets(report: BenchReport) -> list[TargetResult]:
+    """Issue 4's targets, each with the figure this run measured and whether it is met."""
+    main_note, open_note = _scenario_note(report)
+    targets: list[TargetResult] = []
+    for path in report.paths:
+        if not path.name.startswith("streamsvc-"):
+            continue
+        endpoint = path.name.removeprefix("streamsvc-")
+        targets.append(_target(
+            f"cpu_ratio_{endpoint}", f"CPU per token ÷ baseline's ({path.label})",
+            CPU_RATIO_LIMIT, "x", path.cpu_ratio_to_baseline, main_note,
+        ))
+        targets.append(_target(
+            f"added_ttft_p99_{endpoint}", f"added time to first token, p99 ({path.label})",
+            ADDED_TTFT_P99_LIMIT_MS, "ms",
+            path.added_ttft_ms.p99 if path.added_ttft_ms else None, main_note,
+        ))
+    for result in report.open_streams:
+        if not result.name.startswith("streamsvc-"):
+            continue
+        streams = result.load.streams
+        targets.append(_target(
+            "added_gap_p99_open_streams",
+            f"added inter-token gap p99, {streams} streams x {result.load.rate:g} tokens/s",
+            ADDED_GAP_P99_LIMIT_MS, "ms",
+            result.added_gap_ms.p99 if result.added_gap_ms else None, open_note,
+        ))
+        note = open_note
+        if not result.plateau_reached and result.rss_per_stream_kib is not None:
+            note = "; ".join(filter(None, (note, "no sample saw every stream open at once")))
+        targets.append(_target(
+            "rss_per_stream", f"RSS per open stream ({streams} open streams)",
+            RSS_PER_STREAM_LIMIT_KIB, "KiB", result.rss_per_stream_kib, note,
+        ))
+    return targets
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / MIB:.1f}"
+
+
+def _signed(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}"
+
+
+def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The report as (title, header, rows) tables: the same cells for the terminal and Markdown."""
+    s = report.settings
+    out: list[tuple[str, list[str], list[list[str]]]] = []
+    rows = [
+        [
+            p.name, p.event_loop, _f(p.cpu_us_per_token), _f(p.cpu_ratio_to_baseline, 2),
+            _mib(p.peak_rss_bytes), _f(p.load.ttft_ms.p50), _f(p.load.ttft_ms.p99),
+            _signed(p.added_ttft_ms.p99 if p.added_ttft_ms else None), str(p.load.failed),
+        ]
+        for p in report.paths
+    ]
+    out.append((
+        f"{s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s:"
+        " CPU, memory, time to first token (ms)",
+        ["path", "loop", "CPU µs/token", "÷ baseline", "peak RSS MiB", "TTFT p50", "TTFT p99",
+         "added TTFT p99", "failed"],
+        rows,
+    ))
+    rows = []
+    for p in report.paths:
+        gap, extra = p.load.gap_ms, p.added_gap_ms
+        rows.append([
+            p.name, _f(gap.p50), _f(gap.p99), _f(gap.max), _signed(extra.p50 if extra else None),
+            _signed(extra.p99 if extra else None), _signed(extra.max if extra else None),
+        ])
+    out.append((
+        "same run: inter-token gap (ms)",
+        ["path", "gap p50", "gap p99", "gap max", "added p50", "added p99", "added max"],
+        rows,
+    ))
+    if report.open_streams:
+        rows = [
+            [
+                o.name, str(o.load.max_open), _mib(o.rss_before_bytes),
+                _mib(o.rss_plateau_bytes), _f(o.rss_per_stream_kib), _f(o.load.gap_ms.p99),
+                _signed(o.added_gap_ms.p99 if o.added_gap_ms else None),
+                _f(o.cpu_us_per_token), str(o.load.failed),
+            ]
+            for o in report.open_streams
+        ]
+        out.append((
+            f"{s.slow_streams} open streams x {s.slow_tokens} tokens at {s.slow_rate:g}"
+            " tokens/s: memory, inter-token gap (ms)",
+            ["path", "most open", "RSS before MiB", "RSS all open MiB", "KiB/stream",
+             "gap p99", "added gap p99", "CPU µs/token", "failed"],
+            rows,
+        ))
+    rows = [
+        [
+            t.name, f"≤ {t.limit:g} {t.unit}",
+            "–" if t.value is None else f"{t.value:.2f} {t.unit}",
+            {True: "met", False: "NOT met", None: "not measured"}[t.met],
+        ]
+        for t in report.targets
+    ]
+    out.append(("issue 4 targets", ["target", "limit", "measured", "verdict"], rows))
+    return out
+
+
+def notes(report: BenchReport) -> list[str]:
+    """What the tables do not say: the paths' names, loops, skipped paths, target notes."""
+    lines = ["paths: " + "; ".join(f"{p.name} = {p.label}" for p in report.paths)]
+    lines.append("event loops: " + ", ".join(f"{p.role} {p.event_loop}"
+                                             for p in report.processes))
+    lines += [f"skipped {skipped.name}: {skipped.reason}" for skipped in report.skipped]
+    seen: set[str] = set()
+    for target in report.targets:
+        if target.note and target.note not in seen:
+            seen.add(target.note)
+            lines.append(f"note: {target.note}")
+    return lines
+
+
+def print_report(report: BenchReport, console: Console) -> None:
+    """The tables and the notes on ``console``."""
+    for title, header, rows in tables(report):
+        table = Table(title=title, title_justify="left")
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 or name == "loop" else "right")
+        for row in rows:
+            table.add_row(*row, style="red" if "NOT met" in row else None)
+        console.print(table)
+    for line in notes(report):
+        console.print(line, highlight=False)
+    if report.failed_streams:
+        console.print(f"[red]{report.failed_streams} streams failed; see the failed columns"
+                      " and load.errors in the JSON[/red]")
+
+
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    lines = [line(header), "|" + "|".join("---" for _ in header) + "|"]
+    lines += [line(row) for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(report: BenchReport) -> str:
+    """The tables as Markdown, with the command, date and machine (for docs/performance.md)."""
+    m = report.machine
+    parts = [
+        f"Command: `{report.command_line}`  ",
+        f"Date: {report.date}, streamsvc {report.streamsvc_version}, run time"
+        f" {report.duration_s:.0f} s  ",
+        f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')},"
+        f" aiohttp {m.get('aiohttp')}, uvloop {m.get('uvloop') or 'not installed'},"
+        f" {m.get('nginx') or 'nginx not installed'}  ",
+        "Event loops: " + ", ".join(f"{p.role} {p.event_loop}" for p in report.processes),
+        "",
+        "Paths: " + "; ".join(f"`{p.name}` = {p.label}" for p in report.paths),
+    ]
+    for title, header, rows in tables(report):
+        parts += ["", f"**{title}**", "", _markdown_table(header, rows)]
+    parts += [""] + [f"- {line}" for line in notes(report)[2:]]
+    return "\n".join(parts) + "\n"
+
+
+def write_outputs(report: BenchReport, options: BenchOptions, console: Console) -> None:
+    """``--json``, ``--markdown`` and ``--plot``; a missing matplotlib is said, not raised."""
+    if options.json_path:
+        data = msgspec.json.format(msgspec.json.encode(report), indent=2)
+        Path(options.json_path).write_bytes(data + b"\n")
+        console.print(f"wrote {options.json_path}")
+    if options.markdown_path:
+        Path(options.markdown_path).write_text(markdown(report), encoding="utf-8")
+        console.print(f"wrote {options.markdown_path}")
+    if options.plot_path:
+        try:
+            from streamsvc.bench.plot import write_plot
+        except ImportError:
+            console.print("no plot: matplotlib is not installed"
+                          " (pip install 'streamsvc[plot]')")
+            return
+        write_plot(report, Path(options.plot_path))
+        console.print(f"wrote {options.plot_path}")

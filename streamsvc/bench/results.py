@@ -1,0 +1,177 @@
+"""The typed records of a benchmark run, as they appear in ``--json FILE``.
+
+Times are milliseconds, memory bytes (``*_kib`` fields: KiB), CPU seconds and
+microseconds per token. The load client writes a :class:`LoadResult`; the
+orchestrator wraps each in a :class:`PathResult` or :class:`OpenStreamsResult`
+and ends with one :class:`BenchReport`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = [
+    "Added",
+    "BenchReport",
+    "BenchSettings",
+    "Latency",
+    "LoadResult",
+    "OpenStreamsResult",
+    "PathResult",
+    "ProcessInfo",
+    "Progress",
+    "Skipped",
+    "TargetResult",
+]
+
+
+class _Record(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class Latency(_Record):
+    """A latency distribution, in milliseconds."""
+
+    count: int
+    mean: float
+    p50: float
+    p90: float
+    p99: float
+    p999: float
+    max: float
+
+
+class Added(_Record):
+    """What a relay adds over the direct run: relay percentile minus direct percentile (ms)."""
+
+    p50: float
+    p99: float
+    max: float
+
+
+class Progress(_Record):
+    """One progress line of a load client on its stdout (JSON lines)."""
+
+    open: int  # streams with response headers in and no end yet
+    done: int
+    failed: int
+    chars: int  # content characters received
+    chars_total: int  # content characters expected over all streams
+
+
+class LoadResult(_Record):
+    """What one load-client process measured (``python -m streamsvc.bench.load --out``)."""
+
+    url: str
+    endpoint: str
+    streams: int
+    tokens: int
+    rate: float
+    ramp_s: float
+    event_loop: str
+    duration_s: float
+    completed: int  # streams that ended normally with exactly the expected text
+    failed: int
+    errors: dict[str, int]  # failure reason -> count
+    ttft_ms: Latency  # request sent -> first content token read
+    gap_ms: Latency  # between successive reads that brought content
+    ttft_cdf: list[tuple[float, float]]  # (ms, cumulative level)
+    gap_cdf: list[tuple[float, float]]
+    max_open: int  # the most streams open at once
+
+
+class PathResult(_Record):
+    """One path of the main phase: clients -> (relay) -> simulator."""
+
+    name: str  # direct | baseline | streamsvc-openai | streamsvc-events | nginx
+    label: str
+    relay: str | None  # the relay process; None for the direct run
+    event_loop: str
+    load: LoadResult
+    tokens_relayed: int
+    cpu_s: float | None
+    cpu_us_per_token: float | None
+    cpu_ratio_to_baseline: float | None
+    peak_rss_bytes: int | None  # the relay's VmHWM over its whole life (warm-up included)
+    simulator_cpu_us_per_token: float
+    added_ttft_ms: Added | None
+    added_gap_ms: Added | None
+
+
+class OpenStreamsResult(_Record):
+    """The open-streams phase: M slow streams at once through one relay."""
+
+    name: str
+    label: str
+    relay: str | None
+    event_loop: str
+    load: LoadResult
+    rss_before_bytes: int | None
+    rss_plateau_bytes: int | None  # the highest RSS while all M streams were open
+    rss_per_stream_kib: float | None
+    plateau_reached: bool  # whether a sample saw all M streams open at once
+    peak_rss_bytes: int | None
+    cpu_us_per_token: float | None
+    added_gap_ms: Added | None
+
+
+class TargetResult(_Record):
+    """One target of issue 4, with the figure measured."""
+
+    name: str
+    description: str
+    limit: float
+    unit: str
+    value: float | None  # None when the run could not measure it (reason in ``note``)
+    met: bool | None
+    note: str = ""
+
+
+class Skipped(_Record):
+    """A path left out of the run, and why."""
+
+    name: str
+    reason: str
+
+
+class ProcessInfo(_Record):
+    """One process of the run and the event loop it ran on."""
+
+    role: str
+    command: list[str]
+    event_loop: str
+
+
+class BenchSettings(_Record):
+    """The scenario of the run."""
+
+    streams: int
+    tokens: int
+    rate: float
+    ramp_s: float
+    slow_streams: int
+    slow_rate: float
+    slow_tokens: int
+    endpoints: list[str]
+    loop: str
+    model: str
+    quick: bool
+    nginx: bool
+
+
+class BenchReport(_Record):
+    """Everything ``streamsvc bench --json FILE`` writes."""
+
+    streamsvc_version: str
+    date: str  # UTC, ISO 8601
+    command: list[str]
+    command_line: str
+    duration_s: float
+    machine: dict[str, str | int | float | None]
+    settings: BenchSettings
+    processes: list[ProcessInfo]
+    paths: list[PathResult]
+    open_streams: list[OpenStreamsResult]
+    targets: list[TargetResult]
+    skipped: list[Skipped]
+    failed_streams: int

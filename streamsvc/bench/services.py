@@ -1,0 +1,214 @@
+"""Starting, watching and stopping the processes of a run.
+
+A :class:`Service` is a long-running server (simulator, relay): started,
+waited for until its port accepts, read from ``/proc``, stopped with SIGTERM
+(then SIGKILL). :func:`run_client` runs one load client to its end and hands
+each progress line to a callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+import msgspec
+
+from streamsvc.bench.load import LoadSpec
+from streamsvc.bench.procfs import ProcSample, sample
+from streamsvc.bench.results import LoadResult, Progress
+
+__all__ = ["ServiceError", "Service", "child_env", "free_port", "run_client"]
+
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+_LOOP_LINE = re.compile(r"event loop: (\w+)")
+
+
+class ServiceError(RuntimeError):
+    """A process of the run did not start, or a load client failed; says which and why."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment without streamsvc settings (the run measures the defaults), + ``extra``."""
+    env = {
+        name: value for name, value in os.environ.items()
+        if not name.startswith("STREAMSVC__") and name != "STREAMSVC_CONFIG"
+    }
+    env.update(extra or {})
+    return env
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Service:
+    """A server process of the run, with its output in ``log_path``.
+
+    Example::
+
+        async with Service("simulator", [sys.executable, "-m", "streamsvc", "simulate",
+                                         "--port", str(port)], port=port, log_path=log) as sim:
+            before = sim.sample()
+    """
+
+    def __init__(
+        self,
+        role: str,
+        command: Sequence[str],
+        *,
+        port: int,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.role = role
+        self.command = list(command)
+        self.port = port
+        self.log_path = log_path
+        self._env = child_env(env)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The process id; only once started."""
+        if self._process is None:
+            raise RuntimeError(f"{self.role} is not started")
+        return self._process.pid
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        """Start the process and wait until its port accepts connections.
+
+        Raises:
+            ServiceError: it exited, or did not listen within 30 s; with its last log lines.
+        """
+        self._log = self.log_path.open("wb")
+        self._process = subprocess.Popen(
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self._env,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if self._process.poll() is not None:
+                raise ServiceError(
+                    f"{self.role} exited with status {self._process.returncode} before"
+                    f" listening:\n{_tail(self.log_path)}"
+                )
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                return
+            if time.monotonic() > deadline:
+                raise ServiceError(f"{self.role} did not listen on port {self.port} within"
+                                   f" {READY_TIMEOUT_S:g} s:\n{_tail(self.log_path)}")
+            await asyncio.sleep(0.05)
+
+    def sample(self) -> ProcSample:
+        """CPU seconds, RSS and peak RSS now."""
+        return sample(self.pid)
+
+    def event_loop(self) -> str:
+        """The loop the process reported on start-up (``event loop: NAME``), else ``"n/a"``."""
+        found = _LOOP_LINE.search(self.log_path.read_text(errors="replace"))
+        return found.group(1) if found else "n/a"
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; stopping twice is a no-op."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while process.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def run_client(
+    spec: LoadSpec,
+    *,
+    workdir: Path,
+    name: str,
+    on_progress: Callable[[Progress], None],
+) -> LoadResult:
+    """Run ``python -m streamsvc.bench.load`` for ``spec`` to its end and return its result.
+
+    Raises:
+        ServiceError: the client exited with an error; with its last log lines.
+    """
+    out = workdir / f"{name}.load.json"
+    log = workdir / f"{name}.load.log"
+    command = [
+        sys.executable, "-m", "streamsvc.bench.load", "--url", spec.url,
+        "--endpoint", spec.endpoint, "--streams", str(spec.streams),
+        "--tokens", str(spec.tokens), "--rate", str(spec.rate), "--ramp", str(spec.ramp_s),
+        "--model", spec.model, "--seed", str(spec.seed), "--out", str(out),
+    ]
+    decode = msgspec.json.Decoder(Progress).decode
+    with log.open("wb") as errors:
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=errors,
+            stdin=asyncio.subprocess.DEVNULL, env=child_env(),
+        )
+        try:
+            assert process.stdout is not None
+            async for line in process.stdout:
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                    on_progress(decode(line))
+            status = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    if status != 0 or not out.exists():
+        raise ServiceError(f"load client {name} exited with status {status}:\n{_tail(log)}")
+    return msgspec.json.decode(out.read_bytes(), type=LoadResult)
