@@ -59,7 +59,7 @@ function scrollToEnd() {
   ui.conversation.scrollTop = ui.conversation.scrollHeight;
 }
 
-/** Timing of one answer: time to first token, events and events per second. */
+/** Timing of one answer: time to first token, text events and text events per second. */
 class Meter {
   constructor() {
     this.start = performance.now();
@@ -162,8 +162,9 @@ async function ask(prompt) {
         setStatus("streaming", "streaming…");
       },
       onDelta: (delta) => {
-        meter.delta();
+        // Only text counts as a token: the first event is often a role alone.
         if ((delta.index || 0) !== 0 || typeof delta.content !== "string") return;
+        meter.delta();
         parts.push(delta.content);
         answer.text.appendData(delta.content);
         scrollToEnd();

@@ -2,18 +2,20 @@
 
 Each runs at most one timer per subscription at a time. ``idle_timeout``
 does not restart its timer per chunk: it notes the time of the last chunk
-and, when the timer fires early, re-arms it for the time that is left, so a
-fast stream costs one timer per timeout period, not one per token.
+(a monotonic float, not the scheduler's datetime) and, when the timer fires
+early, re-arms it for the time that is left, so a fast stream costs one
+timer per timeout period, not one per token.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
 from typing import Any
 
 from reactivex import Observable, abc
 from reactivex.disposable import CompositeDisposable, SerialDisposable, SingleAssignmentDisposable
+from reactivex.scheduler.eventloop import AsyncIOScheduler
 
 from streamsvc.chunks import Chunk
 from streamsvc.errors import ErrorCode, UpstreamError
@@ -116,24 +118,35 @@ def _deadline(
     return operator
 
 
-def idle_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operator:
-    limit = timedelta(seconds=seconds)
+def _seconds_clock(scheduler: abc.SchedulerBase) -> Callable[[], float]:
+    """A cheap clock in seconds that agrees with the scheduler's relative timers.
 
+    ``scheduler.now`` builds a datetime (about a microsecond, once per chunk);
+    asyncio times its timers by a monotonic clock, which costs far less. Any
+    other scheduler (virtual time in tests) is asked for its ``now``.
+    """
+    if isinstance(scheduler, AsyncIOScheduler):
+        return time.monotonic  # what asyncio's loop.time() and call_later go by
+    return lambda: scheduler.now.timestamp()
+
+
+def idle_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operator:
     def operator(source: Observable[Chunk]) -> Observable[Chunk]:
         def subscribe(
             observer: abc.ObserverBase[Chunk], scheduler_: abc.SchedulerBase | None = None
         ) -> abc.DisposableBase:
             timer_scheduler = scheduler_of(scheduler, scheduler_, "idle_timeout")
+            clock = _seconds_clock(timer_scheduler)
             watch = _Watch(observer)
-            last: datetime | None = None
+            last: float | None = None
 
             def check(*_: Any) -> None:
                 if watch.done or last is None:
                     return
-                waited = timer_scheduler.now - last
-                if waited < limit:
+                waited = clock() - last
+                if waited < seconds:
                     watch.timer.disposable = timer_scheduler.schedule_relative(
-                        limit - waited, check
+                        seconds - waited, check
                     )
                     return
                 watch.fail(UpstreamError(
@@ -146,12 +159,12 @@ def idle_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operat
                 if watch.done:
                     return
                 if last is not None:
-                    last = timer_scheduler.now
+                    last = clock()
                 elif chunk.has_content:
                     # Before the first content the wait is first_token_timeout's
                     # (a reasoning model may think long after its role chunk).
-                    last = timer_scheduler.now
-                    watch.timer.disposable = timer_scheduler.schedule_relative(limit, check)
+                    last = clock()
+                    watch.timer.disposable = timer_scheduler.schedule_relative(seconds, check)
                 observer.on_next(chunk)
 
             return watch.subscribe(source, on_next, scheduler_)
