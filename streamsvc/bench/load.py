@@ -32,18 +32,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 import msgspec
 
 from streamsvc.bench.options import ENDPOINTS
 from streamsvc.bench.results import LoadResult, Progress
 from streamsvc.bench.stats import cdf, summarize
 from streamsvc.eventloop import EVENT_LOOPS, loop_factory, loop_name
-from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.simtext import generated_tokens
 
-__all__ = ["PROMPT", "LoadSpec", "main", "request_body", "run_load"]
+__all__ = ["PROMPT", "EventSplitter", "LoadSpec", "main", "request_body", "run_load"]
 
 PROMPT = "Measure what the relay adds."
 PROGRESS_INTERVAL_S = 0.25
@@ -97,24 +97,62 @@ _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _decode_delta = msgspec.json.Decoder(_Delta).decode
 
 
-def _openai_event(event: ServerSentEvent) -> tuple[str, bool]:
+class EventSplitter:
+    """Cuts an event-stream body into ``(event type, data)`` pairs; pure, no I/O.
+
+    The measuring instrument must cost little next to what it measures, so
+    this is not the full WHATWG decoder (:class:`streamsvc.sse.SSEDecoder`):
+    it takes the LF line ends that streamsvc, the simulator and OpenAI write,
+    and fails loudly on anything else instead of mis-measuring.
+
+    Example:
+        >>> EventSplitter().feed(b'data: {"a": 1}\n\n: ping\n\nevent: done\ndata: {}\n\n')
+        [(b'message', b'{"a": 1}'), (b'done', b'{}')]
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, body: bytes) -> list[tuple[bytes, bytes]]:
+        """The events completed by ``body`` (the next bytes of the de-chunked body)."""
+        blocks = (self._pending + body).split(b"\n\n")
+        self._pending = blocks.pop()
+        events = []
+        for block in blocks:
+            event, data = b"message", []
+            for line in block.split(b"\n"):
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line.startswith(b"data: ") else line[5:])
+                elif line.startswith(b"event:"):
+                    event = line[6:].strip()
+                elif b"\r" in line:
+                    raise _Failed("CR line ends: not what the bench client reads")
+                # comments (": ping"), id and retry lines carry nothing to measure
+            if data:
+                events.append((event, b"\n".join(data)))
+        return events
+
+
+def _openai_event(event: bytes, data: bytes) -> tuple[str, bool]:
     """(content text, whether the stream ended) of an OpenAI-format event."""
-    if event.data == "[DONE]":
+    if data == b"[DONE]":
         return "", True
-    chunk = _decode_chunk(event.data)
+    chunk = _decode_chunk(data)
     if chunk.error is not None:
         raise _Failed("error in stream")
     return "".join(c.delta.content for c in chunk.choices if c.delta.content), False
 
 
-def _streamsvc_event(event: ServerSentEvent) -> tuple[str, bool]:
+def _streamsvc_event(event: bytes, data: bytes) -> tuple[str, bool]:
     """(content text, whether the stream ended) of a streamsvc-format event."""
-    if event.event == "message":
-        return _decode_delta(event.data).content or "", False
-    if event.event == "done":
+    if event == b"message":
+        return _decode_delta(data).content or "", False
+    if event == b"done":
         return "", True
-    if event.event == "error":
-        code = msgspec.json.decode(event.data).get("code", "error")
+    if event == b"error":
+        code = msgspec.json.decode(data).get("code", "error")
         raise _Failed(f"error event {code}")
     return "", False
 
@@ -124,10 +162,20 @@ class _Load:
 
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
-        self.url = spec.url.rstrip("/") + ENDPOINTS[spec.endpoint]
-        self.body = msgspec.json.encode(request_body(spec.model, spec.tokens, spec.rate))
+        split = urlsplit(spec.url)
+        self.host = split.hostname or "127.0.0.1"
+        self.port = split.port or 80
+        path = split.path.rstrip("/") + ENDPOINTS[spec.endpoint]
+        self.url = f"{spec.url.rstrip('/')}{ENDPOINTS[spec.endpoint]}"
+        body = msgspec.json.encode(request_body(spec.model, spec.tokens, spec.rate))
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: {split.netloc}\r\n"
+            "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode("ascii") + body
         self.expected = "".join(generated_tokens(spec.model, PROMPT, spec.tokens))
         self.parse = _openai_event if spec.endpoint == "openai" else _streamsvc_event
+        self.timeout = spec.ramp_s + 4 * spec.tokens / spec.rate + READ_TIMEOUT_S
         self.ttft = array("d")
         self.gaps = array("d")
         self.errors: Counter[str] = Counter()
@@ -139,60 +187,116 @@ class _Load:
             chars_total=len(self.expected) * self.spec.streams,
         )
 
-    async def stream(self, session: aiohttp.ClientSession, delay: float) -> None:
+    async def stream(self, delay: float) -> None:
         await asyncio.sleep(delay)
+        loop = asyncio.get_running_loop()
+        stream = _Stream(self, loop.create_future())
         try:
-            await self._stream(session)
+            transport, _ = await loop.create_connection(lambda: stream, self.host, self.port)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    text = await stream.finished
+            finally:
+                transport.close()
+            if text != self.expected:
+                raise _Failed("text differs from the upstream's")
             self.done += 1
         except _Failed as failure:
             self.failed += 1
             self.errors[str(failure)] += 1
-        except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError) as exc:
+        except (OSError, TimeoutError, msgspec.DecodeError) as exc:
             self.failed += 1
             self.errors[type(exc).__name__] += 1
 
-    async def _stream(self, session: aiohttp.ClientSession) -> None:
-        started = time.perf_counter()
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        async with session.post(self.url, data=self.body, headers=headers) as resp:
-            if resp.status != 200:
-                raise _Failed(f"http {resp.status}")
-            self.open += 1
-            self.max_open = max(self.max_open, self.open)
-            try:
-                text = await self._read(resp, started)
-            finally:
-                self.open -= 1
-        if text != self.expected:
-            raise _Failed("text differs from the upstream's")
 
-    async def _read(self, resp: aiohttp.ClientResponse, started: float) -> str:
-        decoder = SSEDecoder()
-        parse = self.parse
-        parts: list[str] = []
-        previous = 0.0
-        ended = False
-        async for data in resp.content.iter_any():
-            now = time.perf_counter()
-            got = 0
-            for event in decoder.feed(data):
-                text, end = parse(event)
-                if text:
-                    parts.append(text)
-                    got += len(text)
-                ended = ended or end
-            if got:
-                self.chars += got
-                if previous:
-                    self.gaps.append(now - previous)
-                else:
-                    self.ttft.append(now - started)
-                previous = now
-            if ended:
-                break
-        if not ended:
-            raise _Failed("ended without [DONE] or done")
-        return "".join(parts)
+class _Stream(asyncio.Protocol):
+    """One stream on its own connection: the request out, then timing every read.
+
+    ``data_received`` is the moment bytes reach the client; the aiohttp client
+    would add a stream reader and a task switch per read, which on a small
+    machine costs as much CPU as the relay being measured.
+    """
+
+    def __init__(self, load: _Load, finished: asyncio.Future[str]) -> None:
+        self.load = load
+        self.finished = finished
+        self.parser = httptools.HttpResponseParser(self)
+        self.splitter = EventSplitter()
+        self.parts: list[str] = []
+        self.started = time.perf_counter()  # before connecting: TTFT includes the accept
+        self.previous = 0.0
+        self.got = 0
+        self.ended = False
+        self.counted_open = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(self.load.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.finished.done():
+            return
+        now = time.perf_counter()
+        self.got = 0
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            # A callback's exception arrives wrapped (HttpParserCallbackError).
+            cause = exc.__context__
+            if isinstance(cause, _Failed):
+                self._finish(cause)
+            elif isinstance(cause, msgspec.DecodeError):
+                self._finish(_Failed("event data is not the expected JSON"))
+            else:
+                self._finish(_Failed(f"{type(exc).__name__}: {exc}"))
+            return
+        if self.got:
+            load = self.load
+            load.chars += self.got
+            if self.previous:
+                load.gaps.append(now - self.previous)
+            else:
+                load.ttft.append(now - self.started)
+            self.previous = now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(_Failed("connection closed before the end of the stream"))
+
+    # httptools callbacks
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status != 200:
+            raise _Failed(f"http {status}")
+        self.counted_open = True
+        self.load.open += 1
+        self.load.max_open = max(self.load.max_open, self.load.open)
+
+    def on_body(self, body: bytes) -> None:
+        parse = self.load.parse
+        for event, data in self.splitter.feed(body):
+            text, end = parse(event, data)
+            if text:
+                self.parts.append(text)
+                self.got += len(text)
+            self.ended = self.ended or end
+
+    def on_message_complete(self) -> None:
+        if self.ended:
+            self._finish(None)
+        else:
+            self._finish(_Failed("ended without [DONE] or done"))
+
+    def _finish(self, failure: _Failed | None) -> None:
+        if self.counted_open:
+            self.counted_open = False
+            self.load.open -= 1
+        if self.finished.done():
+            return
+        if failure is None:
+            self.finished.set_result("".join(self.parts))
+        else:
+            self.finished.set_exception(failure)
 
 
 async def run_load(spec: LoadSpec, *, progress_interval: float = PROGRESS_INTERVAL_S) -> LoadResult:
@@ -200,7 +304,6 @@ async def run_load(spec: LoadSpec, *, progress_interval: float = PROGRESS_INTERV
     load = _Load(spec)
     rng = random.Random(spec.seed)
     delays = [rng.uniform(0.0, spec.ramp_s) for _ in range(spec.streams)]
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=READ_TIMEOUT_S)
 
     async def report() -> None:
         while True:
@@ -209,22 +312,22 @@ async def run_load(spec: LoadSpec, *, progress_interval: float = PROGRESS_INTERV
 
     reporter = asyncio.create_task(report())
     started = time.perf_counter()
+    cpu_started = time.process_time()
     try:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            async with asyncio.TaskGroup() as group:
-                for delay in delays:
-                    group.create_task(load.stream(session, delay))
+        async with asyncio.TaskGroup() as group:
+            for delay in delays:
+                group.create_task(load.stream(delay))
     finally:
         reporter.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reporter
     duration = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     print(msgspec.json.encode(load.progress()).decode(), flush=True)
     return LoadResult(
         url=load.url, endpoint=spec.endpoint, streams=spec.streams, tokens=spec.tokens,
         rate=spec.rate, ramp_s=spec.ramp_s, event_loop=loop_name(asyncio.get_running_loop()),
-        duration_s=duration, completed=load.done, failed=load.failed,
+        duration_s=duration, cpu_s=cpu, completed=load.done, failed=load.failed,
         errors=dict(load.errors), ttft_ms=summarize(load.ttft), gap_ms=summarize(load.gaps),
         ttft_cdf=cdf(load.ttft), gap_cdf=cdf(load.gaps), max_open=load.max_open,
     )

@@ -70,6 +70,7 @@ class LoadResult(_Record):
     ramp_s: float
     event_loop: str
     duration_s: float
+    cpu_s: float  # the load client's own CPU over the run: the harness's share of the machine
     completed: int  # streams that ended normally with exactly the expected text
     failed: int
     errors: dict[str, int]  # failure reason -> count

@@ -118,6 +118,13 @@ class ObservableIterator(Generic[T]):
         self._subscription: abc.DisposableBase | None = None
         self._closed = False
         self._overflow = False
+        self.direct: Callable[[T], bool] | None = None
+        """Optional: takes an item at once when nothing is pending (True: taken).
+
+        A consumer that can act on an item without awaiting (write it to a
+        socket that has room) sets this, and the item skips the hand-off and
+        the task switch it costs; anything it refuses is queued, in order.
+        """
 
     async def __aenter__(self) -> ObservableIterator[T]:
         loop = asyncio.get_running_loop()
@@ -150,6 +157,8 @@ class ObservableIterator(Generic[T]):
 
     def _on_next(self, item: T) -> None:
         if self._error is not None or self._completed:
+            return
+        if not self._pending and self.direct is not None and self.direct(item):
             return
         self._pending.append(item)
         if self._max_pending is not None:

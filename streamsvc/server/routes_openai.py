@@ -37,6 +37,7 @@ log = logging.getLogger("streamsvc.http")
 routes = web.RouteTableDef()
 
 _DONE = b"data: [DONE]\n\n"
+_NULL_USAGE = b',"usage":null}'
 
 
 def _frame(chunk: Chunk) -> bytes:
@@ -55,6 +56,11 @@ def _client_frames(batch: list[Chunk], include_usage: bool) -> list[bytes]:
     for chunk in batch:
         if "usage" in chunk.data:
             if chunk.data["usage"] is not None and not chunk.choices:
+                continue
+            raw = chunk.raw
+            if raw is not None and raw.endswith(_NULL_USAGE):
+                # The upstream's bytes minus the field: no parse or encode per token.
+                frames.append(b"data: " + raw[: -len(_NULL_USAGE)] + b"}\n\n")
                 continue
             chunk = Chunk({k: v for k, v in chunk.data.items() if k != "usage"})
         frames.append(_frame(chunk))
@@ -97,12 +103,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if context.upstream:
             headers["X-Streamsvc-Upstream"] = context.upstream
         response = SSEResponse(config.server, headers=headers)
+        def write_now(chunk: Chunk) -> bool:
+            frames = _client_frames([chunk], chat.include_usage)
+            return response.write_now(b"".join(frames)) if frames else True
+
         try:
             await response.start(request)
             try:
                 batch: list[Chunk] | None = await first
             except StopAsyncIteration:
                 batch = None
+            # From here a chunk the socket can take goes out from the upstream's
+            # own turn of the loop; this task only wakes for what had to wait.
+            batches.direct = write_now
             while batch is not None:
                 if coalesce_chars is not None:
                     batch = coalesce_batch(batch, coalesce_chars)

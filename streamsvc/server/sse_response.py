@@ -57,6 +57,32 @@ class SSEResponse(EventSourceResponse):
         except (ConnectionError, RuntimeError) as exc:
             raise ClientGone(str(exc)) from exc
 
+    def write_now(self, data: bytes) -> bool:
+        """Write prepared frames at once, without awaiting; False when that cannot be done.
+
+        aiohttp's ``write`` is a coroutine, so a producer that is not a
+        coroutine (an Observable's ``on_next``) would need a task of its own to
+        call it: one more task switch per token. When the socket takes the data
+        without waiting (its buffer is under the high-water mark), the chunk
+        goes straight to the transport, framed as aiohttp frames a chunk.
+        Otherwise the caller queues it for ``send_bytes``, which waits (with
+        the write timeout), so order and backpressure stay as they were.
+        """
+        transport = self._req.transport if self._req is not None else None
+        if (
+            transport is None
+            or transport.is_closing()
+            or not self.prepared
+            or self.compression
+            or transport.get_write_buffer_size() + len(data) > transport.get_write_buffer_limits()[1]
+        ):
+            return False
+        if self.chunked:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+        return True
+
     async def send_bytes(self, data: bytes) -> None:
         """Write prepared frames; raises :class:`ClientGone` when the client is not there."""
         try:

@@ -24,6 +24,7 @@ const ui = {
   events: $("events"),
   rate: $("rate"),
   tokens: $("tokens"),
+  tokensStat: $("tokens-stat"),
   reconnects: $("reconnects"),
   streamId: $("stream-id"),
   template: $("turn-template"),
@@ -69,7 +70,7 @@ class Meter {
     ui.ttft.textContent = "–";
     ui.events.textContent = "0";
     ui.rate.textContent = "–";
-    ui.tokens.textContent = "–";
+    ui.tokensStat.hidden = true;
     ui.reconnects.textContent = "0";
   }
 
@@ -86,9 +87,12 @@ class Meter {
     if (this.events > 1 && seconds > 0) ui.rate.textContent = ((this.events - 1) / seconds).toFixed(1);
   }
 
+  /** The completion tokens, from the usage in the done event (when the upstream gave it). */
   finish(usage) {
     const tokens = usage && usage.completion_tokens;
-    if (Number.isFinite(tokens)) ui.tokens.textContent = String(tokens);
+    if (!Number.isFinite(tokens)) return;
+    ui.tokens.textContent = String(tokens);
+    ui.tokensStat.hidden = false;
   }
 }
 
