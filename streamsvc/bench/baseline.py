@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 from aiohttp import web
 
+from streamsvc.cli import LISTEN_BACKLOG
 from streamsvc.eventloop import EVENT_LOOPS, loop_factory, loop_name
 
 __all__ = ["create_baseline_app", "main"]
@@ -73,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     web.run_app(
         create_baseline_app(args.upstream), host=args.host, port=args.port, loop=loop,
         access_log=None, handler_cancellation=True,  # a hang-up cancels the upstream request
+        backlog=LISTEN_BACKLOG,  # as streamsvc serve
         print=lambda _: print(f"baseline listening on http://{args.host}:{args.port}"
                               f" (event loop: {loop_name(loop)})", flush=True),
     )

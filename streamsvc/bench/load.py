@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -230,8 +230,8 @@ class _Stream(asyncio.Protocol):
         self.counted_open = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(self.load.request)
+        # uvloop's transports are not asyncio.Transport subclasses, but write the same.
+        cast(asyncio.WriteTransport, transport).write(self.load.request)
 
     def data_received(self, data: bytes) -> None:
         if self.finished.done():

@@ -38,7 +38,8 @@ class BenchOptions:
     ramp_s: float = 1.0  # stream starts are spread over this long (random, seeded)
     slow_streams: int = 1000  # M; 0 skips the open-streams phase
     slow_rate: float = 20.0
-    slow_tokens: int = 160  # 8 s at 20 tokens/s: long enough for a plateau
+    slow_tokens: int = 240  # 12 s at 20 tokens/s: a plateau of 8 s after the ramp
+    slow_ramp_s: float = 4.0  # 250 connections/s: a burst of 1,000 would measure accept queues
     endpoints: tuple[Endpoint, ...] = ("openai", "events")
     loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     model: str = "sim-small"
@@ -57,8 +58,8 @@ class BenchOptions:
             raise ValueError("--slow-streams must be 0 or more")
         if self.rate <= 0 or self.slow_rate <= 0:
             raise ValueError("--rate and --slow-rate must be more than 0")
-        if self.ramp_s < 0:
-            raise ValueError("--ramp must be 0 or more")
+        if self.ramp_s < 0 or self.slow_ramp_s < 0:
+            raise ValueError("--ramp and --slow-ramp must be 0 or more")
         if not self.endpoints:
             raise ValueError("--endpoints must name at least one of: " + ", ".join(ENDPOINTS))
 
@@ -66,7 +67,7 @@ class BenchOptions:
 DEFAULT = BenchOptions()
 QUICK = BenchOptions(
     streams=10, tokens=20, rate=100.0, ramp_s=0.2, slow_streams=50, slow_rate=20.0,
-    slow_tokens=20, quick=True,
+    slow_tokens=20, slow_ramp_s=0.2, quick=True,
 )
 
 
@@ -106,6 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens per second in the memory phase (default {d.slow_rate:g})")
     parser.add_argument("--slow-tokens", type=int, metavar="N",
                         help=f"tokens per stream in the memory phase (default {d.slow_tokens})")
+    parser.add_argument("--slow-ramp", type=float, metavar="S", dest="slow_ramp_s",
+                        help=f"spread the memory phase's starts over S seconds"
+                             f" (default {d.slow_ramp_s:g})")
     parser.add_argument("--endpoints", type=_endpoints, metavar="LIST",
                         help="streamsvc endpoints to measure, comma-separated: openai"
                              " (POST /v1/chat/completions), events (POST /v1/chat/stream)"
@@ -135,7 +139,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """
     preset = QUICK if args.quick else DEFAULT
     fields = ("streams", "tokens", "rate", "ramp_s", "slow_streams", "slow_rate",
-              "slow_tokens", "endpoints", "loop", "model", "nginx", "json_path",
+              "slow_tokens", "slow_ramp_s", "endpoints", "loop", "model", "nginx", "json_path",
               "plot_path", "markdown_path", "keep_logs")
     given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     return replace(preset, **given)

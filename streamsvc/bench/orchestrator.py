@@ -46,6 +46,7 @@ from streamsvc.bench.load import LoadSpec, request_body
 from streamsvc.bench.machine import machine_info
 from streamsvc.bench.nginx import nginx_binary, nginx_command, nginx_version, write_config
 from streamsvc.bench.options import ENDPOINTS, BenchOptions
+from streamsvc.bench.procfs import listen_overflows
 from streamsvc.bench.report import evaluate_targets, print_report, write_outputs
 from streamsvc.bench.results import (
     BenchReport,
@@ -87,6 +88,7 @@ class _Measured:
     relay_cpu_s: float | None
     simulator_cpu_s: float
     peak_rss_bytes: int | None
+    listen_overflows: int
     rss_before_bytes: int | None = None
     rss_plateau_bytes: int | None = None
     plateau_reached: bool = False
@@ -200,7 +202,9 @@ class _Run:
 
         relay_before = relay.sample() if relay is not None else None
         simulator_before = self.simulator.sample().cpu_s
+        overflows_before = listen_overflows()
         load = await run_client(spec, workdir=self.workdir, name=name, on_progress=on_progress)
+        overflows = listen_overflows() - overflows_before
         simulator_cpu = self.simulator.sample().cpu_s - simulator_before
         relay_after = relay.sample() if relay is not None else None
         self.bar.update(task, status=f"done {load.completed}"
@@ -216,7 +220,8 @@ class _Run:
                 # No sample saw every stream open (too short a phase): take the fullest one.
                 rss_plateau = max(rss_at_max_open)[1]
         return _Measured(load=load, relay_cpu_s=relay_cpu, simulator_cpu_s=simulator_cpu,
-                         peak_rss_bytes=peak, rss_before_bytes=rss_before,
+                         peak_rss_bytes=peak, listen_overflows=overflows,
+                         rss_before_bytes=rss_before,
                          rss_plateau_bytes=rss_plateau, plateau_reached=bool(plateau))
 
     async def run_path(
@@ -274,7 +279,7 @@ async def _run(options: BenchOptions, workdir: Path, bar: ProgressBar) -> tuple[
         open_results: list[tuple[_Path, _Measured, str, str | None]] = []
         if options.slow_streams > 0:
             slow_spec = LoadSpec(url="", streams=options.slow_streams, tokens=options.slow_tokens,
-                                 rate=options.slow_rate, ramp_s=options.ramp_s,
+                                 rate=options.slow_rate, ramp_s=options.slow_ramp_s,
                                  model=options.model)
             endpoint = options.endpoints[0]
             for path in (paths[0], paths[1], _Path(f"streamsvc-{endpoint}", endpoint,
@@ -305,6 +310,7 @@ def _path_results(
             tokens_relayed=tokens, cpu_s=m.relay_cpu_s, cpu_us_per_token=cpu,
             cpu_ratio_to_baseline=None, peak_rss_bytes=m.peak_rss_bytes,
             simulator_cpu_us_per_token=_per_token(m.simulator_cpu_s, tokens) or 0.0,
+            listen_overflows=m.listen_overflows,
             added_ttft_ms=added(m.load.ttft_ms, direct.ttft_ms) if is_relay else None,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if is_relay else None,
         ))
@@ -334,6 +340,7 @@ def _open_results(
             rss_per_stream_kib=per_stream, plateau_reached=m.plateau_reached,
             peak_rss_bytes=m.peak_rss_bytes,
             cpu_us_per_token=_per_token(m.relay_cpu_s, m.load.completed * m.load.tokens),
+            listen_overflows=m.listen_overflows,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if relay is not None else None,
         ))
     return results
@@ -389,6 +396,7 @@ def run_bench(options: BenchOptions, *, command: list[str]) -> int:
             streams=options.streams, tokens=options.tokens, rate=options.rate,
             ramp_s=options.ramp_s, slow_streams=options.slow_streams,
             slow_rate=options.slow_rate, slow_tokens=options.slow_tokens,
+            slow_ramp_s=options.slow_ramp_s,
             endpoints=list(options.endpoints), loop=options.loop, model=options.model,
             quick=options.quick, nginx=options.nginx,
         ),

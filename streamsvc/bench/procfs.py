@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcSample", "cpu_seconds", "sample"]
+__all__ = ["ProcSample", "cpu_seconds", "listen_overflows", "sample"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _HAS_SCHEDSTAT = Path("/proc/self/schedstat").exists()
@@ -71,3 +71,21 @@ def sample(pid: int) -> ProcSample:
         rss_bytes=memory.get("VmRSS", 0),
         hwm_bytes=memory.get("VmHWM", 0),
     )
+
+
+def listen_overflows() -> int:
+    """Connections the kernel dropped because a listen queue was full (system-wide, so far).
+
+    ``TcpExt: ListenOverflows`` in ``/proc/net/netstat``; 0 where it cannot be read.
+    A dropped SYN is retried by the client after a second or more, which shows
+    as a slow first token that no process spent CPU on.
+    """
+    try:
+        lines = Path("/proc/net/netstat").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", 0))
+    return 0

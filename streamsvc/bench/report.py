@@ -169,6 +169,15 @@ def notes(report: BenchReport) -> list[str]:
     lines = ["paths: " + "; ".join(f"{p.name} = {p.label}" for p in report.paths)]
     lines.append("event loops: " + ", ".join(f"{p.role} {p.event_loop}"
                                              for p in report.processes))
+    direct = report.paths[0] if report.paths else None
+    if direct is not None and direct.tokens_relayed:
+        client = direct.load.cpu_s / direct.tokens_relayed * 1e6
+        lines.append(f"harness CPU per token (direct run): simulator"
+                     f" {direct.simulator_cpu_us_per_token:.1f} µs, load client {client:.1f} µs")
+    for row in [*report.paths, *report.open_streams]:
+        if row.listen_overflows:
+            lines.append(f"{row.name} ({row.load.streams} streams): the kernel dropped"
+                         f" {row.listen_overflows} connections on a full listen queue")
     lines += [f"skipped {skipped.name}: {skipped.reason}" for skipped in report.skipped]
     seen: set[str] = set()
     for target in report.targets:

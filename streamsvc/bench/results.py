@@ -95,6 +95,7 @@ class PathResult(_Record):
     cpu_ratio_to_baseline: float | None
     peak_rss_bytes: int | None  # the relay's VmHWM over its whole life (warm-up included)
     simulator_cpu_us_per_token: float
+    listen_overflows: int  # SYNs the kernel dropped during the run (a full accept queue)
     added_ttft_ms: Added | None
     added_gap_ms: Added | None
 
@@ -113,6 +114,7 @@ class OpenStreamsResult(_Record):
     plateau_reached: bool  # whether a sample saw all M streams open at once
     peak_rss_bytes: int | None
     cpu_us_per_token: float | None
+    listen_overflows: int
     added_gap_ms: Added | None
 
 
@@ -153,6 +155,7 @@ class BenchSettings(_Record):
     slow_streams: int
     slow_rate: float
     slow_tokens: int
+    slow_ramp_s: float
     endpoints: list[str]
     loop: str
     model: str

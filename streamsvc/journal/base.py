@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Event", "Journal", "encode_frame"]
+__all__ = ["Event", "Journal", "Listener", "encode_frame"]
 
 
 def encode_frame(stream_id: str, seq: int, kind: str, data: bytes) -> bytes:
@@ -44,6 +45,10 @@ class Event:
         return self.end - len(self.frame)
 
 
+Listener = Callable[[list["Event"]], bool]
+"""Takes new events as they are appended; returns False to stop listening."""
+
+
 class Journal(Protocol):
     """Where a stream's events live while it runs and for ``retention_s`` after."""
 
@@ -76,6 +81,17 @@ class Journal(Protocol):
 
     def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
         """(last seq, ended) for a known stream, None for an unknown one."""
+
+    def listen(self, stream_id: str, listener: Listener) -> Callable[[], None] | None:
+        """Call ``listener`` with each batch of new events as it is appended.
+
+        For a reader that has caught up: it writes the live tail from the
+        appender's own call instead of waking up for each ``read``. The
+        listener returns False to stop listening; it gets ``[]`` once when the
+        stream expires or the journal closes. Returns the function that stops
+        it, or None when the stream is unknown or ended, or when the backend
+        cannot call back (a reader then goes on with ``read``).
+        """
 
     def size(self, stream_id: str) -> int | None:
         """Bytes of all the frames of a known stream so far, None for an unknown one."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+from collections.abc import Callable
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError
-from streamsvc.journal.base import Event, encode_frame
+from streamsvc.journal.base import Event, Listener, encode_frame
 
 __all__ = ["MemoryJournal"]
 
@@ -16,14 +17,26 @@ def _end(event: Event) -> int:
 
 
 class _Log:
-    __slots__ = ("ended", "events", "expiry", "size", "waiters")
+    __slots__ = ("ended", "events", "expiry", "listeners", "size", "waiters")
 
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.size = 0
         self.ended = False
         self.waiters: list[asyncio.Future[None]] = []
+        self.listeners: list[Listener] = []
         self.expiry: asyncio.TimerHandle | None = None
+
+    def notify(self, events: list[Event]) -> None:
+        """Hand new events to the listeners; one that returns False is dropped."""
+        listeners = self.listeners
+        if listeners:
+            self.listeners = [listener for listener in list(listeners) if listener(events)]
+
+    def drop_listeners(self) -> None:
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener([])
 
     def wake(self) -> None:
         waiters, self.waiters = self.waiters, []
@@ -70,9 +83,11 @@ class MemoryJournal:
         if log.ended:
             raise ValueError(f"stream {stream_id!r} has already ended")
         items = log.events
+        first = len(items)
         for kind, data in events:
             final = kind != "message"
             if not final and len(items) >= self._max_events:
+                log.notify(items[first:])
                 log.wake()
                 raise StreamError(
                     f"stream {stream_id!r} passed journal.max_events ({self._max_events})",
@@ -88,12 +103,26 @@ class MemoryJournal:
                     self._retention_s, self._expire, stream_id
                 )
                 break
+        log.notify(items[first:])
         log.wake()
         return len(items)
+
+    def listen(self, stream_id: str, listener: Listener) -> Callable[[], None] | None:
+        log = self._logs.get(stream_id)
+        if log is None or log.ended:
+            return None
+        log.listeners.append(listener)
+
+        def unlisten() -> None:
+            if listener in log.listeners:
+                log.listeners.remove(listener)
+
+        return unlisten
 
     def _expire(self, stream_id: str) -> None:
         log = self._logs.pop(stream_id, None)
         if log is not None:
+            log.drop_listeners()
             log.wake()
 
     async def read(self, stream_id: str, after: int, max_bytes: int | None = None) -> list[Event]:
@@ -133,5 +162,6 @@ class MemoryJournal:
             if log.expiry is not None:
                 log.expiry.cancel()
             log.ended = True
+            log.drop_listeners()
             log.wake()
         self._logs.clear()

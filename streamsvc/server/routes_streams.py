@@ -8,12 +8,14 @@ answer that stops EventSource for good.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode
+from streamsvc.journal.base import Event
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.server.middleware import note_hangup
 from streamsvc.server.requests import (
@@ -108,6 +110,11 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
                 generation.delivered = max(generation.delivered, events[-1].end)
             if events[-1].final:
                 break
+            state = journal.last_seq(stream_id)
+            if state is not None and state == (after, False):
+                after, ended = await _follow_live(request, response, stream_id, after, generation)
+                if ended:
+                    break
     except ClientGone:
         note_hangup(request)
         log.info("request %s: client left stream %s at event %d (499)", request[REQUEST_ID],
@@ -116,6 +123,55 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
         registry.detach(stream_id)
         await response.close()
     return response
+
+
+async def _follow_live(
+    request: web.Request,
+    response: SSEResponse,
+    stream_id: str,
+    after: int,
+    generation: Generation | None,
+) -> tuple[int, bool]:
+    """Write the live tail from the generation's own call while the socket has room.
+
+    A reader that has caught up would otherwise wake up once per token to
+    ``read`` and write. Here the journal hands it each new batch as it is
+    appended, and the batch goes straight to the socket (``write_now``). Once
+    the socket has no room (or the stream expires), this returns and the
+    reader goes on with ``read``, where writes wait and the bounds apply.
+
+    Returns:
+        The seq written through, and whether that was the final event.
+    """
+    woken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    position = after
+
+    def take(events: list[Event]) -> bool:
+        nonlocal position
+        if (
+            not events
+            or events[0].seq != position + 1
+            or not response.write_now(b"".join([event.frame for event in events]))
+        ):
+            if not woken.done():
+                woken.set_result(False)
+            return False
+        position = events[-1].seq
+        if generation is not None:
+            generation.delivered = max(generation.delivered, events[-1].end)
+        if events[-1].final:
+            woken.set_result(True)
+            return False
+        return True
+
+    stop = request.app[JOURNAL].listen(stream_id, take)
+    if stop is None:
+        return after, False
+    try:
+        ended = await woken
+    finally:
+        stop()
+    return position, ended
 
 
 def _slow_reader(request: web.Request, stream_id: str, after: int, lag: int) -> None:
