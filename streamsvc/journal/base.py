@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = ["Event", "Journal", "Listener", "encode_frame"]
 
@@ -21,8 +20,7 @@ def encode_frame(stream_id: str, seq: int, kind: str, data: bytes) -> bytes:
     return b"".join((head.encode(), b"data: ", data, b"\n\n"))
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One journaled event: ``seq`` counts from 1 within its stream.
 
     ``end`` is the byte count of the stream's frames up to and including this

@@ -43,6 +43,7 @@ class SSEResponse(EventSourceResponse):
         )
         self._write_timeout_s = server.write_timeout_s
         self._send_buffer = server.send_buffer_bytes
+        self._transport: asyncio.Transport | None = None  # set once the headers are out
 
     async def start(self, request: web.Request) -> None:
         """Send the headers now, before the first token."""
@@ -56,6 +57,7 @@ class SSEResponse(EventSourceResponse):
             await self.prepare(request)
         except (ConnectionError, RuntimeError) as exc:
             raise ClientGone(str(exc)) from exc
+        self._transport = request.transport
 
     def write_now(self, data: bytes) -> bool:
         """Write prepared frames at once, without awaiting; False when that cannot be done.
@@ -68,7 +70,7 @@ class SSEResponse(EventSourceResponse):
         Otherwise the caller queues it for ``send_bytes``, which waits (with
         the write timeout), so order and backpressure stay as they were.
         """
-        transport = self._req.transport if self._req is not None else None
+        transport = self._transport
         if (
             transport is None
             or transport.is_closing()
