@@ -38,6 +38,13 @@ let history = [];
 let conversation = 0;
 /** The answer being streamed: its AbortController and stream id, or null. */
 let current = null;
+/**
+ * The last stream not known to have ended, for the pagehide DELETE. Kept
+ * apart from `current` because a navigation aborts the EventSource before
+ * pagehide fires: by then the read has failed and `current` is gone, but the
+ * stream still runs on the server.
+ */
+let unfinished = null;
 
 function setStatus(state, text) {
   ui.status.dataset.state = state;
@@ -162,6 +169,7 @@ async function ask(prompt) {
       signal: controller.signal,
       onStream: (stream) => {
         current.streamId = stream.id;
+        unfinished = stream.id;
         ui.streamId.textContent = stream.id;
         setStatus("streaming", "streaming…");
       },
@@ -181,12 +189,14 @@ async function ask(prompt) {
         setStatus("streaming", "resumed, streaming…");
       },
     });
+    unfinished = null;
     meter.finish(result.usage);
     answer.turn.dataset.state = "done";
     remember({ role: "assistant", content: result.text });
     setStatus("done", `done: ${result.finishReason}`);
   } catch (error) {
     if (error && error.name === "AbortError") {
+      unfinished = null; // chat() has sent the DELETE
       // Stopped: what was shown stays in the history, as the user saw it.
       answer.turn.dataset.state = "stopped";
       remember({ role: "assistant", content: parts.join("") });
@@ -256,8 +266,10 @@ ui.model.addEventListener("change", () => localStorage.setItem(MODEL_KEY, ui.mod
 
 // Leaving the page stops the generation at once (the server would stop it
 // anyway after resume_grace_s); keepalive lets the DELETE outlive the page.
+// A stream that ended with an error gets a DELETE it does not need ("ended").
 window.addEventListener("pagehide", () => {
-  if (current !== null && current.streamId) stopStream(current.streamId).catch(() => undefined);
+  if (unfinished !== null) stopStream(unfinished).catch(() => undefined);
+  unfinished = null;
 });
 
 loadModels();
