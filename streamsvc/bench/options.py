@@ -12,6 +12,8 @@ import argparse
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from streamsvc.eventloop import uvloop_available
+
 __all__ = [
     "DEFAULT",
     "ENDPOINTS",
@@ -60,6 +62,9 @@ class BenchOptions:
             raise ValueError("--rate and --slow-rate must be more than 0")
         if self.ramp_s < 0 or self.slow_ramp_s < 0:
             raise ValueError("--ramp and --slow-ramp must be 0 or more")
+        if self.loop == "uvloop" and not uvloop_available():
+            raise ValueError("--loop uvloop: uvloop is not installed"
+                             " (pip install 'streamsvc[fast]')")
         if not self.endpoints:
             raise ValueError("--endpoints must name at least one of: " + ", ".join(ENDPOINTS))
 
@@ -90,8 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` flags to ``parser`` (defaults None: the preset decides)."""
     d = DEFAULT
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of a few seconds: K=%d, N=%d, R=%g, M=%d"
-                             % (QUICK.streams, QUICK.tokens, QUICK.rate, QUICK.slow_streams))
+                        help=f"a smoke run of a few seconds: K={QUICK.streams},"
+                             f" N={QUICK.tokens}, R={QUICK.rate:g}, M={QUICK.slow_streams}")
     parser.add_argument("-k", "--streams", type=int, metavar="K",
                         help=f"concurrent streams per path (default {d.streams})")
     parser.add_argument("-n", "--tokens", type=int, metavar="N",

@@ -35,7 +35,6 @@ import msgspec
 from rich.console import Console
 from rich.progress import (
     BarColumn,
-    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -46,7 +45,7 @@ from streamsvc.bench.load import LoadSpec, request_body
 from streamsvc.bench.machine import machine_info
 from streamsvc.bench.nginx import nginx_binary, nginx_command, nginx_version, write_config
 from streamsvc.bench.options import ENDPOINTS, BenchOptions
-from streamsvc.bench.procfs import listen_overflows
+from streamsvc.bench.procfs import busy_cpu_seconds, listen_overflows
 from streamsvc.bench.report import evaluate_targets, print_report, write_outputs
 from streamsvc.bench.results import (
     BenchReport,
@@ -89,8 +88,10 @@ class _Measured:
     simulator_cpu_s: float
     peak_rss_bytes: int | None
     listen_overflows: int
+    other_cpu_s: float
     rss_before_bytes: int | None = None
     rss_plateau_bytes: int | None = None
+    rss_open_streams: int = 0  # streams open when rss_plateau_bytes was read
     plateau_reached: bool = False
 
 
@@ -203,26 +204,34 @@ class _Run:
         relay_before = relay.sample() if relay is not None else None
         simulator_before = self.simulator.sample().cpu_s
         overflows_before = listen_overflows()
+        busy_before, own_before = busy_cpu_seconds(), time.process_time()
         load = await run_client(spec, workdir=self.workdir, name=name, on_progress=on_progress)
+        busy, own = busy_cpu_seconds() - busy_before, time.process_time() - own_before
         overflows = listen_overflows() - overflows_before
         simulator_cpu = self.simulator.sample().cpu_s - simulator_before
         relay_after = relay.sample() if relay is not None else None
         self.bar.update(task, status=f"done {load.completed}"
                         + (f" · failed {load.failed}" if load.failed else ""))
         relay_cpu = peak = rss_before = rss_plateau = None
+        rss_open = 0
+        other = busy - own - simulator_cpu - load.process_cpu_s
         if relay_before is not None and relay_after is not None:
             relay_cpu = relay_after.cpu_s - relay_before.cpu_s
+            other -= relay_cpu
             peak = relay_after.hwm_bytes
             rss_before = relay_before.rss_bytes
             if plateau:
-                rss_plateau = max(plateau)
+                rss_plateau, rss_open = max(plateau), spec.streams
             elif rss_at_max_open:
-                # No sample saw every stream open (too short a phase): take the fullest one.
-                rss_plateau = max(rss_at_max_open)[1]
+                # No sample saw every stream open (a short phase, or a relay so slow that
+                # the first streams end before the last begin): take the fullest one.
+                rss_open, rss_plateau = max(rss_at_max_open)
         return _Measured(load=load, relay_cpu_s=relay_cpu, simulator_cpu_s=simulator_cpu,
                          peak_rss_bytes=peak, listen_overflows=overflows,
+                         other_cpu_s=max(other, 0.0),
                          rss_before_bytes=rss_before,
-                         rss_plateau_bytes=rss_plateau, plateau_reached=bool(plateau))
+                         rss_plateau_bytes=rss_plateau, rss_open_streams=rss_open,
+                         plateau_reached=bool(plateau))
 
     async def run_path(
         self, path: _Path, spec: LoadSpec, *, track_rss: bool = False, suffix: str = ""
@@ -310,7 +319,7 @@ def _path_results(
             tokens_relayed=tokens, cpu_s=m.relay_cpu_s, cpu_us_per_token=cpu,
             cpu_ratio_to_baseline=None, peak_rss_bytes=m.peak_rss_bytes,
             simulator_cpu_us_per_token=_per_token(m.simulator_cpu_s, tokens) or 0.0,
-            listen_overflows=m.listen_overflows,
+            listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
             added_ttft_ms=added(m.load.ttft_ms, direct.ttft_ms) if is_relay else None,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if is_relay else None,
         ))
@@ -332,15 +341,16 @@ def _open_results(
     results = []
     for path, m, loop, relay in measured:
         per_stream = None
-        if m.rss_plateau_bytes is not None and m.rss_before_bytes is not None:
-            per_stream = (m.rss_plateau_bytes - m.rss_before_bytes) / m.load.streams / 1024
+        if m.rss_plateau_bytes is not None and m.rss_before_bytes is not None and m.rss_open_streams:
+            per_stream = (m.rss_plateau_bytes - m.rss_before_bytes) / m.rss_open_streams / 1024
         results.append(OpenStreamsResult(
             name=path.name, label=_LABELS[path.name], relay=relay, event_loop=loop, load=m.load,
             rss_before_bytes=m.rss_before_bytes, rss_plateau_bytes=m.rss_plateau_bytes,
-            rss_per_stream_kib=per_stream, plateau_reached=m.plateau_reached,
+            rss_per_stream_kib=per_stream, rss_open_streams=m.rss_open_streams,
+            plateau_reached=m.plateau_reached,
             peak_rss_bytes=m.peak_rss_bytes,
             cpu_us_per_token=_per_token(m.relay_cpu_s, m.load.completed * m.load.tokens),
-            listen_overflows=m.listen_overflows,
+            listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if relay is not None else None,
         ))
     return results

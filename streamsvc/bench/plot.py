@@ -12,10 +12,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from streamsvc.bench.results import BenchReport  # noqa: E402
+from streamsvc.bench.results import BenchReport
 
 __all__ = ["write_plot"]
 
@@ -52,6 +52,7 @@ def write_plot(report: BenchReport, path: Path) -> None:
         # Labels minor ticks only when the axis spans few decades, as plain numbers.
         axes.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         axes.tick_params(axis="x", which="minor", labelsize=7)
+    gaps.set_xlim(left=1.0)  # shorter gaps (a burst after a stall) are never the tail
     gaps.set(yscale="log", xlabel="inter-token gap (ms)",
              ylabel="fraction of gaps longer", title="inter-token gap, tail")
     gaps.grid(True, which="both", alpha=0.3)

@@ -30,6 +30,10 @@ ADDED_GAP_P99_LIMIT_MS = 50.0
 ADDED_TTFT_P99_LIMIT_MS = 10.0
 RSS_PER_STREAM_LIMIT_KIB = 64.0
 MIB = 1024 * 1024
+# Other processes using more than this share of one CPU during a phase (and more
+# than the floor, which short phases need) make it noisy.
+BUSY_SHARE = 0.1
+BUSY_FLOOR_S = 0.25
 
 
 def _scenario_note(report: BenchReport) -> tuple[str, str]:
@@ -72,6 +76,14 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
             ADDED_TTFT_P99_LIMIT_MS, "ms",
             path.added_ttft_ms.p99 if path.added_ttft_ms else None, main_note,
         ))
+    if not any(o.name.startswith("streamsvc-") for o in report.open_streams):
+        for name, description, limit, unit in (
+            ("added_gap_p99_open_streams", "added inter-token gap p99, open streams",
+             ADDED_GAP_P99_LIMIT_MS, "ms"),
+            ("rss_per_stream", "RSS per open stream", RSS_PER_STREAM_LIMIT_KIB, "KiB"),
+        ):
+            targets.append(_target(name, description, limit, unit, None,
+                                   "the open-streams phase did not run (--slow-streams 0)"))
     for result in report.open_streams:
         if not result.name.startswith("streamsvc-"):
             continue
@@ -84,7 +96,9 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
         ))
         note = open_note
         if not result.plateau_reached and result.rss_per_stream_kib is not None:
-            note = "; ".join(filter(None, (note, "no sample saw every stream open at once")))
+            missed = (f"no sample saw all {streams} streams open at once: per stream of the"
+                      f" {result.rss_open_streams} open at the fullest sample")
+            note = "; ".join(filter(None, (note, missed)))
         targets.append(_target(
             "rss_per_stream", f"RSS per open stream ({streams} open streams)",
             RSS_PER_STREAM_LIMIT_KIB, "KiB", result.rss_per_stream_kib, note,
@@ -117,8 +131,8 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
         for p in report.paths
     ]
     out.append((
-        f"{s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s:"
-        " CPU, memory, time to first token (ms)",
+        (f"{s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s:"
+         " CPU, memory, time to first token (ms)"),
         ["path", "loop", "CPU µs/token", "÷ baseline", "peak RSS MiB", "TTFT p50", "TTFT p99",
          "added TTFT p99", "failed"],
         rows,
@@ -146,8 +160,8 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
             for o in report.open_streams
         ]
         out.append((
-            f"{s.slow_streams} open streams x {s.slow_tokens} tokens at {s.slow_rate:g}"
-            " tokens/s: memory, inter-token gap (ms)",
+            (f"{s.slow_streams} open streams x {s.slow_tokens} tokens at {s.slow_rate:g}"
+             " tokens/s: memory, inter-token gap (ms)"),
             ["path", "most open", "RSS before MiB", "RSS all open MiB", "KiB/stream",
              "gap p99", "added gap p99", "CPU µs/token", "failed"],
             rows,
@@ -174,10 +188,15 @@ def notes(report: BenchReport) -> list[str]:
         client = direct.load.cpu_s / direct.tokens_relayed * 1e6
         lines.append(f"harness CPU per token (direct run): simulator"
                      f" {direct.simulator_cpu_us_per_token:.1f} µs, load client {client:.1f} µs")
-    for row in [*report.paths, *report.open_streams]:
-        if row.listen_overflows:
-            lines.append(f"{row.name} ({row.load.streams} streams): the kernel dropped"
-                         f" {row.listen_overflows} connections on a full listen queue")
+    phases = [(p.name, p.load, p.listen_overflows, p.other_cpu_s) for p in report.paths]
+    phases += [(o.name, o.load, o.listen_overflows, o.other_cpu_s) for o in report.open_streams]
+    for name, load, overflows, other_cpu in phases:
+        if overflows:
+            lines.append(f"{name} ({load.streams} streams): the kernel dropped {overflows}"
+                         " connections on a full listen queue")
+        if other_cpu > max(BUSY_SHARE * load.duration_s, BUSY_FLOOR_S):
+            lines.append(f"{name} ({load.streams} streams): other processes used"
+                         f" {other_cpu:.1f} CPU s in {load.duration_s:.1f} s: a noisy run")
     lines += [f"skipped {skipped.name}: {skipped.reason}" for skipped in report.skipped]
     seen: set[str] = set()
     for target in report.targets:
@@ -217,11 +236,11 @@ def markdown(report: BenchReport) -> str:
     m = report.machine
     parts = [
         f"Command: `{report.command_line}`  ",
-        f"Date: {report.date}, streamsvc {report.streamsvc_version}, run time"
-        f" {report.duration_s:.0f} s  ",
-        f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')},"
-        f" aiohttp {m.get('aiohttp')}, uvloop {m.get('uvloop') or 'not installed'},"
-        f" {m.get('nginx') or 'nginx not installed'}  ",
+        (f"Date: {report.date}, streamsvc {report.streamsvc_version}, run time"
+         f" {report.duration_s:.0f} s  "),
+        (f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')},"
+         f" aiohttp {m.get('aiohttp')}, uvloop {m.get('uvloop') or 'not installed'},"
+         f" {m.get('nginx') or 'nginx not installed'}  "),
         "Event loops: " + ", ".join(f"{p.role} {p.event_loop}" for p in report.processes),
         "",
         "Paths: " + "; ".join(f"`{p.name}` = {p.label}" for p in report.paths),

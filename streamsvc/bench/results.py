@@ -71,6 +71,7 @@ class LoadResult(_Record):
     event_loop: str
     duration_s: float
     cpu_s: float  # the load client's own CPU over the run: the harness's share of the machine
+    process_cpu_s: float  # the same since the client started, imports included
     completed: int  # streams that ended normally with exactly the expected text
     failed: int
     errors: dict[str, int]  # failure reason -> count
@@ -96,6 +97,7 @@ class PathResult(_Record):
     peak_rss_bytes: int | None  # the relay's VmHWM over its whole life (warm-up included)
     simulator_cpu_us_per_token: float
     listen_overflows: int  # SYNs the kernel dropped during the run (a full accept queue)
+    other_cpu_s: float  # CPU other processes on the machine used during the run (noise)
     added_ttft_ms: Added | None
     added_gap_ms: Added | None
 
@@ -110,11 +112,13 @@ class OpenStreamsResult(_Record):
     load: LoadResult
     rss_before_bytes: int | None
     rss_plateau_bytes: int | None  # the highest RSS while all M streams were open
-    rss_per_stream_kib: float | None
+    rss_open_streams: int  # streams open at that reading (M, unless the plateau was missed)
+    rss_per_stream_kib: float | None  # (rss_plateau - rss_before) / rss_open_streams
     plateau_reached: bool  # whether a sample saw all M streams open at once
     peak_rss_bytes: int | None
     cpu_us_per_token: float | None
     listen_overflows: int
+    other_cpu_s: float
     added_gap_ms: Added | None
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
 import msgspec
 
@@ -28,7 +28,7 @@ from streamsvc.bench.load import LoadSpec
 from streamsvc.bench.procfs import ProcSample, sample
 from streamsvc.bench.results import LoadResult, Progress
 
-__all__ = ["ServiceError", "Service", "child_env", "free_port", "run_client"]
+__all__ = ["Service", "ServiceError", "child_env", "free_port", "run_client"]
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -88,8 +88,7 @@ class Service:
         self.port = port
         self.log_path = log_path
         self._env = child_env(env)
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._process: asyncio.subprocess.Process | None = None
 
     @property
     def pid(self) -> int:
@@ -109,14 +108,14 @@ class Service:
         Raises:
             ServiceError: it exited, or did not listen within 30 s; with its last log lines.
         """
-        self._log = self.log_path.open("wb")
-        self._process = subprocess.Popen(
-            self.command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self._env,
-        )
+        with self.log_path.open("wb") as log:  # the child keeps its own descriptor
+            self._process = await asyncio.create_subprocess_exec(
+                *self.command, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=self._env,
+            )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
-            if self._process.poll() is not None:
+            if self._process.returncode is not None:
                 raise ServiceError(
                     f"{self.role} exited with status {self._process.returncode} before"
                     f" listening:\n{_tail(self.log_path)}"
@@ -144,17 +143,14 @@ class Service:
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s; stopping twice is a no-op."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while process.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
     async def __aenter__(self) -> Self:
         try:

@@ -1,0 +1,193 @@
+"""``streamsvc bench``: the quick run completes and reports every figure.
+
+Speed is never asserted: the figures must be there, finite, and positive
+where a measurement cannot be zero (CPU per token, RSS, latencies).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from aiohttp import web
+
+from streamsvc.bench.baseline import create_baseline_app
+from streamsvc.bench.load import LoadSpec, run_load
+from streamsvc.bench.nginx import nginx_binary
+from streamsvc.bench.options import BenchOptions
+from streamsvc.bench.report import write_outputs
+from streamsvc.bench.results import BenchReport
+from streamsvc.bench.stats import percentile, summarize
+from streamsvc.upstream.simulator import SimulatorServer
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LOOPS = {"asyncio", "uvloop"}
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive(value: Any) -> bool:
+    return finite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
+    subprocess.CompletedProcess[str], dict[str, Any], Path
+]]:
+    """One ``streamsvc bench --quick --json --plot`` run, shared by the checks below."""
+    tmp = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STREAMSVC__") and k != "STREAMSVC_CONFIG"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "streamsvc", "bench", "--quick", "--json", "out.json",
+         "--plot", "out.png"],
+        capture_output=True, text=True, timeout=120, cwd=tmp, env=env, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    yield result, json.loads((tmp / "out.json").read_text(encoding="utf-8")), tmp
+
+
+def test_quick_bench_measures_every_path(quick_run: Any) -> None:
+    _, report, _ = quick_run
+    names = [path["name"] for path in report["paths"]]
+    expected = ["direct", "baseline", "streamsvc-openai", "streamsvc-events"]
+    if nginx_binary() is not None:
+        expected.append("nginx")
+    else:
+        assert [s["name"] for s in report["skipped"]] == ["nginx"]
+    assert names == expected
+    assert report["failed_streams"] == 0
+    settings = report["settings"]
+    for path in report["paths"]:
+        load = path["load"]
+        assert load["completed"] == load["streams"] == settings["streams"] and load["failed"] == 0
+        for figure in ("ttft_ms", "gap_ms"):
+            assert load[figure]["count"] > 0
+            for key in ("mean", "p50", "p90", "p99", "p999", "max"):
+                assert positive(load[figure][key]), (path["name"], figure, key)
+        assert load["ttft_cdf"] and load["gap_cdf"]
+        assert path["tokens_relayed"] == settings["streams"] * settings["tokens"]
+        assert positive(path["simulator_cpu_us_per_token"])
+        if path["name"] == "direct":
+            assert path["relay"] is None and path["cpu_us_per_token"] is None
+            continue
+        for key in ("cpu_s", "cpu_us_per_token", "cpu_ratio_to_baseline", "peak_rss_bytes"):
+            assert positive(path[key]), (path["name"], key)
+        for figure in ("added_ttft_ms", "added_gap_ms"):
+            assert all(finite(path[figure][key]) for key in ("p50", "p99", "max"))
+
+
+def test_quick_bench_measures_open_streams(quick_run: Any) -> None:
+    _, report, _ = quick_run
+    rows = {row["name"]: row for row in report["open_streams"]}
+    assert list(rows) == ["direct", "baseline", "streamsvc-openai"]
+    for name, row in rows.items():
+        assert row["load"]["streams"] == report["settings"]["slow_streams"]
+        assert row["load"]["failed"] == 0 and row["load"]["max_open"] > 0
+        assert positive(row["load"]["gap_ms"]["p99"])
+        if name == "direct":
+            continue
+        for key in ("rss_before_bytes", "rss_plateau_bytes", "peak_rss_bytes",
+                    "cpu_us_per_token"):
+            assert positive(row[key]), (name, key)
+        assert finite(row["rss_per_stream_kib"]) and finite(row["added_gap_ms"]["p99"])
+
+
+def test_quick_bench_judges_every_target(quick_run: Any) -> None:
+    _, report, _ = quick_run
+    targets = {t["name"]: t for t in report["targets"]}
+    assert set(targets) == {
+        "cpu_ratio_openai", "cpu_ratio_events", "added_ttft_p99_openai",
+        "added_ttft_p99_events", "added_gap_p99_open_streams", "rss_per_stream",
+    }
+    for target in targets.values():
+        assert finite(target["value"]) and isinstance(target["met"], bool)
+        assert "K=200" in target["note"] or "M=1000" in target["note"]  # quick is not the issue's
+
+
+def test_quick_bench_says_what_ran_where(quick_run: Any) -> None:
+    result, report, _ = quick_run
+    assert report["command"][:3] == ["streamsvc", "bench", "--quick"]
+    assert "streamsvc bench --quick" in report["command_line"]
+    assert report["date"] and positive(report["duration_s"])
+    machine = report["machine"]
+    assert positive(machine["cpus"]) and machine["python"] and machine["aiohttp"]
+    loops = {p["role"]: p["event_loop"] for p in report["processes"]}
+    assert {"simulator", "baseline", "streamsvc"} <= set(loops)
+    assert all(loops[role] in LOOPS for role in ("simulator", "baseline", "streamsvc"))
+    assert all(path["load"]["event_loop"] in LOOPS for path in report["paths"])
+    # The table went to stdout; the report parses back into its typed form.
+    assert "issue 4 targets" in result.stdout and "streamsvc-openai" in result.stdout
+    msgspec.json.decode(json.dumps(report), type=BenchReport)
+
+
+def test_quick_bench_writes_the_plot(quick_run: Any) -> None:
+    _, _, tmp = quick_run
+    png = (tmp / "out.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def test_no_matplotlib_means_no_plot_and_no_crash(
+    quick_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from rich.console import Console
+
+    _, report, _ = quick_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.delitem(sys.modules, "streamsvc.bench.plot", raising=False)
+    typed = msgspec.json.decode(json.dumps(report), type=BenchReport)
+    options = BenchOptions(plot_path=str(tmp_path / "out.png"), json_path=str(tmp_path / "o.json"))
+    write_outputs(typed, options, Console(stderr=True))
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists() and (tmp_path / "o.json").exists()
+
+
+# -- the parts, in process ---------------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_neighbours() -> None:
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert percentile([5.0], 0.99) == 5.0
+    summary = summarize([0.001 * i for i in range(1, 101)])
+    assert summary.count == 100 and summary.max == pytest.approx(100.0)
+    assert summary.p50 == pytest.approx(50.5)
+
+
+async def test_baseline_relays_the_simulator_stream_unchanged() -> None:
+    async with SimulatorServer() as sim:
+        runner = web.AppRunner(create_baseline_app(sim.url), handler_cancellation=True)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            result = await run_load(LoadSpec(url=url, streams=3, tokens=15, rate=200.0, ramp_s=0.0),
+                                    progress_interval=10.0)
+            async with aiohttp.ClientSession() as session:
+                body = {"model": "echo", "stream": True,
+                        "messages": [{"role": "user", "content": "a b"}]}
+                async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+                    assert resp.status == 200 and resp.content_type == "text/event-stream"
+                    assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        finally:
+            await runner.cleanup()
+    assert result.completed == 3 and result.failed == 0 and result.gap_ms.count > 0
+
+
+def test_bench_flag_out_of_range_exits_2() -> None:
+    from streamsvc.cli import main
+
+    assert main(["bench", "--streams", "0"]) == 2
