@@ -285,3 +285,20 @@ async def test_pace_on_the_openai_endpoint_keeps_the_sdk_format(
     assert _content(events) == "".join(echo_tokens(text))
     assert raw.endswith(b"data: [DONE]\n\n")
     assert len([e for e in events if e.data != "[DONE]"]) >= 4
+
+
+async def test_upstream_read_timeout_ends_a_silent_stream_without_pipeline_timeouts(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+) -> None:
+    # The socket-level net (upstreams.NAME.read_timeout_s) with the pipeline's own
+    # timeouts off: one timer per period, not aiohttp's re-armed timer per read.
+    relay = await start_server(overrides={
+        "upstreams": {"sim": {"base_url": simulator.url, "read_timeout_s": 0.3}},
+        "routes": [{"model": "*", "upstreams": ["sim"]}],
+        "pipeline": {"first_token_timeout_s": 0, "idle_timeout_s": 0, "retry_max_attempts": 1},
+    })
+    read = await _chat_stream(session, relay, _story(20, rate=100, fault="hang", fault_at=5))
+    assert read.text == _expected_story(5)
+    assert read.final()["code"] == "idle_timeout"
+    assert "sent nothing for 0.3 s" in read.final()["message"]
+    assert await wait_until(lambda: simulator.stats.active == 0), "upstream not cancelled"

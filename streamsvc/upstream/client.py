@@ -10,6 +10,7 @@ that ends without ``[DONE]`` or a finish reason, and a body left open after
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email.utils
 import time
@@ -66,6 +67,37 @@ def _error_message(body: bytes) -> str:
         if isinstance(error, str):
             return error
     return body[:200].decode("utf-8", "replace")
+
+
+class _SilenceWatch:
+    """Calls ``on_silence`` once nothing was read for ``seconds``.
+
+    The reader notes the time of each read in ``last``; the one timer, when
+    it fires early, is re-armed for the time that is left. So a stream costs
+    one timer per ``seconds``, not one per read.
+    """
+
+    __slots__ = ("_handle", "_on_silence", "_seconds", "fired", "last")
+
+    def __init__(self, seconds: float, on_silence: Callable[[], object]) -> None:
+        self._seconds = seconds
+        self._on_silence = on_silence
+        self.last = time.monotonic()
+        self.fired = False
+        self._handle = asyncio.get_running_loop().call_later(seconds, self._check)
+
+    def _check(self) -> None:
+        waited = time.monotonic() - self.last
+        if waited < self._seconds:
+            self._handle = asyncio.get_running_loop().call_later(
+                self._seconds - waited, self._check
+            )
+            return
+        self.fired = True
+        self._on_silence()
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def _well_formed(choices: Any) -> bool:
@@ -142,6 +174,11 @@ class UpstreamClient:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout_s, sock_read=config.read_timeout_s
         )
+        # Streams watch silence with a _SilenceWatch instead: aiohttp's sock_read
+        # re-arms a timer on every read, i.e. once per token.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None, connect=config.connect_timeout_s, sock_read=None
+        )
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self.name!r}, {self._url!r})"
@@ -180,16 +217,17 @@ class UpstreamClient:
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
     async def _post(
-        self, body: dict[str, Any], session: aiohttp.ClientSession
+        self, body: dict[str, Any], session: aiohttp.ClientSession, *, streaming: bool = False
     ) -> aiohttp.ClientResponse:
         try:
-            response = await session.post(
-                self._url,
-                data=msgspec.json.encode(body),
-                headers=self._headers,
-                params=self.config.query or None,
-                timeout=self._timeout,
-            )
+            async with asyncio.timeout(self.config.read_timeout_s if streaming else None):
+                response = await session.post(
+                    self._url,
+                    data=msgspec.json.encode(body),
+                    headers=self._headers,
+                    params=self.config.query or None,
+                    timeout=self._stream_timeout if streaming else self._timeout,
+                )
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError(
                 f"cannot connect to upstream {self.name!r}: {exc.os_error}",
@@ -244,14 +282,16 @@ class UpstreamClient:
         session: aiohttp.ClientSession,
         on_open: Callable[[], None] | None,
     ) -> AsyncIterator[Chunk]:
-        response = await self._post(body, session)
+        response = await self._post(body, session, streaming=True)
         decoder = SSEDecoder()
         finished: set[int] = set()
         undelivered = 0  # bytes read since the last whole event: bounds the decoder's buffer
+        silence = _SilenceWatch(self.config.read_timeout_s, response.close)
         try:
             if on_open is not None:
                 on_open()
             async for data in response.content.iter_any():
+                silence.last = time.monotonic()
                 events = decoder.feed(data)
                 undelivered = 0 if events else undelivered + len(data)
                 if undelivered > MAX_EVENT_BYTES:
@@ -291,25 +331,31 @@ class UpstreamClient:
                         if choice.get("finish_reason") is not None:
                             finished.add(choice.get("index", 0))
                     yield chunk
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamError(
-                f"upstream {self.name!r} sent nothing for {self.config.read_timeout_s:g} s",
-                code=ErrorCode.IDLE_TIMEOUT, retryable=True,
-            ) from exc
-        except aiohttp.ClientError as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if silence.fired or isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+                raise self._silent() from exc
             raise UpstreamError(
                 f"upstream {self.name!r} connection broke mid-stream: {type(exc).__name__}",
                 code=ErrorCode.UPSTREAM_ERROR, retryable=True,
             ) from exc
         finally:
+            silence.cancel()
             # Not release(): a body left open (or cut short) must not go back to the pool.
             response.close()
+        if silence.fired:
+            raise self._silent()
         if not finished:
             raise UpstreamError(
                 f"upstream {self.name!r} ended the stream without [DONE] or a finish reason"
                 " (truncated)",
                 code=ErrorCode.UPSTREAM_ERROR, retryable=True,
             )
+
+    def _silent(self) -> UpstreamError:
+        return UpstreamError(
+            f"upstream {self.name!r} sent nothing for {self.config.read_timeout_s:g} s",
+            code=ErrorCode.IDLE_TIMEOUT, retryable=True,
+        )
 
     async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
         """A non-streaming chat completion: the upstream's ``chat.completion`` object."""
