@@ -57,7 +57,8 @@ def loop_factory(
         import uvloop
     except ImportError as exc:
         raise ConfigError(UVLOOP_MISSING, source=source, key="server.event_loop") from exc
-    return uvloop.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
