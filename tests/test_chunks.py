@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import msgspec
@@ -229,7 +230,7 @@ TEXT = st.lists(
 def split(draw: st.DrawFn, whole: str) -> list[str]:
     cuts = sorted(draw(st.lists(st.integers(0, len(whole)), max_size=12)))
     bounds = [0, *cuts, len(whole)]
-    return [whole[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [whole[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def framing() -> st.SearchStrategy[Chunk]:

@@ -36,7 +36,7 @@ def streamsvc(*args: str, env: dict[str, str] | None = None, cwd: Path | None = 
               timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "streamsvc", *args],
-        capture_output=True, text=True, timeout=timeout, env=env or clean_env(), cwd=cwd,
+        capture_output=True, text=True, timeout=timeout, env=env or clean_env(), cwd=cwd, check=False,
     )
 
 

@@ -108,8 +108,8 @@ BAD_FILES = {
     "upstream without base_url": ('[upstreams.a]\napi_key_env = "X"\n', "upstreams.a",
                                   "base_url"),
     "route naming an unknown upstream": (
-        '[upstreams.a]\nbase_url = "https://x"\n'
-        '[[routes]]\nmodel = "*"\nupstreams = ["a", "b"]\n',
+        ('[upstreams.a]\nbase_url = "https://x"\n'
+         '[[routes]]\nmodel = "*"\nupstreams = ["a", "b"]\n'),
         "routes[0].upstreams[1]", "'b'",
     ),
     "route with no upstream": ('[[routes]]\nmodel = "*"\nupstreams = []\n',

@@ -7,6 +7,7 @@ subscription, so a resubscription replays them.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -216,7 +217,7 @@ def timed_pieces(draw: st.DrawFn) -> tuple[str, list[tuple[int, str]]]:
     whole = draw(st.text(st.sampled_from("ab \r\n世😀é"), max_size=60))
     cuts = sorted(draw(st.lists(st.integers(0, len(whole)), max_size=20)))
     bounds = [0, *cuts, len(whole)]
-    pieces = [whole[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [whole[a:b] for a, b in itertools.pairwise(bounds)]
     gaps = draw(st.lists(st.integers(0, 30), min_size=len(pieces), max_size=len(pieces)))
     time, timed = 200, []
     for gap, piece in zip(gaps, pieces, strict=True):

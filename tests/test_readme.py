@@ -47,7 +47,7 @@ def test_readme_embedded_example_runs_and_prints_the_echo(tmp_path: Path) -> Non
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60,
-        env=env, cwd=tmp_path,
+        env=env, cwd=tmp_path, check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "Hello, reactive world" in result.stdout

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_mypy_strict_passes_on_the_package() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-incremental"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -115,7 +115,7 @@ def validate_chat(body: Any, *, stream_default: bool = False) -> ChatRequest:
         _check_type(own, dict, OWN_FIELD, "an object")
         unknown = set(own) - {"retries"}
         if unknown:
-            raise _bad("unknown option", f"{OWN_FIELD}.{sorted(unknown)[0]}")
+            raise _bad("unknown option", f"{OWN_FIELD}.{min(unknown)}")
         retries = own.get("retries", True)
         _check_type(retries, bool, f"{OWN_FIELD}.retries", "a boolean")
         body = {k: v for k, v in body.items() if k != OWN_FIELD}
