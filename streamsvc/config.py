@@ -64,6 +64,7 @@ class ServerConfig(_Section, frozen=True):
     write_timeout_s: PosFloat = 30.0
     send_buffer_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     shutdown_timeout_s: NonNegFloat = 10.0
+    drain_timeout_s: NonNegFloat = 30.0
     event_loop: EventLoopSetting = "auto"
 
     def __post_init__(self) -> None:

@@ -257,9 +257,30 @@ class StreamRegistry:
         generation.stop("cancelled", error=error)
         return True
 
+    async def drain(self, timeout_s: float) -> int:
+        """Let the running generations finish, for at most ``timeout_s``; then stop the rest.
+
+        A generation stopped here ends with the ``shutting_down`` error event
+        (retryable), so a client knows its answer was cut by a restart.
+
+        Returns:
+            How many generations had to be stopped.
+        """
+        pending = [g.ended for g in self._running.values()]
+        if pending and timeout_s > 0:
+            await asyncio.wait(pending, timeout=timeout_s)
+        return await self._stop_all()
+
     async def close(self) -> None:
         """Stop every generation and wait for each to write its final event."""
+        await self._stop_all()
+
+    async def _stop_all(self) -> int:
         generations = list(self._running.values())
         for generation in generations:
-            generation.stop("cancelled")
+            generation.stop("cancelled", error=StreamError(
+                "the server is shutting down; the answer was cut here",
+                code=ErrorCode.SHUTTING_DOWN, retryable=True,
+            ))
         await asyncio.gather(*(g.ended for g in generations), return_exceptions=True)
+        return len(generations)

@@ -14,8 +14,15 @@ from streamsvc.journal.memory import MemoryJournal
 from streamsvc.server import routes_info, routes_openai, routes_page, routes_streams
 from streamsvc.server.metrics import Metrics
 from streamsvc.server.middleware import error_middleware, set_request_id_header
-from streamsvc.server.routes_info import DRAINING
-from streamsvc.server.state import CONFIG, JOURNAL, METRICS, REGISTRY, ROUTER, SESSION
+from streamsvc.server.state import (
+    CONFIG,
+    DRAINING,
+    JOURNAL,
+    METRICS,
+    REGISTRY,
+    ROUTER,
+    SESSION,
+)
 from streamsvc.streams import StreamRegistry
 from streamsvc.upstream.routing import Router
 from streamsvc.upstream.simulator import SimulatorServer
@@ -77,7 +84,23 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _drain(app: web.Application) -> None:
+    """Shutdown (SIGTERM), once the listening socket is closed: let answers finish.
+
+    ``/readyz`` fails and new streams get ``503 shutting_down`` from here on;
+    running generations get ``drain_timeout_s`` to finish into the journal
+    (their readers are still being served), and the rest end with the
+    ``shutting_down`` error event. Then aiohttp waits ``shutdown_timeout_s``
+    for the handlers to write what is left.
+    """
     app[DRAINING].set()
+    running = len(app[REGISTRY])
+    timeout = app[CONFIG].server.drain_timeout_s
+    if running:
+        log.info("shutting down: waiting up to %g s for %d running streams", timeout, running)
+    stopped = await app[REGISTRY].drain(timeout)
+    if stopped:
+        log.warning("shutting down: %d streams did not finish in %g s and were cut"
+                    " (shutting_down)", stopped, timeout)
 
 
 def create_app(config: Config | None = None) -> web.Application:

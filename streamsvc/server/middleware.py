@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
-from streamsvc.server.state import CONFIG, HUNG_UP, METRICS, REQUEST_ID
+from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
+from streamsvc.server.state import CONFIG, DRAINING, HUNG_UP, METRICS, REQUEST_ID
 
 __all__ = ["error_middleware", "set_request_id_header"]
 
@@ -75,6 +75,16 @@ def _count(request: web.Request, status: int) -> None:
     metrics.requests.labels(endpoint, str(status)).inc()
     if status == 499:
         note_hangup(request)
+
+
+def ensure_accepting(request: web.Request) -> None:
+    """New streams are refused once shutdown began: the client retries elsewhere."""
+    if request.app[DRAINING].is_set():
+        raise StreamError(
+            "the server is shutting down: retry, and the load balancer sends you to"
+            " another instance",
+            code=ErrorCode.SHUTTING_DOWN, retryable=True,
+        )
 
 
 def note_hangup(request: web.Request) -> None:

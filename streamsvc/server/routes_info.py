@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
-from streamsvc.server.state import CONFIG, METRICS, ROUTER
+from streamsvc.server.state import CONFIG, DRAINING, METRICS, ROUTER
 from streamsvc.upstream.simulator import MODELS as SIMULATOR_MODELS
 
-__all__ = ["DRAINING", "routes"]
+__all__ = ["routes"]
 
 routes = web.RouteTableDef()
-DRAINING = web.AppKey("draining", asyncio.Event)
 
 
 @routes.get("/v1/models")

@@ -24,7 +24,7 @@ from streamsvc.errors import ErrorCode, StreamsvcError, UpstreamError
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.reactive.bridge import ObservableIterator
 from streamsvc.reactive.operators._retry import next_attempt
-from streamsvc.server.middleware import note_hangup
+from streamsvc.server.middleware import ensure_accepting, note_hangup
 from streamsvc.server.requests import ChatRequest, parse_chat_body
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID, ROUTER
@@ -76,6 +76,7 @@ def _chunk_size(chunk: Chunk) -> int:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     chat = parse_chat_body(await request.read())
+    ensure_accepting(request)
     clients = request.app[ROUTER].clients_for(chat.model)
     if not chat.stream:
         answer, upstream, attempts = await _complete(request, chat, clients)

@@ -17,7 +17,7 @@ from aiohttp import web
 from streamsvc.errors import ClientError, ErrorCode
 from streamsvc.journal.base import Event
 from streamsvc.pipeline import StreamContext, build_pipeline
-from streamsvc.server.middleware import note_hangup
+from streamsvc.server.middleware import ensure_accepting, note_hangup
 from streamsvc.server.requests import (
     ChatRequest,
     is_stream_id,
@@ -37,6 +37,7 @@ routes = web.RouteTableDef()
 
 
 async def _start(request: web.Request, chat: ChatRequest, *, resumable: bool) -> Generation:
+    ensure_accepting(request)
     app = request.app
     clients = app[ROUTER].clients_for(chat.model)
     context = StreamContext()

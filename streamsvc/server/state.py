@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from aiohttp import web
 
@@ -19,3 +21,5 @@ REGISTRY = web.AppKey("registry", StreamRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 REQUEST_ID = web.RequestKey("request_id", str)
 HUNG_UP = web.RequestKey("hung_up", bool)
+DRAINING = web.AppKey("draining", asyncio.Event)
+"""Set when shutdown begins: readiness fails and new streams are refused."""

@@ -1,0 +1,138 @@
+"""Graceful shutdown on SIGTERM (one instance, memory journal): answers in flight finish.
+
+``streamsvc serve`` runs as a real process with its built-in simulator; the
+client keeps reading its stream while the process is told to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from streamsvc.server.state import DRAINING
+from streamsvc.sse import ServerSentEvent, SSEDecoder
+from streamsvc.upstream.simtext import generated_tokens
+from tests.conftest import RunningServer
+from tests.test_slow_consumer import _free_port
+
+PROMPT = "tell me a story"
+
+
+def _story(tokens: int, rate: float) -> dict[str, Any]:
+    return {"model": "sim-small", "messages": [{"role": "user", "content": PROMPT}],
+            "simulate": {"tokens": tokens, "rate": rate}}
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Any]:
+    """Start ``streamsvc serve`` with extra environment; yields (process, url)."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    async def start(**env: str) -> tuple[subprocess.Popen[bytes], str]:
+        port = _free_port()
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")}
+        full_env.update(env)
+        process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
+            [sys.executable, "-m", "streamsvc", "serve", "--port", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env,
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    async with session.get(url + "/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "streamsvc serve did not start"
+                await asyncio.sleep(0.05)
+        return process, url
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+async def _read_after_sigterm(
+    url: str, process: subprocess.Popen[bytes], body: dict[str, Any]
+) -> list[ServerSentEvent]:
+    """Read a POST /v1/chat/stream; SIGTERM the server once the first delta is in."""
+    decoder = SSEDecoder()
+    events: list[ServerSentEvent] = []
+    async with aiohttp.ClientSession() as session, session.post(
+        url + "/v1/chat/stream", json=body
+    ) as response:
+        assert response.status == 200
+        async for data in response.content.iter_any():
+            fresh = decoder.feed(data)
+            if not events and any(e.event == "message" for e in fresh):
+                process.send_signal(signal.SIGTERM)
+            events.extend(fresh)
+    return events
+
+
+def _text(events: list[ServerSentEvent]) -> str:
+    return "".join(json.loads(e.data).get("content", "") for e in events if e.event == "message")
+
+
+async def _exit_code(process: subprocess.Popen[bytes], timeout: float = 20) -> int:
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        assert time.monotonic() < deadline, "the server did not exit"
+        await asyncio.sleep(0.05)
+    return process.returncode
+
+
+async def test_sigterm_lets_a_running_answer_finish_then_exits_0(serve: Any) -> None:
+    process, url = await serve()
+    events = await _read_after_sigterm(url, process, _story(30, rate=20))  # about 1.5 s
+    assert events[-1].event == "done"
+    assert json.loads(events[-1].data)["finish_reason"] == "stop"
+    assert _text(events) == "".join(generated_tokens("sim-small", PROMPT, 30))
+    assert await _exit_code(process) == 0
+
+
+async def test_an_answer_longer_than_drain_timeout_ends_with_shutting_down(serve: Any) -> None:
+    process, url = await serve(STREAMSVC__SERVER__DRAIN_TIMEOUT_S="0.5")
+    started = time.monotonic()
+    events = await _read_after_sigterm(url, process, _story(400, rate=20))  # about 20 s
+    assert events[-1].event == "error"
+    error = json.loads(events[-1].data)
+    assert error["code"] == "shutting_down" and error["retryable"] is True
+    text = _text(events)
+    assert text and "".join(generated_tokens("sim-small", PROMPT, 400)).startswith(text)
+    assert await _exit_code(process) == 0
+    assert time.monotonic() - started < 15, "drain_timeout_s was not applied"
+
+
+async def test_while_draining_new_streams_get_503_shutting_down(
+    relay: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    relay.app[DRAINING].set()
+    body = {**_story(3, rate=0), "stream": True}
+    for path in ("/v1/chat/completions", "/v1/chat/stream", "/v1/streams"):
+        async with session.post(relay.url + path, json=body) as r:
+            assert r.status == 503, path
+            error = (await r.json())["error"]
+        assert error["code"] == "shutting_down"
+    async with session.get(relay.url + "/v1/chat/stream", params={"q": "hi", "model": "echo"}) as r:
+        assert r.status == 503
+    async with session.get(relay.url + "/readyz") as r:
+        assert r.status == 503
