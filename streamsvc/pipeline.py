@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from reactivex import Observable
@@ -31,6 +31,8 @@ class StreamContext:
 
     upstream: str | None = None
     attempts: int = 0
+    retried: list[str] = field(default_factory=list)
+    """The code of each error that was retried or fell back, in order."""
 
     def summary(self) -> dict[str, Any]:
         return {"upstream": self.upstream, "attempts": self.attempts}
@@ -82,6 +84,9 @@ def build_pipeline(
             backoff_base=config.retry_backoff_base_ms / 1000,
             backoff_max=config.retry_backoff_max_ms / 1000,
             fallbacks=sources[1:] if retries else (),
+            on_retry=lambda _source, _attempt, error, _delay: context.retried.append(
+                str(getattr(error, "code", "internal_error"))
+            ),
         )
     )
     if config.total_timeout_s > 0:

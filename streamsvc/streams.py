@@ -13,8 +13,9 @@ import asyncio
 import enum
 import logging
 import secrets
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 from reactivex import Observable, abc
@@ -26,9 +27,22 @@ from streamsvc.events import DELTA, DONE, ERROR, EventBuilder
 from streamsvc.journal.base import Journal
 from streamsvc.pipeline import StreamContext
 
-__all__ = ["Generation", "GenerationState", "StreamRegistry", "new_stream_id"]
+__all__ = ["Generation", "GenerationState", "StreamObserver", "StreamRegistry", "new_stream_id"]
 
 log = logging.getLogger("streamsvc.streams")
+
+class StreamObserver(Protocol):
+    """Told what each generation does, for metrics (the server's ``Metrics`` is one)."""
+
+    def first_token(self, seconds: float) -> None:
+        """The first event of a stream was journaled, ``seconds`` after it started."""
+
+    def gap(self, seconds: float) -> None:
+        """Another event was journaled, ``seconds`` after the one before it."""
+
+    def retried(self, codes: list[str]) -> None:
+        """A stream ended; its pipeline retried or fell back after these error codes."""
+
 
 def new_stream_id() -> str:
     """A random stream id: URL-safe, no ':' (it separates the seq in event ids)."""
@@ -59,6 +73,7 @@ class Generation:
         resumable: bool,
         max_lag_bytes: int | None = None,
         on_error: Callable[[str], None] | None = None,
+        observer: StreamObserver | None = None,
     ) -> None:
         self.id = stream_id
         self.resumable = resumable
@@ -74,6 +89,9 @@ class Generation:
         self._journal = journal
         self._on_error = on_error
         self._builder = EventBuilder()
+        self._observer = observer
+        self._last_event = time.monotonic()  # the start, then the last journaled event
+        self._first = True
         self._subscription: abc.DisposableBase | None = None
         self._grace: asyncio.TimerHandle | None = None
 
@@ -121,6 +139,8 @@ class Generation:
             events = [(DELTA, data) for data in self._builder.deltas(chunk)]
             if events:
                 self._journal.append_nowait(self.id, events)
+                if self._observer is not None:
+                    self._observe()
                 self._check_lag()
         except Exception as exc:  # noqa: BLE001 - journal_full, slow_consumer, or a bug of ours
             self._on_error_event(exc)
@@ -152,6 +172,8 @@ class Generation:
         """Cancel the upstream (if it still runs) and journal the final event, once."""
         self.state = GenerationState.ENDED
         self.cancel_grace()
+        if self._observer is not None and self.context.retried:
+            self._observer.retried(self.context.retried)
         if self._subscription is not None:
             self._subscription.dispose()
             self._subscription = None
@@ -161,6 +183,16 @@ class Generation:
             log.exception("stream %s: the final event could not be journaled", self.id)
         if not self.ended.done():
             self.ended.set_result(None)
+
+    def _observe(self) -> None:
+        assert self._observer is not None
+        now = time.monotonic()
+        if self._first:
+            self._first = False
+            self._observer.first_token(now - self._last_event)
+        else:
+            self._observer.gap(now - self._last_event)
+        self._last_event = now
 
     def _check_lag(self) -> None:
         """A non-resumable stream's one reader must keep up: it has nowhere else to read."""
@@ -202,6 +234,8 @@ class StreamRegistry:
         self._running: dict[str, Generation] = {}
         self.on_error: Callable[[str], None] | None = None
         """Told the code of every stream that ends with an ``error`` event."""
+        self.observer: StreamObserver | None = None
+        """Told each generation's first-token time, gaps and retries."""
 
     def __len__(self) -> int:
         return len(self._running)
@@ -218,6 +252,7 @@ class StreamRegistry:
         generation = Generation(
             stream_id, source, context, self.journal,
             resumable=resumable, max_lag_bytes=self._max_lag, on_error=self.on_error,
+            observer=self.observer,
         )
         self._running[stream_id] = generation
         generation.start()

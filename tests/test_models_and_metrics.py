@@ -80,3 +80,35 @@ async def test_metrics_count_requests_errors_and_hangups(
                    endpoint="/v1/chat/completions", status="400") == 1
     assert _metric(text, "streamsvc_client_hangups_total") == 1
     assert _metric(text, "streamsvc_streams_started_total", kind="openai") == 1
+
+
+async def test_metrics_time_to_first_token_gaps_tokens_and_retries(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = await start_server(overrides=relay_overrides(
+        simulator.url, pipeline={"retry_backoff_base_ms": 1, "retry_backoff_max_ms": 50,
+                                 "coalesce": False}))
+    body = {"model": "sim-small", "messages": [{"role": "user", "content": "x"}],
+            "simulate": {"tokens": 6, "rate": 100, "fault": "500", "fail_times": 1, "key": "m"}}
+    async with session.post(f"{server.url}/v1/chat/stream", json=body) as response:
+        text = await response.text()
+    assert "event: done" in text
+    async with session.get(f"{server.url}/metrics") as response:
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+
+    def value(family: str, sample: str, **labels: str) -> float:
+        return next(s.value for s in families[family].samples
+                    if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    first = "streamsvc_time_to_first_token_seconds"
+    gaps = "streamsvc_inter_token_gap_seconds"
+    assert value(first, first + "_count") == 1
+    assert value(first, first + "_sum") > 0
+    assert text.count("event: ") == 1  # only the done event is named
+    deltas = text.count("data: {") - 1  # every event but the done event
+    assert value(gaps, gaps + "_count") == deltas - 1
+    assert value("streamsvc_tokens_relayed", "streamsvc_tokens_relayed_total") == deltas
+    retries = families["streamsvc_upstream_retries"].samples
+    assert sum(s.value for s in retries if s.name.endswith("_total")) == 1

@@ -75,6 +75,7 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
     app[REGISTRY] = registry
     metrics = Metrics(active_streams=lambda: len(registry))
     registry.on_error = metrics.count_error
+    registry.observer = metrics
     app[METRICS] = metrics
     try:
         yield

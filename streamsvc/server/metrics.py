@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
 
@@ -35,6 +35,27 @@ class Metrics:
             "Streams ended or connections closed because the client fell behind",
             registry=self.registry,
         )
+        self.time_to_first_token = Histogram(
+            "streamsvc_time_to_first_token_seconds",
+            "From the start of a generation to its first journaled event",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.inter_token_gap = Histogram(
+            "streamsvc_inter_token_gap_seconds",
+            "Between two journaled events of a generation",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30),
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "streamsvc_tokens_relayed", "Events journaled by generations (about one per token)",
+            registry=self.registry,
+        )
+        self.upstream_retries = Counter(
+            "streamsvc_upstream_retries",
+            "Upstream errors a stream's pipeline retried or fell back after, by code",
+            ["code"], registry=self.registry,
+        )
         active = Gauge(
             "streamsvc_streams_active", "Generations running in this process",
             registry=self.registry,
@@ -46,6 +67,18 @@ class Metrics:
         self.stream_errors.labels(code).inc()
         if code == "slow_consumer":
             self.slow_consumers.inc()
+
+    def first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+        self.tokens.inc()
+
+    def gap(self, seconds: float) -> None:
+        self.inter_token_gap.observe(seconds)
+        self.tokens.inc()
+
+    def retried(self, codes: list[str]) -> None:
+        for code in codes:
+            self.upstream_retries.labels(code).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
