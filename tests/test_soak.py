@@ -69,7 +69,9 @@ async def test_clients_leaving_at_random_points_leak_nothing(
     assert await wait_until(lambda: simulator.stats.active == 0, timeout=10)
     stats = simulator.stats
     assert stats.completed + stats.disconnected == stats.requests
-    assert stats.requests >= STREAMS
+    # (Not every stream need reach the simulator: a client that leaves before
+    # the upstream request is sent cancels it first.)
+    assert stats.requests > STREAMS / 2
     # Every handler, generation and upstream reader is gone: only what ran before
     # is left, besides the tasks of idle keep-alive connections (the relay's
     # upstream pool keeps some open to the simulator; none is streaming).
