@@ -876,7 +876,9 @@ class SimulatorServer:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self._requested_port)
+            # A deep accept queue, as `streamsvc serve` has: a benchmark opens
+            # hundreds of streams at once (aiohttp's default is 128).
+            site = web.TCPSite(runner, self.host, self._requested_port, backlog=1024)
             await site.start()
             self._port = int(runner.addresses[0][1])
         except BaseException:
