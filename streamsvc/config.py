@@ -28,8 +28,10 @@ from streamsvc.eventloop import UVLOOP_MISSING, EventLoopSetting, uvloop_availab
 
 __all__ = [
     "BUILTIN_SIMULATOR",
+    "AuthConfig",
     "Config",
     "JournalConfig",
+    "LimitsConfig",
     "LogConfig",
     "PipelineConfig",
     "RouteConfig",
@@ -44,6 +46,7 @@ BUILTIN_SIMULATOR = "builtin:simulator"
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 PosInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 
@@ -104,6 +107,32 @@ class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class AuthConfig(_Section, frozen=True):
+    """``[auth]``: client API keys, EventSource tickets and CORS origins."""
+
+    api_keys_env: str = "STREAMSVC_API_KEYS"
+    ticket_ttl_s: PosFloat = 60.0
+    ticket_secret_env: str = "STREAMSVC_TICKET_SECRET"
+    cors_origins: list[str] = []
+
+    def api_keys(self, env: Mapping[str, str] | None = None) -> list[str]:
+        """The client keys from ``api_keys_env`` (comma-separated); empty means auth is off."""
+        raw = (os.environ if env is None else env).get(self.api_keys_env, "")
+        return [key.strip() for key in raw.split(",") if key.strip()]
+
+    def ticket_secret(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The shared ticket signing secret from ``ticket_secret_env``; None when unset."""
+        return (os.environ if env is None else env).get(self.ticket_secret_env) or None
+
+
+class LimitsConfig(_Section, frozen=True):
+    """``[limits]``: concurrent streams and request rates (0 turns a limit off)."""
+
+    max_streams: NonNegInt = 1000
+    max_streams_per_key: NonNegInt = 20
+    requests_per_minute_per_key: NonNegInt = 600
+
+
 class UpstreamConfig(_Section, frozen=True):
     """``[upstreams.NAME]``: one OpenAI-compatible server (or the built-in simulator)."""
 
@@ -152,6 +181,8 @@ class Config(_Section, frozen=True):
     journal: JournalConfig = msgspec.field(default_factory=JournalConfig)
     pipeline: PipelineConfig = msgspec.field(default_factory=PipelineConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     upstreams: dict[str, UpstreamConfig] = msgspec.field(default_factory=_default_upstreams)
     routes: list[RouteConfig] = msgspec.field(default_factory=_default_routes)
 

@@ -5,6 +5,7 @@
     StreamsvcError                     (code, message, retryable, status)
     ├── ConfigError                    config_invalid: names the file and the key
     ├── ClientError                    the request was wrong: bad_request, not_found, ...
+    │   └── LimitError                 rate_limited by one of our own limits (retry_after)
     ├── UpstreamError                  the upstream failed: upstream_unavailable,
     │                                  upstream_error, upstream_timeout, idle_timeout,
     │                                  rate_limited (carries retry_after)
@@ -24,6 +25,7 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "ErrorCode",
+    "LimitError",
     "StreamError",
     "StreamsvcError",
     "UpstreamError",
@@ -148,6 +150,16 @@ class ClientError(StreamsvcError):
     """The client's request is wrong; answered with a 4xx naming the field."""
 
     default_code = ErrorCode.BAD_REQUEST
+
+
+class LimitError(ClientError):
+    """A client went over one of streamsvc's own limits: ``429 rate_limited`` with Retry-After."""
+
+    default_code = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, *, retry_after: float, param: str | None = None) -> None:
+        super().__init__(message, retryable=True, param=param)
+        self.retry_after = retry_after
 
 
 class UpstreamError(StreamsvcError):

@@ -7,11 +7,14 @@ import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
+import aiohttp_cors
 from aiohttp import web
 
 from streamsvc.config import BUILTIN_SIMULATOR, Config
 from streamsvc.journal.memory import MemoryJournal
 from streamsvc.server import routes_info, routes_openai, routes_page, routes_streams
+from streamsvc.server.auth import AUTH, Auth, auth_middleware
+from streamsvc.server.limits import LIMITER, MemoryLimiter
 from streamsvc.server.metrics import Metrics
 from streamsvc.server.middleware import error_middleware, set_request_id_header
 from streamsvc.server.state import (
@@ -113,9 +116,12 @@ def create_app(config: Config | None = None) -> web.Application:
     config = config or Config()
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[error_middleware],
+        middlewares=[error_middleware, auth_middleware],
     )
     app[CONFIG] = config
+    app[AUTH] = Auth(config.auth, retention_s=config.journal.retention_s)
+    app[LIMITER] = MemoryLimiter(config.limits)  # a Redis limiter goes here for many instances
+    app.on_startup.append(_log_auth)
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_streams)
@@ -125,4 +131,29 @@ def create_app(config: Config | None = None) -> web.Application:
     app.add_routes(routes_streams.routes)
     app.add_routes(routes_info.routes)
     app.add_routes(routes_page.routes)
+    _cors(app, config)
     return app
+
+
+async def _log_auth(app: web.Application) -> None:
+    log.info("%s", app[AUTH].describe())  # one line: on or off, never a key
+
+
+def _cors(app: web.Application, config: Config) -> None:
+    """CORS for the ``/v1/*`` routes, for the origins in ``auth.cors_origins`` (none: no CORS)."""
+    origins = config.auth.cors_origins
+    if not origins:
+        return
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=False,
+        allow_headers=("Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"),
+        expose_headers=("X-Request-ID", "X-Stream-ID", "X-Streamsvc-Upstream",
+                        "X-Streamsvc-Attempts", "Retry-After"),
+        allow_methods=("GET", "POST", "DELETE"),
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        resource = route.resource
+        if resource is not None and resource.canonical.startswith("/v1/"):
+            cors.add(route)

@@ -24,6 +24,8 @@ from streamsvc.errors import ErrorCode, StreamsvcError, UpstreamError
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.reactive.bridge import ObservableIterator
 from streamsvc.reactive.operators._retry import next_attempt
+from streamsvc.server.auth import KEY_ID
+from streamsvc.server.limits import LIMITER
 from streamsvc.server.middleware import ensure_accepting, note_hangup
 from streamsvc.server.requests import ChatRequest, parse_chat_body
 from streamsvc.server.sse_response import ClientGone, SSEResponse
@@ -74,6 +76,15 @@ def _chunk_size(chunk: Chunk) -> int:
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """Counted as an open stream (limits) from here until the answer ends or the client leaves."""
+    slot = await request.app[LIMITER].acquire_stream(request.get(KEY_ID))
+    try:
+        return await _chat_completions(request)
+    finally:
+        slot.release()
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     chat = parse_chat_body(await request.read())
     ensure_accepting(request)

@@ -12,11 +12,14 @@ import asyncio
 import logging
 import time
 
+import msgspec
 from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode
 from streamsvc.journal.base import Event
 from streamsvc.pipeline import StreamContext, build_pipeline
+from streamsvc.server.auth import AUTH, KEY_ID, TICKET, Ticket
+from streamsvc.server.limits import LIMITER
 from streamsvc.server.middleware import ensure_accepting, note_hangup
 from streamsvc.server.requests import (
     ChatRequest,
@@ -36,14 +39,25 @@ log = logging.getLogger("streamsvc.http")
 routes = web.RouteTableDef()
 
 
-async def _start(request: web.Request, chat: ChatRequest, *, resumable: bool) -> Generation:
+async def _start(request: web.Request, chat: ChatRequest, *, resumable: bool,
+                 ticket: Ticket | None = None) -> Generation:
     ensure_accepting(request)
     app = request.app
     clients = app[ROUTER].clients_for(chat.model)
     context = StreamContext()
     source = build_pipeline(chat.body, clients, app[CONFIG].pipeline, context,
                             retries=chat.retries)
-    generation = await app[REGISTRY].start(source, context, resumable=resumable)
+    key_id = request.get(KEY_ID)
+    # Counted against the limits from here until the generation ends (done, error,
+    # cancelled, or stopped because its client left).
+    slot = await app[LIMITER].acquire_stream(key_id)
+    try:
+        generation = await app[REGISTRY].start(source, context, resumable=resumable)
+    except BaseException:
+        slot.release()
+        raise
+    generation.ended.add_done_callback(lambda _: slot.release())
+    app[AUTH].own(generation.id, key_id, generation.ended, ticket)
     app[METRICS].streams_started.labels("resumable" if resumable else "direct").inc()
     log.info("request %s: stream %s started (model %s, %s)", request[REQUEST_ID],
              generation.id, chat.model, "resumable" if resumable else "direct")
@@ -199,10 +213,28 @@ async def post_chat_stream(request: web.Request) -> web.StreamResponse:
 async def get_chat_stream(request: web.Request) -> web.StreamResponse:
     """The one-shot EventSource form; a reconnect resumes by Last-Event-ID."""
     resume = _resume_point(request)
+    auth = request.app[AUTH]
+    ticket = request.get(TICKET)
+    if ticket is not None:
+        if ticket.scope != "chat":
+            raise ClientError("ticket: it is for one stream's events_url, not for"
+                              " GET /v1/chat/stream (mint one with POST /v1/tickets)",
+                              code=ErrorCode.FORBIDDEN)
+        bound = auth.admit(ticket, resume[0] if resume is not None else None)
+        if bound is not None:  # EventSource reconnecting with the URL that started `bound`
+            return await serve_events(request, bound, resume[1] if resume else 0)
+    elif resume is not None:
+        auth.check_owner(request, resume[0])
     if resume is not None:
         return await serve_events(request, *resume)
-    chat = parse_chat_query(request.query, default_model=request.app[CONFIG].server.default_model)
-    generation = await _start(request, chat, resumable=True)
+    try:
+        chat = parse_chat_query(request.query,
+                                default_model=request.app[CONFIG].server.default_model)
+        generation = await _start(request, chat, resumable=True, ticket=ticket)
+    except BaseException:
+        if ticket is not None:
+            auth.release_unstarted(ticket)
+        raise
     return await serve_events(request, generation.id, 0)
 
 
@@ -212,11 +244,16 @@ async def create_stream(request: web.Request) -> web.Response:
     chat = parse_chat_body(await request.read(), stream_default=True)
     generation = await _start(request, chat, resumable=True)
     grace = request.app[CONFIG].journal.resume_grace_s
+    events_url = f"/v1/streams/{generation.id}/events"
+    key_id = request.get(KEY_ID)
+    if key_id is not None:  # auth on: EventSource cannot send the key, the URL carries a ticket
+        ticket, _ = request.app[AUTH].mint("stream", key_id, generation.id)
+        events_url += f"?ticket={ticket}"
     return web.json_response(
         {
             "id": generation.id,
             "object": "stream",
-            "events_url": f"/v1/streams/{generation.id}/events",
+            "events_url": events_url,
             "expires_at": int(time.time() + grace),
         },
         status=201,
@@ -241,6 +278,14 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
             f"Last-Event-ID: belongs to stream {resume[0]}, not {stream_id}",
             param="Last-Event-ID",
         )
+    ticket = request.get(TICKET)
+    if ticket is not None:
+        if ticket.scope != "stream":
+            raise ClientError("ticket: it is for GET /v1/chat/stream, not for this stream",
+                              code=ErrorCode.FORBIDDEN)
+        request.app[AUTH].admit(ticket, stream_id)
+    else:
+        request.app[AUTH].check_owner(request, stream_id)
     return await serve_events(request, stream_id, resume[1] if resume else 0)
 
 
@@ -248,6 +293,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 async def delete_stream(request: web.Request) -> web.Response:
     """Stop generation: the upstream is cancelled and readers get ``done`` (cancelled)."""
     stream_id = _path_stream_id(request)
+    request.app[AUTH].check_owner(request, stream_id)
     if request.app[REGISTRY].cancel(stream_id):
         status = "cancelled"
     elif request.app[JOURNAL].last_seq(stream_id) is not None:
@@ -256,3 +302,40 @@ async def delete_stream(request: web.Request) -> web.Response:
         raise ClientError(f"no stream {stream_id!r}", code=ErrorCode.NOT_FOUND, param="id")
     return web.json_response({"id": stream_id, "object": "stream", "status": status},
                              headers={"X-Stream-ID": stream_id})
+
+
+@routes.post("/v1/tickets")
+async def create_ticket(request: web.Request) -> web.Response:
+    """A ticket for the one-shot ``GET /v1/chat/stream`` (EventSource sends no headers).
+
+    Body (optional): ``{"stream_id": "st_..."}`` for a fresh ticket to one of
+    the key's own streams instead (``GET /v1/streams/{id}/events``).
+    """
+    body = await request.read()
+    stream_id: str | None = None
+    if body.strip():
+        try:
+            data = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise ClientError("body: not valid JSON", param="body") from exc
+        if not isinstance(data, dict) or set(data) - {"stream_id"}:
+            raise ClientError("body: expected {} or {\"stream_id\": \"st_...\"}", param="body")
+        if "stream_id" in data:
+            stream_id = data["stream_id"]
+            if not isinstance(stream_id, str) or not is_stream_id(stream_id):
+                raise ClientError("stream_id: not a stream id", param="stream_id")
+            if request.app[JOURNAL].last_seq(stream_id) is None:
+                raise ClientError(f"no stream {stream_id!r}", code=ErrorCode.NOT_FOUND,
+                                  param="stream_id")
+            request.app[AUTH].check_owner(request, stream_id)
+    auth = request.app[AUTH]
+    key_id = request.get(KEY_ID) or "anonymous"  # auth off: a ticket is not needed, but works
+    scope = "chat" if stream_id is None else "stream"
+    ticket, expires = auth.mint(scope, key_id, stream_id)
+    url = (f"/v1/chat/stream?ticket={ticket}" if stream_id is None
+           else f"/v1/streams/{stream_id}/events?ticket={ticket}")
+    return web.json_response(
+        {"object": "ticket", "ticket": ticket, "scope": scope, "stream_id": stream_id,
+         "url": url, "expires_at": int(expires)},
+        status=201,
+    )

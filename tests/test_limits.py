@@ -1,0 +1,179 @@
+"""Limits: concurrent streams per key and per instance, requests per minute per key.
+
+Over a limit: ``429 rate_limited`` with ``Retry-After``; a stream's slot is
+given back when it ends, is stopped, or its client leaves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from streamsvc.config import LimitsConfig
+from streamsvc.errors import LimitError
+from streamsvc.server.auth import AUTH
+from streamsvc.server.limits import LIMITER, MemoryLimiter
+from streamsvc.upstream.simulator import SimulatorServer
+from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
+
+KEY_A = "sk-limits-a-0f9e8d7c"
+KEY_B = "sk-limits-b-1a2b3c4d"
+FAST = {"model": "echo", "messages": [{"role": "user", "content": "quick"}]}
+SLOW = {"model": "sim-small", "messages": [{"role": "user", "content": "x"}],
+        "simulate": {"rate": 20, "tokens": 400}}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def secured(start_server: StartServer, simulator: SimulatorServer,
+                  monkeypatch: pytest.MonkeyPatch, **limits: Any) -> RunningServer:
+    monkeypatch.setenv("STREAMSVC_API_KEYS", f"{KEY_A},{KEY_B}")
+    return await start_server(overrides=relay_overrides(simulator.url, limits=limits))
+
+
+def open_streams(relay: RunningServer, key: str | None = None) -> int:
+    key_id = relay.app[AUTH].key_id(key) if key else None
+    return relay.app[LIMITER].open_streams(key_id)
+
+
+async def assert_limited(response: aiohttp.ClientResponse, names: str) -> None:
+    assert response.status == 429
+    assert int(response.headers["Retry-After"]) >= 1
+    error = (await response.json())["error"]
+    assert error["code"] == "rate_limited" and error["type"] == "rate_limit_error"
+    assert names in error["message"]
+
+
+async def test_streams_per_key_are_limited_and_given_back(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    relay = await secured(start_server, simulator, monkeypatch, max_streams_per_key=2)
+    ids = []
+    for _ in range(2):
+        async with session.post(relay.url + "/v1/streams", json=SLOW, headers=bearer(KEY_A)
+                                ) as response:
+            assert response.status == 201
+            ids.append((await response.json())["id"])
+    assert open_streams(relay, KEY_A) == 2
+    for method, path in (("POST", "/v1/streams"), ("POST", "/v1/chat/stream"),
+                         ("POST", "/v1/chat/completions")):
+        async with session.request(method, relay.url + path, json=SLOW, headers=bearer(KEY_A)
+                                   ) as response:
+            await assert_limited(response, "limits.max_streams_per_key (2)")
+    async with session.post(relay.url + "/v1/chat/completions", json=FAST, headers=bearer(KEY_B)
+                            ) as response:
+        assert response.status == 200  # another key is not affected
+    # DELETE ends a stream: its slot comes back.
+    async with session.delete(relay.url + f"/v1/streams/{ids[0]}", headers=bearer(KEY_A)
+                              ) as response:
+        assert response.status == 200
+    assert await wait_until(lambda: open_streams(relay, KEY_A) == 1)
+    async with session.post(relay.url + "/v1/chat/stream", json=FAST, headers=bearer(KEY_A)
+                            ) as response:
+        assert response.status == 200 and "event: done" in await response.text()
+    async with session.delete(relay.url + f"/v1/streams/{ids[1]}", headers=bearer(KEY_A)):
+        pass
+    assert await wait_until(lambda: open_streams(relay) == 0)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/stream", "/v1/chat/completions"])
+async def test_a_client_that_leaves_gives_its_slot_back(
+    start_server: StartServer, simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch,
+    path: str,
+) -> None:
+    relay = await secured(start_server, simulator, monkeypatch, max_streams_per_key=1)
+    for _ in range(3):  # no leak: the single slot is free again each time
+        async with aiohttp.ClientSession() as client:
+            response = await client.post(relay.url + path, json={**SLOW, "stream": True},
+                                         headers=bearer(KEY_A))
+            assert response.status == 200
+            await response.content.readany()
+            assert open_streams(relay, KEY_A) == 1
+            response.close()  # the client leaves mid-stream
+        assert await wait_until(lambda: open_streams(relay) == 0)
+
+
+async def test_streams_that_end_give_their_slots_back(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    relay = await secured(start_server, simulator, monkeypatch, max_streams_per_key=1)
+    for _ in range(3):
+        async with session.post(relay.url + "/v1/streams", json=FAST, headers=bearer(KEY_A)
+                                ) as response:
+            created = await response.json()
+        async with session.get(relay.url + created["events_url"]) as response:
+            assert "event: done" in await response.text()
+        assert await wait_until(lambda: open_streams(relay) == 0)
+        async with session.post(relay.url + "/v1/chat/completions", json=FAST,
+                                headers=bearer(KEY_A)) as response:
+            assert response.status == 200
+        async with session.post(relay.url + "/v1/chat/completions", json={"model": "nope"},
+                                headers=bearer(KEY_A)) as response:
+            assert response.status == 400  # a refused request gives its slot back too
+        assert open_streams(relay) == 0
+
+
+async def test_streams_per_instance_are_limited_with_auth_off(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("STREAMSVC_API_KEYS", raising=False)
+    relay = await start_server(overrides=relay_overrides(simulator.url,
+                                                         limits={"max_streams": 1}))
+    async with session.post(relay.url + "/v1/streams", json=SLOW) as response:
+        stream_id = (await response.json())["id"]
+    async with session.post(relay.url + "/v1/chat/completions", json=FAST) as response:
+        await assert_limited(response, "limits.max_streams (1)")
+    async with session.get(relay.url + "/v1/models") as response:
+        assert response.status == 200  # not a stream
+    async with session.delete(relay.url + f"/v1/streams/{stream_id}"):
+        pass
+    assert await wait_until(lambda: open_streams(relay) == 0)
+    async with session.post(relay.url + "/v1/chat/completions", json=FAST) as response:
+        assert response.status == 200
+
+
+async def test_requests_per_minute_per_key(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    relay = await secured(start_server, simulator, monkeypatch, requests_per_minute_per_key=3)
+    for _ in range(3):
+        async with session.get(relay.url + "/v1/models", headers=bearer(KEY_A)) as response:
+            assert response.status == 200
+    async with session.get(relay.url + "/v1/models", headers=bearer(KEY_A)) as response:
+        await assert_limited(response, "limits.requests_per_minute_per_key (3)")
+        assert 1 <= int(response.headers["Retry-After"]) <= 20
+    async with session.get(relay.url + "/v1/models", headers=bearer(KEY_B)) as response:
+        assert response.status == 200
+    async with session.get(relay.url + "/healthz") as response:
+        assert response.status == 200  # open endpoints are not counted
+
+
+async def test_memory_limiter_refills_and_zero_turns_limits_off() -> None:
+    now = [0.0]
+    limiter = MemoryLimiter(LimitsConfig(requests_per_minute_per_key=60), clock=lambda: now[0])
+    for _ in range(60):
+        await limiter.check_rate("k")
+    with pytest.raises(LimitError) as caught:
+        await limiter.check_rate("k")
+    assert caught.value.retry_after == pytest.approx(1.0)
+    now[0] = 1.0
+    await limiter.check_rate("k")  # one token back after a second
+
+    off = MemoryLimiter(LimitsConfig(max_streams=0, max_streams_per_key=0,
+                                     requests_per_minute_per_key=0))
+    slots = [await off.acquire_stream("k") for _ in range(50)]
+    for _ in range(1000):
+        await off.check_rate("k")
+    assert off.open_streams("k") == 50
+    for slot in slots:
+        slot.release()
+        slot.release()  # idempotent
+    assert off.open_streams() == 0 and off.open_streams("k") == 0
