@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
+from pythonjsonlogger.json import JsonFormatter
 
 from streamsvc.bench.options import add_arguments as add_bench_arguments
-from streamsvc.config import Config, load_config
+from streamsvc.config import Config, LogConfig, load_config
 from streamsvc.errors import ConfigError
 from streamsvc.eventloop import loop_factory, loop_name
 
@@ -94,10 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     config_path = args.config or os.environ.get("STREAMSVC_CONFIG") or None
     config: Config = load_config(config_path, overrides=_flag_overrides(args))
-    logging.basicConfig(
-        level=config.log.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log)
     logging.getLogger("streamsvc").info(
         "config: %s", config_path or "built-in defaults (config/streamsvc.toml)"
     )
@@ -118,6 +116,23 @@ def _serve(args: argparse.Namespace) -> int:
         ),
     )
     return 0
+
+
+def configure_logging(log: LogConfig) -> None:
+    """``[log]``: the level, and text lines or one JSON object per line.
+
+    JSON lines carry the message's fields (``request_id``, ``status``, ...)
+    as keys; python-json-logger does the formatting.
+    """
+    handler = logging.StreamHandler()
+    if log.format == "json":
+        handler.setFormatter(JsonFormatter(
+            "{asctime}{levelname}{name}{message}", style="{",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        ))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=log.level.upper(), handlers=[handler], force=True)
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -105,6 +105,7 @@ class LogConfig(_Section, frozen=True):
     """``[log]``: log level and format."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
 
 
 class AuthConfig(_Section, frozen=True):

@@ -5,18 +5,28 @@ from __future__ import annotations
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web import BaseRequest, StreamResponse
 
-from streamsvc.server.state import REQUEST_ID
+from streamsvc.server.state import HUNG_UP, REQUEST_ID
 
 __all__ = ["AccessLogger"]
 
 
 class AccessLogger(AbstractAccessLogger):
-    """``METHOD /path STATUS BYTES TIMEs request_id``; never the query, never a header value."""
+    """``METHOD /path STATUS BYTES TIMEs request_id``; never the query, never a header value.
+
+    A client that hung up is logged with status 499 (nginx's code for it),
+    whatever the response had started as. The same values go along as
+    fields, for the JSON log format (``[log] format = "json"``).
+    """
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         request_id = request.get(REQUEST_ID, "-")
+        status = 499 if request.get(HUNG_UP) else response.status
         self.logger.info(
             "%s %s %s %d %d %.3fs %s",
-            request.remote, request.method, request.path, response.status,
+            request.remote, request.method, request.path, status,
             response.body_length, time, request_id,
+            extra={
+                "request_id": request_id, "method": request.method, "path": request.path,
+                "status": status, "bytes": response.body_length, "duration_s": round(time, 4),
+            },
         )

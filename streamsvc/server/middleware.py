@@ -88,10 +88,20 @@ def ensure_accepting(request: web.Request) -> None:
 
 
 def note_hangup(request: web.Request) -> None:
-    """Count a client that left, once per request (a handler may see it twice)."""
+    """Count and log a client that left, once per request (a handler may see it twice).
+
+    The log line has status 499 (nginx's code for it): aiohttp writes no
+    access line for a handler cancelled by a hang-up.
+    """
     if not request.get(HUNG_UP):
         request[HUNG_UP] = True
         request.app[METRICS].client_hangups.inc()
+        request_id = request.get(REQUEST_ID, "-")
+        log.info(
+            "request %s %s %s: 499 client left", request_id, request.method, request.path,
+            extra={"request_id": request_id, "method": request.method, "path": request.path,
+                   "status": 499},
+        )
 
 
 async def set_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
