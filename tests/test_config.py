@@ -281,3 +281,9 @@ def test_route_is_none_when_no_glob_matches() -> None:
         "routes": [{"model": "gpt-?", "upstreams": ["simulator"]}]})
     assert config.route("gpt-4") is not None
     assert config.route("gpt-4o") is None
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_file_loads(path: Path) -> None:
+    config = load_config(path, env={})
+    assert config.routes and config.upstreams
