@@ -27,7 +27,10 @@ from streamsvc.events import DELTA, DONE, ERROR, EventBuilder
 from streamsvc.journal.base import Journal
 from streamsvc.pipeline import StreamContext
 
-__all__ = ["Generation", "GenerationState", "StreamObserver", "StreamRegistry", "new_stream_id"]
+__all__ = [
+    "Generation", "GenerationState", "StreamObserver", "StreamRegistry", "TokenClock",
+    "new_stream_id",
+]
 
 log = logging.getLogger("streamsvc.streams")
 
@@ -42,6 +45,27 @@ class StreamObserver(Protocol):
 
     def retried(self, codes: list[str]) -> None:
         """A stream ended; its pipeline retried or fell back after these error codes."""
+
+
+class TokenClock:
+    """Tells a :class:`StreamObserver` the time to the first event of a stream and the gaps."""
+
+    __slots__ = ("_first", "_last", "_observer")
+
+    def __init__(self, observer: StreamObserver) -> None:
+        self._observer = observer
+        self._last = time.monotonic()  # the start, then the last event
+        self._first = True
+
+    def tick(self) -> None:
+        """An event went out (or into the journal) now."""
+        now = time.monotonic()
+        if self._first:
+            self._first = False
+            self._observer.first_token(now - self._last)
+        else:
+            self._observer.gap(now - self._last)
+        self._last = now
 
 
 def new_stream_id() -> str:
@@ -90,8 +114,7 @@ class Generation:
         self._on_error = on_error
         self._builder = EventBuilder()
         self._observer = observer
-        self._last_event = time.monotonic()  # the start, then the last journaled event
-        self._first = True
+        self._clock = TokenClock(observer) if observer is not None else None
         self._subscription: abc.DisposableBase | None = None
         self._grace: asyncio.TimerHandle | None = None
 
@@ -139,8 +162,8 @@ class Generation:
             events = [(DELTA, data) for data in self._builder.deltas(chunk)]
             if events:
                 self._journal.append_nowait(self.id, events)
-                if self._observer is not None:
-                    self._observe()
+                if self._clock is not None:
+                    self._clock.tick()
                 self._check_lag()
         except Exception as exc:  # noqa: BLE001 - journal_full, slow_consumer, or a bug of ours
             self._on_error_event(exc)
@@ -183,16 +206,6 @@ class Generation:
             log.exception("stream %s: the final event could not be journaled", self.id)
         if not self.ended.done():
             self.ended.set_result(None)
-
-    def _observe(self) -> None:
-        assert self._observer is not None
-        now = time.monotonic()
-        if self._first:
-            self._first = False
-            self._observer.first_token(now - self._last_event)
-        else:
-            self._observer.gap(now - self._last_event)
-        self._last_event = now
 
     def _check_lag(self) -> None:
         """A non-resumable stream's one reader must keep up: it has nowhere else to read."""

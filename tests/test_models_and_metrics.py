@@ -112,3 +112,24 @@ async def test_metrics_time_to_first_token_gaps_tokens_and_retries(
     assert value("streamsvc_tokens_relayed", "streamsvc_tokens_relayed_total") == deltas
     retries = families["streamsvc_upstream_retries"].samples
     assert sum(s.value for s in retries if s.name.endswith("_total")) == 1
+
+
+async def test_metrics_cover_the_openai_endpoint_too(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server = await start_server(overrides=relay_overrides(
+        simulator.url, pipeline={"retry_backoff_base_ms": 1, "retry_backoff_max_ms": 50}))
+    body = {"model": "sim-small", "messages": [{"role": "user", "content": "x"}], "stream": True,
+            "simulate": {"tokens": 5, "rate": 100, "fault": "500", "fail_times": 1, "key": "o"}}
+    async with session.post(f"{server.url}/v1/chat/completions", json=body) as response:
+        assert (await response.text()).endswith("data: [DONE]\n\n")
+    async with session.get(f"{server.url}/metrics") as response:
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(await response.text())
+                   for s in f.samples}
+    assert samples[("streamsvc_time_to_first_token_seconds_count", ())] == 1
+    assert samples[("streamsvc_tokens_relayed_total", ())] >= 2
+    assert sum(v for (name, _), v in samples.items()
+               if name == "streamsvc_upstream_retries_total") == 1

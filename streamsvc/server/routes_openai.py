@@ -30,7 +30,7 @@ from streamsvc.server.middleware import ensure_accepting, note_hangup
 from streamsvc.server.requests import ChatRequest, parse_chat_body
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID, ROUTER
-from streamsvc.streams import new_stream_id
+from streamsvc.streams import TokenClock, new_stream_id
 from streamsvc.upstream.client import UpstreamClient
 
 __all__ = ["routes"]
@@ -98,6 +98,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     request.app[METRICS].streams_started.labels("openai").inc()
 
     context = StreamContext()
+    metrics = request.app[METRICS]
+    clock = TokenClock(metrics)  # from here: time to first token, then the gaps
     source = build_pipeline(chat.body, clients, config.pipeline, context, retries=chat.retries)
     coalesce_chars = config.pipeline.coalesce_max_chars if config.pipeline.coalesce else None
     async with ObservableIterator(
@@ -115,9 +117,15 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         if context.upstream:
             headers["X-Streamsvc-Upstream"] = context.upstream
         response = SSEResponse(config.server, headers=headers)
+
         def write_now(chunk: Chunk) -> bool:
             frames = _client_frames([chunk], chat.include_usage)
-            return response.write_now(b"".join(frames)) if frames else True
+            if not frames:
+                return True
+            if response.write_now(b"".join(frames)):
+                clock.tick()
+                return True
+            return False
 
         try:
             await response.start(request)
@@ -134,6 +142,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
                 frames = _client_frames(batch, chat.include_usage)
                 if frames:
                     await response.send_bytes(b"".join(frames))
+                    clock.tick()
                 try:
                     batch = await anext(batches)
                 except StopAsyncIteration:
@@ -155,6 +164,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         finally:
             if not first.done():
                 first.cancel()
+            if context.retried:
+                metrics.retried(context.retried)
             await response.close()
     return response
 
