@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -12,11 +16,64 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from playwright.async_api import Browser, async_playwright
 
 from streamsvc.config import Config, load_config
 from streamsvc.server.access_log import AccessLogger
 from streamsvc.server.app import create_app
 from streamsvc.upstream.simulator import SimulatorServer
+
+# Debian's Chromium; Playwright never downloads a browser. When it is missing
+# launch() raises and the browser tests fail (CI installs it); they never skip.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def spawn_serve(
+    env: dict[str, str] | None = None, *, stderr: int | None = subprocess.DEVNULL
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start ``streamsvc serve`` (built-in simulator) as its own process; wait until ready.
+
+    ``env`` adds to the test's environment without its STREAMSVC settings.
+    The caller stops the process.
+    """
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")}
+    full_env.update(env or {})
+    process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
+        [sys.executable, "-m", "streamsvc", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=stderr, env=full_env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                async with session.get(url + "/readyz") as response:
+                    if response.status == 200:
+                        return process, url
+            except aiohttp.ClientConnectionError:
+                pass
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise AssertionError("streamsvc serve did not start")
+            await asyncio.sleep(0.05)
 
 
 @dataclass
@@ -110,3 +167,18 @@ async def relay(start_server: StartServer, simulator: SimulatorServer) -> Runnin
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as client:
         yield client
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    playwright = await async_playwright().start()
+    try:
+        chromium = await playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+    finally:
+        await playwright.stop()

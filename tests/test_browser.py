@@ -20,23 +20,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Error, Page, async_playwright
+from playwright.async_api import Browser, ConsoleMessage, Error, Page
 
 from streamsvc.sse import SSEDecoder
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-]
 
 # Everything that has broken SSE relays before, in one user message.
 TORTURE = (
@@ -182,22 +170,6 @@ class BrowserPage:
     log: PageLog
     requests: list[str]  # URLs of every request the page made
     responses: list[tuple[str, int]]  # (URL, status) of every response it got
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    # No skip when Chromium is missing: launch() raises and the test fails.
-    playwright = await async_playwright().start()
-    try:
-        chromium = await playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
-    finally:
-        await playwright.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from streamsvc.cli import EXIT_CONFIG, main
 from streamsvc.sse import SSEDecoder
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOML = ROOT / "config" / "streamsvc.toml"
@@ -38,13 +38,6 @@ def streamsvc(*args: str, env: dict[str, str] | None = None, cwd: Path | None = 
         [sys.executable, "-m", "streamsvc", *args],
         capture_output=True, text=True, timeout=timeout, env=env or clean_env(), cwd=cwd, check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -32,13 +32,13 @@ from typing import Any, Self
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Dialog, Page, Request, Response, Route, async_playwright
+from playwright.async_api import Browser, Dialog, Page, Request, Response, Route
 
 from streamsvc.server.routes_page import CONTENT_SECURITY_POLICY
 from streamsvc.upstream.simtext import echo_tokens, generated_tokens
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, EVENT_ID, TORTURE, PageLog
+from tests.test_browser import EVENT_ID, TORTURE, PageLog
 from tests.test_readme import FENCE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,21 +83,6 @@ class DemoPage:
 
     def requests_to(self, method: str, pattern: str) -> list[Seen]:
         return [s for s in self.seen if s.method == method and re.search(pattern, s.url)]
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    playwright = await async_playwright().start()
-    try:
-        chromium = await playwright.chromium.launch(
-            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
-    finally:
-        await playwright.stop()
 
 
 async def open_page(browser: Browser, url: str) -> tuple[DemoPage, Any]:

@@ -4,45 +4,29 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
-import sys
-import time
 
 import aiohttp
 import pytest
 
 from streamsvc.upstream.simulator import SimulatorServer
-from tests.conftest import RunningServer, wait_until
-from tests.test_slow_consumer import _free_port
+from tests.conftest import RunningServer, spawn_serve, wait_until
 
 
-def test_json_log_format_has_one_object_per_line_with_the_request_id() -> None:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")}
-    env["STREAMSVC__LOG__FORMAT"] = "json"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streamsvc", "serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-    )
+async def test_json_log_format_has_one_object_per_line_with_the_request_id() -> None:
+    process, url = await spawn_serve({"STREAMSVC__LOG__FORMAT": "json"}, stderr=subprocess.PIPE)
     try:
-        url = f"http://127.0.0.1:{port}/v1/chat/stream?model=echo&q=secret%20prompt"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                import urllib.request
-                request = urllib.request.Request(url, headers={"X-Request-ID": "req-json-1"})
-                with urllib.request.urlopen(request, timeout=10) as response:
-                    body = response.read().decode()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "streamsvc serve did not start"
-                time.sleep(0.1)
+        async with aiohttp.ClientSession() as session, session.get(
+            url + "/v1/chat/stream", params={"model": "echo", "q": "secret prompt"},
+            headers={"X-Request-ID": "req-json-1"},
+        ) as response:
+            body = await response.text()
         assert "event: done" in body
     finally:
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
+        _, raw = process.communicate(timeout=30)
+    stderr = raw.decode()
     lines = [line for line in stderr.splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)

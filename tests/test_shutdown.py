@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,8 +20,7 @@ import pytest
 from streamsvc.server.state import DRAINING
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.simtext import generated_tokens
-from tests.conftest import RunningServer
-from tests.test_slow_consumer import _free_port
+from tests.conftest import RunningServer, spawn_serve
 
 PROMPT = "tell me a story"
 
@@ -39,26 +36,8 @@ async def serve() -> AsyncIterator[Any]:
     processes: list[subprocess.Popen[bytes]] = []
 
     async def start(**env: str) -> tuple[subprocess.Popen[bytes], str]:
-        port = _free_port()
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")}
-        full_env.update(env)
-        process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
-            [sys.executable, "-m", "streamsvc", "serve", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env,
-        )
+        process, url = await spawn_serve(env, stderr=subprocess.PIPE)
         processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with session.get(url + "/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "streamsvc serve did not start"
-                await asyncio.sleep(0.05)
         return process, url
 
     yield start

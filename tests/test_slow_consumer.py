@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +25,7 @@ from streamsvc.server.state import JOURNAL, METRICS
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.simtext import generated_tokens
 from streamsvc.upstream.simulator import SimulatorServer
-from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
+from tests.conftest import RunningServer, StartServer, relay_overrides, spawn_serve, wait_until
 
 PROMPT = "tell me a story"
 LIMIT = 16_384  # server.max_pending_bytes in these tests
@@ -259,12 +255,6 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/chat/stream"])
 async def test_a_client_reading_one_byte_a_second_cannot_grow_the_relay(path: str) -> None:
     """`streamsvc serve` with its built-in simulator; the answer would be ~300k chunks.
@@ -274,33 +264,20 @@ async def test_a_client_reading_one_byte_a_second_cannot_grow_the_relay(path: st
     19 MiB (measured 2026-11-26): the parsed chunks or journal events of
     about ``max_pending_bytes`` plus what the kernel took, and allocator slack.
     """
-    port = _free_port()
     # Coalescing off: every token its own chunk and journal event, the worst case.
     # A 64 KiB kernel send buffer: what the kernel took is journaled (for replay) too.
-    env = {**os.environ, "STREAMSVC__SERVER__MAX_PENDING_BYTES": "65536",
-           "STREAMSVC__SERVER__SEND_BUFFER_BYTES": "65536",
-           "STREAMSVC__JOURNAL__MAX_EVENTS": "10000000", "STREAMSVC__PIPELINE__COALESCE": "false"}
-    process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
-        [sys.executable, "-m", "streamsvc", "serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = await spawn_serve({
+        "STREAMSVC__SERVER__MAX_PENDING_BYTES": "65536",
+        "STREAMSVC__SERVER__SEND_BUFFER_BYTES": "65536",
+        "STREAMSVC__JOURNAL__MAX_EVENTS": "10000000", "STREAMSVC__PIPELINE__COALESCE": "false",
+    })
     client: SlowClient | None = None
     try:
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    async with session.get(url + "/healthz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    pass
-                assert time.monotonic() < deadline, "streamsvc serve did not start"
-                await asyncio.sleep(0.1)
-            # Warm up (imports, first stream) before the baseline.
-            async with session.post(url + "/v1/chat/stream", json=_story(100)) as r:
-                await r.read()
+        # Warm up (imports, first stream) before the baseline.
+        async with aiohttp.ClientSession() as session, session.post(
+            url + "/v1/chat/stream", json=_story(100)
+        ) as r:
+            await r.read()
         baseline = _rss_kib(process.pid)
         body = {**_story(300_000), "stream": True}
         client = await SlowClient.open(url, "POST", path, json.dumps(body).encode())
