@@ -6,9 +6,10 @@ from collections.abc import Callable
 from typing import Any
 
 from reactivex import Observable, abc
-from reactivex.disposable import CompositeDisposable, SerialDisposable
+from reactivex.disposable import SerialDisposable
 
 from streamsvc.chunks import Chunk, merge, text_size
+from streamsvc.reactive.operators._common import scheduler_of, subscribe_flushing
 
 
 def coalesce_(
@@ -18,9 +19,7 @@ def coalesce_(
         def subscribe(
             observer: abc.ObserverBase[Chunk], scheduler_: abc.SchedulerBase | None = None
         ) -> abc.DisposableBase:
-            timer_scheduler = scheduler or scheduler_
-            if timer_scheduler is None:
-                raise ValueError("coalesce needs a scheduler: pass one or subscribe with one")
+            timer_scheduler = scheduler_of(scheduler, scheduler_, "coalesce")
             timer = SerialDisposable()
             held: Chunk | None = None
             held_chars = 0
@@ -58,16 +57,7 @@ def coalesce_(
                 flush()
                 hold(chunk)
 
-            def on_error(error: Exception) -> None:
-                flush()
-                observer.on_error(error)
-
-            def on_completed() -> None:
-                flush()
-                observer.on_completed()
-
-            subscription = source.subscribe(on_next, on_error, on_completed, scheduler=scheduler_)
-            return CompositeDisposable(subscription, timer)
+            return subscribe_flushing(source, observer, on_next, flush, timer, scheduler_)
 
         return Observable(subscribe)
 

@@ -17,7 +17,7 @@ from reactivex import Observable, abc
 from reactivex.disposable import CompositeDisposable, SerialDisposable
 
 from streamsvc.chunks import TEXT_FIELDS, Chunk, split_text
-from streamsvc.reactive.operators._timeouts import scheduler_of
+from streamsvc.reactive.operators._common import scheduler_of
 
 # Allowance is a float sum of rate * elapsed: 10 x 0.1 must count as 1.
 _EPSILON = 1e-9

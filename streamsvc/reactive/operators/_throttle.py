@@ -12,10 +12,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from reactivex import Observable, abc
-from reactivex.disposable import CompositeDisposable, SerialDisposable
+from reactivex.disposable import SerialDisposable
 
 from streamsvc.chunks import Chunk, ChunkBuffer
-from streamsvc.reactive.operators._timeouts import scheduler_of
+from streamsvc.reactive.operators._common import scheduler_of, subscribe_flushing
 
 
 def throttle_(
@@ -54,16 +54,7 @@ def throttle_(
                 held.append(chunk)
                 timer.disposable = timer_scheduler.schedule_absolute(last + interval, flush)
 
-            def on_error(error: Exception) -> None:
-                flush()
-                observer.on_error(error)
-
-            def on_completed() -> None:
-                flush()
-                observer.on_completed()
-
-            subscription = source.subscribe(on_next, on_error, on_completed, scheduler=scheduler_)
-            return CompositeDisposable(subscription, timer)
+            return subscribe_flushing(source, observer, on_next, flush, timer, scheduler_)
 
         return Observable(subscribe)
 

@@ -19,6 +19,7 @@ from reactivex.scheduler.eventloop import AsyncIOScheduler
 
 from streamsvc.chunks import Chunk
 from streamsvc.errors import ErrorCode, UpstreamError
+from streamsvc.reactive.operators._common import scheduler_of
 
 Operator = Callable[[Observable[Chunk]], Observable[Chunk]]
 
@@ -173,12 +174,3 @@ def idle_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operat
 
     return operator
 
-
-def scheduler_of(
-    given: abc.SchedulerBase | None, subscription: abc.SchedulerBase | None, name: str
-) -> abc.SchedulerBase:
-    """The operator's own scheduler, else the subscription's; an operator with a timer needs one."""
-    scheduler = given or subscription
-    if scheduler is None:
-        raise ValueError(f"{name} needs a scheduler: pass one or subscribe with one")
-    return scheduler
