@@ -146,6 +146,14 @@ class Generation:
         else:
             self._finish(DONE, self._builder.done(finish_reason=reason, **self.context.summary()))
 
+    def wrote_through(self, end: int) -> None:
+        """A reader wrote the journal up to byte ``end`` to its socket.
+
+        The reader furthest on counts, should a second one read the stream:
+        the lag that ends a non-resumable stream with ``slow_consumer``.
+        """
+        self.delivered = max(self.delivered, end)
+
     def arm_grace(self, seconds: float) -> None:
         self.cancel_grace()
         self._grace = asyncio.get_running_loop().call_later(seconds, self.stop, "cancelled")

@@ -120,9 +120,7 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
             await response.send_bytes(b"".join([event.frame for event in events]))
             after = events[-1].seq
             if generation is not None:
-                # A non-resumable generation stops with slow_consumer when its reader
-                # falls behind (the one furthest on counts, if a second one reads it).
-                generation.delivered = max(generation.delivered, events[-1].end)
+                generation.wrote_through(events[-1].end)
             if events[-1].final:
                 break
             state = journal.last_seq(stream_id)
@@ -173,7 +171,7 @@ async def _follow_live(
             return False
         position = events[-1].seq
         if generation is not None:
-            generation.delivered = max(generation.delivered, events[-1].end)
+            generation.wrote_through(events[-1].end)
         if events[-1].final:
             woken.set_result(True)
             return False

@@ -91,9 +91,7 @@ class SSEResponse(EventSourceResponse):
             async with asyncio.timeout(self._write_timeout_s):
                 await self.write(data)
         except TimeoutError as exc:
-            transport = self._req.transport if self._req is not None else None
-            if transport is not None:
-                transport.abort()
+            self._abort()
             raise ClientGone("write timed out") from exc
         except (ConnectionError, RuntimeError) as exc:
             raise ClientGone(str(exc)) from exc
@@ -113,6 +111,10 @@ class SSEResponse(EventSourceResponse):
                 async with asyncio.timeout(self._write_timeout_s):
                     await self.write_eof()
             except (TimeoutError, ConnectionError, RuntimeError):
-                transport = self._req.transport if self._req is not None else None
-                if transport is not None:
-                    transport.abort()
+                self._abort()
+
+    def _abort(self) -> None:
+        """Drop the connection at once: the client is not reading (a half-open one, say)."""
+        transport = self._req.transport if self._req is not None else None
+        if transport is not None:
+            transport.abort()
