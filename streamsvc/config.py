@@ -38,6 +38,7 @@ __all__ = [
     "ServerConfig",
     "UpstreamConfig",
     "load_config",
+    "redact_url",
 ]
 
 ENV_PREFIX = "STREAMSVC__"
@@ -78,10 +79,25 @@ class ServerConfig(_Section, frozen=True):
 class JournalConfig(_Section, frozen=True):
     """``[journal]``: where numbered stream events are kept for replay."""
 
-    backend: Literal["memory"] = "memory"
+    backend: Literal["memory", "redis"] = "memory"
     retention_s: NonNegFloat = 300.0
     resume_grace_s: NonNegFloat = 10.0
     max_events: PosInt = 100_000
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "streamsvc:"
+    writer_lease_s: PosFloat = 5.0
+
+    def __post_init__(self) -> None:
+        if not re.match(r"(rediss?|unix)://", self.redis_url):
+            raise ValueError(
+                "@redis_url: expected redis://host:port/db, rediss://... or unix://path,"
+                f" got {redact_url(self.redis_url)!r}"
+            )
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 class PipelineConfig(_Section, frozen=True):

@@ -10,7 +10,8 @@
     │                                  upstream_error, upstream_timeout, idle_timeout,
     │                                  rate_limited (carries retry_after)
     └── StreamError                    the stream ended abnormally: slow_consumer,
-                                       cancelled, shutting_down, journal_full
+                                       cancelled, shutting_down, journal_full,
+                                       journal_unavailable, instance_lost
 
 Foreign exceptions (aiohttp, msgspec, OSError) are mapped to these at the
 boundary with ``raise ... from exc``; nothing else crosses a module edge.
@@ -49,6 +50,8 @@ class ErrorCode(StrEnum):
     SLOW_CONSUMER = "slow_consumer"
     JOURNAL_FULL = "journal_full"
     SHUTTING_DOWN = "shutting_down"
+    JOURNAL_UNAVAILABLE = "journal_unavailable"
+    INSTANCE_LOST = "instance_lost"
     CANCELLED = "cancelled"
     CONFIG_INVALID = "config_invalid"
     INTERNAL_ERROR = "internal_error"
@@ -70,6 +73,8 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.SLOW_CONSUMER: 503,
     ErrorCode.JOURNAL_FULL: 507,
     ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.JOURNAL_UNAVAILABLE: 503,
+    ErrorCode.INSTANCE_LOST: 502,
     ErrorCode.CANCELLED: 499,
     ErrorCode.CONFIG_INVALID: 500,
     ErrorCode.INTERNAL_ERROR: 500,

@@ -14,7 +14,7 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -265,11 +265,12 @@ class StreamRegistry:
         return self._running.get(stream_id)
 
     async def start(
-        self, source: Observable[Chunk], context: StreamContext, *, resumable: bool
+        self, source: Observable[Chunk], context: StreamContext, *, resumable: bool,
+        meta: Mapping[str, str] | None = None,
     ) -> Generation:
-        """Create a stream and start its upstream now."""
+        """Create a stream (with ``meta`` kept in the journal) and start its upstream now."""
         stream_id = new_stream_id()
-        await self.journal.create(stream_id)
+        await self.journal.create(stream_id, meta)
         generation = Generation(
             stream_id, source, context, self.journal,
             resumable=resumable, max_lag_bytes=self._max_lag, on_error=self.on_error,

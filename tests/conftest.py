@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from streamsvc.config import Config, load_config
 from streamsvc.server.access_log import AccessLogger
 from streamsvc.server.app import create_app
 from streamsvc.upstream.simulator import SimulatorServer
+from tests.redis_server import RedisServer
 
 # Debian's Chromium; Playwright never downloads a browser. When it is missing
 # launch() raises and the browser tests fail (CI installs it); they never skip.
@@ -122,6 +123,16 @@ async def simulator() -> AsyncIterator[SimulatorServer]:
     """A standalone simulator; tests read its stats (requests, hang-ups)."""
     async with SimulatorServer(host="127.0.0.1", port=0) as sim:
         yield sim
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free port, for this test only."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -63,14 +63,14 @@ class TestJournal:
 
     async def test_seq_counts_from_one(self, journal: Journal) -> None:
         await journal.create("s")
-        assert journal.last_seq("s") == (0, False)
+        assert await journal.last_seq("s") == (0, False)
         assert await journal.append("s", [msg("a")]) == 1
         assert await journal.append("s", [msg("b"), msg("c")]) == 3
         events = await journal.read("s", 0)
         assert [e.seq for e in events] == [1, 2, 3]
         assert [e.kind for e in events] == ["message"] * 3
         assert events[1].data == b'{"content":"b"}'
-        assert journal.last_seq("s") == (3, False)
+        assert await journal.last_seq("s") == (3, False)
 
     async def test_streams_are_numbered_independently(self, journal: Journal) -> None:
         await journal.create("a")
@@ -105,7 +105,7 @@ class TestJournal:
         await journal.append("s", [msg("a"), DONE])
         assert await asyncio.wait_for(journal.read("s", 2), 1) == []
         assert await asyncio.wait_for(journal.read("s", 5), 1) == []
-        assert journal.last_seq("s") == (2, True)
+        assert await journal.last_seq("s") == (2, True)
 
     async def test_live_tail_wakes_a_waiting_reader(self, journal: Journal) -> None:
         await journal.create("s")
@@ -149,7 +149,7 @@ class TestJournal:
     ) -> None:
         await journal.create("s")
         assert await journal.append("s", [msg("a"), DONE, msg("after")]) == 2
-        assert journal.last_seq("s") == (2, True)
+        assert await journal.last_seq("s") == (2, True)
 
     async def test_appending_after_the_end_raises(self, journal: Journal) -> None:
         await journal.create("s")
@@ -165,7 +165,7 @@ class TestJournal:
             await journal.create("s")
 
     async def test_unknown_stream_is_not_found(self, journal: Journal) -> None:
-        assert journal.last_seq("nope") is None
+        assert await journal.last_seq("nope") is None
         with pytest.raises(ClientError) as read_error:
             await journal.read("nope", 0)
         assert read_error.value.code == ErrorCode.NOT_FOUND and read_error.value.status == 404
@@ -179,7 +179,7 @@ class TestJournal:
         await journal.append("s", [msg("a"), DONE])
         assert [e.seq for e in await journal.read("s", 0)] == [1, 2]  # inside the window
         await asyncio.sleep(0.15)
-        assert journal.last_seq("s") is None
+        assert await journal.last_seq("s") is None
         with pytest.raises(ClientError) as caught:
             await journal.read("s", 0)
         assert caught.value.code == ErrorCode.NOT_FOUND
@@ -189,7 +189,7 @@ class TestJournal:
         await journal.create("s")
         await journal.append("s", [msg("a")])
         await asyncio.sleep(0.05)
-        assert journal.last_seq("s") == (1, False)
+        assert await journal.last_seq("s") == (1, False)
 
     async def test_max_events_journal_full_then_final_still_accepted(
         self, make: JournalFactory
@@ -200,13 +200,13 @@ class TestJournal:
         with pytest.raises(StreamError) as caught:
             await journal.append("s", [msg("c"), msg("d")])
         assert caught.value.code == ErrorCode.JOURNAL_FULL
-        assert journal.last_seq("s") == (3, False)  # "c" went in, "d" did not
+        assert await journal.last_seq("s") == (3, False)  # "c" went in, "d" did not
         with pytest.raises(StreamError):
             await journal.append("s", [msg("e")])
         assert await journal.append("s", [ERROR]) == 4
         events = await journal.read("s", 0)
         assert [e.kind for e in events] == ["message"] * 3 + ["error"]
-        assert journal.last_seq("s") == (4, True)
+        assert await journal.last_seq("s") == (4, True)
 
     async def test_close_wakes_waiting_readers(self, journal: Journal) -> None:
         await journal.create("s")

@@ -139,8 +139,8 @@ async def clients() -> AsyncIterator[list[SlowClient]]:
 def _journal_final(relay: RunningServer) -> tuple[str, dict[str, Any], int] | None:
     journal = relay.app[JOURNAL]
     for stream_id in list(journal._logs):
-        state = journal.last_seq(stream_id)
-        if state and state[1]:
+        log = journal._logs[stream_id]
+        if log.ended:
             event = journal._logs[stream_id].events[-1]
             return event.kind, json.loads(event.data), journal.size(stream_id) or 0
     return None
@@ -234,7 +234,7 @@ async def test_slow_reader_of_a_resumable_stream_is_closed_and_resumes_losslessl
     assert got and all(e.event == "message" for e in got), "closed without an error event"
     # The generation went on into the journal: it ends normally, upstream not cancelled.
     journal = tight_relay.app[JOURNAL]
-    assert await wait_until(lambda: (journal.last_seq(created["id"]) or (0, False))[1], 20)
+    assert await wait_until(lambda: journal._logs[created["id"]].ended, 20)
     assert simulator.stats.disconnected == 0
     # EventSource would now come back with Last-Event-ID and get the rest.
     async with session.get(tight_relay.url + created["events_url"],

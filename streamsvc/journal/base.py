@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol
 
 __all__ = ["Event", "Journal", "Listener", "encode_frame"]
@@ -50,8 +50,19 @@ Listener = Callable[[list["Event"]], bool]
 class Journal(Protocol):
     """Where a stream's events live while it runs and for ``retention_s`` after."""
 
-    async def create(self, stream_id: str) -> None:
-        """Start an empty log for a new stream."""
+    async def create(self, stream_id: str, meta: Mapping[str, str] | None = None) -> None:
+        """Start an empty log for a new stream, written by this process.
+
+        ``meta`` (for example ``{"owner": key_id}``) is kept with the stream
+        and expires with it. Raises ValueError when the id exists.
+        """
+
+    async def meta(self, stream_id: str) -> dict[str, str] | None:
+        """The ``meta`` a known stream was created with, None for an unknown one.
+
+        Backends shared by several processes add ``"instance"``: the id of
+        the process that writes the stream.
+        """
 
     async def append(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
         """Append (kind, data) events in order; returns the last seq.
@@ -77,7 +88,7 @@ class Journal(Protocol):
         for an unknown (or expired) stream.
         """
 
-    def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
+    async def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
         """(last seq, ended) for a known stream, None for an unknown one."""
 
     def listen(self, stream_id: str, listener: Listener) -> Callable[[], None] | None:
@@ -92,7 +103,12 @@ class Journal(Protocol):
         """
 
     def size(self, stream_id: str) -> int | None:
-        """Bytes of all the frames of a known stream so far, None for an unknown one."""
+        """Bytes of all the frames so far of a stream this process writes (or, in
+        memory, knows); None otherwise."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while the backend cannot be reached (``/readyz`` then fails)."""
 
     async def close(self) -> None:
         """Release what the journal holds (wakes every waiting reader)."""

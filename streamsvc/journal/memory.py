@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError
 from streamsvc.journal.base import Event, Listener, encode_frame
@@ -17,9 +17,10 @@ def _end(event: Event) -> int:
 
 
 class _Log:
-    __slots__ = ("ended", "events", "expiry", "listeners", "size", "waiters")
+    __slots__ = ("ended", "events", "expiry", "listeners", "meta", "size", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, meta: dict[str, str]) -> None:
+        self.meta = meta
         self.events: list[Event] = []
         self.size = 0
         self.ended = False
@@ -61,10 +62,18 @@ class MemoryJournal:
     def __len__(self) -> int:
         return len(self._logs)
 
-    async def create(self, stream_id: str) -> None:
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def create(self, stream_id: str, meta: Mapping[str, str] | None = None) -> None:
         if stream_id in self._logs:
             raise ValueError(f"stream {stream_id!r} already exists")
-        self._logs[stream_id] = _Log()
+        self._logs[stream_id] = _Log(dict(meta or {}))
+
+    async def meta(self, stream_id: str) -> dict[str, str] | None:
+        log = self._logs.get(stream_id)
+        return None if log is None else dict(log.meta)
 
     def _log(self, stream_id: str) -> _Log:
         log = self._logs.get(stream_id)
@@ -149,7 +158,7 @@ class MemoryJournal:
             if self._logs.get(stream_id) is not log:
                 return []  # expired while waiting
 
-    def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
+    async def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
         log = self._logs.get(stream_id)
         return None if log is None else (len(log.events), log.ended)
 

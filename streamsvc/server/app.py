@@ -10,7 +10,8 @@ import aiohttp
 import aiohttp_cors
 from aiohttp import web
 
-from streamsvc.config import BUILTIN_SIMULATOR, Config
+from streamsvc.config import BUILTIN_SIMULATOR, Config, redact_url
+from streamsvc.journal.redis_client import connect_redis
 from streamsvc.journal.memory import MemoryJournal
 from streamsvc.server import routes_info, routes_openai, routes_page, routes_streams
 from streamsvc.server.auth import AUTH, Auth, auth_middleware
@@ -22,6 +23,7 @@ from streamsvc.server.state import (
     DRAINING,
     JOURNAL,
     METRICS,
+    REDIS,
     REGISTRY,
     ROUTER,
     SESSION,
@@ -61,6 +63,25 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
         await session.close()
         if simulator is not None:
             await simulator.__aexit__(None, None, None)
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    """The one Redis client of this process (``journal.backend = "redis"``), else None.
+
+    Redis down at start-up stops the start with an error naming ``journal.redis_url``.
+    """
+    journal = app[CONFIG].journal
+    if journal.backend != "redis":
+        app[REDIS] = None
+        yield
+        return
+    client = await connect_redis(journal)
+    app[REDIS] = client
+    log.info("journal: Redis at %s", redact_url(journal.redis_url))
+    try:
+        yield
+    finally:
+        await client.aclose()
 
 
 async def _streams(app: web.Application) -> AsyncIterator[None]:
@@ -124,6 +145,7 @@ def create_app(config: Config | None = None) -> web.Application:
     app.on_startup.append(_log_auth)
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_upstreams)
+    app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_streams)
     app.on_shutdown.append(_drain)
     app.on_response_prepare.append(set_request_id_header)

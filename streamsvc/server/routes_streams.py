@@ -52,7 +52,10 @@ async def _start(request: web.Request, chat: ChatRequest, *, resumable: bool,
     # cancelled, or stopped because its client left).
     slot = await app[LIMITER].acquire_stream(key_id)
     try:
-        generation = await app[REGISTRY].start(source, context, resumable=resumable)
+        generation = await app[REGISTRY].start(
+            source, context, resumable=resumable,
+            meta=None if key_id is None else {"owner": key_id},
+        )
     except BaseException:
         slot.release()
         raise
@@ -80,7 +83,7 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
     """Replay a stream's events after ``after``, then tail it live until its final event."""
     app = request.app
     journal = app[JOURNAL]
-    state = journal.last_seq(stream_id)
+    state = await journal.last_seq(stream_id)
     if state is None:
         raise ClientError(
             f"no stream {stream_id!r} (unknown, or expired after its retention time)",
@@ -123,7 +126,7 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
                 generation.wrote_through(events[-1].end)
             if events[-1].final:
                 break
-            state = journal.last_seq(stream_id)
+            state = await journal.last_seq(stream_id)
             if state is not None and state == (after, False):
                 after, ended = await _follow_live(request, response, stream_id, after, generation)
                 if ended:
@@ -294,7 +297,7 @@ async def delete_stream(request: web.Request) -> web.Response:
     request.app[AUTH].check_owner(request, stream_id)
     if request.app[REGISTRY].cancel(stream_id):
         status = "cancelled"
-    elif request.app[JOURNAL].last_seq(stream_id) is not None:
+    elif await request.app[JOURNAL].last_seq(stream_id) is not None:
         status = "ended"  # it had already finished; nothing to stop
     else:
         raise ClientError(f"no stream {stream_id!r}", code=ErrorCode.NOT_FOUND, param="id")
@@ -322,7 +325,7 @@ async def create_ticket(request: web.Request) -> web.Response:
             stream_id = data["stream_id"]
             if not isinstance(stream_id, str) or not is_stream_id(stream_id):
                 raise ClientError("stream_id: not a stream id", param="stream_id")
-            if request.app[JOURNAL].last_seq(stream_id) is None:
+            if await request.app[JOURNAL].last_seq(stream_id) is None:
                 raise ClientError(f"no stream {stream_id!r}", code=ErrorCode.NOT_FOUND,
                                   param="stream_id")
             request.app[AUTH].check_owner(request, stream_id)

@@ -6,6 +6,7 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
+from redis.asyncio import Redis
 
 from streamsvc.config import Config
 from streamsvc.journal.base import Journal
@@ -19,6 +20,8 @@ ROUTER = web.AppKey("router", Router)
 JOURNAL = web.AppKey("journal", Journal)
 REGISTRY = web.AppKey("registry", StreamRegistry)
 METRICS = web.AppKey("metrics", Metrics)
+REDIS: web.AppKey[Redis | None] = web.AppKey("redis")
+"""The process's one Redis client (one connection pool); None with the memory journal."""
 REQUEST_ID = web.RequestKey("request_id", str)
 HUNG_UP = web.RequestKey("hung_up", bool)
 DRAINING = web.AppKey("draining", asyncio.Event)
