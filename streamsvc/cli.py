@@ -21,12 +21,13 @@ from pythonjsonlogger.json import JsonFormatter
 
 from streamsvc.bench.options import add_arguments as add_bench_arguments
 from streamsvc.config import Config, LogConfig, load_config
-from streamsvc.errors import ConfigError
+from streamsvc.errors import ConfigError, ErrorCode, StreamsvcError
 from streamsvc.eventloop import loop_factory, loop_name
 
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a service it needs (Redis) cannot be reached
 # The listen queue: aiohttp's default of 128 overflows when a thousand
 # EventSources reconnect at once (after a deploy), and each dropped SYN costs
 # its client a second or more. nginx uses 511, uvicorn and gunicorn 2048.
@@ -182,6 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"streamsvc: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    except StreamsvcError as error:
+        if error.code is not ErrorCode.JOURNAL_UNAVAILABLE:
+            raise
+        print(f"streamsvc: cannot start: {error.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
 
 if __name__ == "__main__":  # pragma: no cover

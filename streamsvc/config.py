@@ -86,6 +86,7 @@ class JournalConfig(_Section, frozen=True):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "streamsvc:"
     writer_lease_s: PosFloat = 5.0
+    redis_max_connections: Annotated[int, msgspec.Meta(ge=4)] = 32
 
     def __post_init__(self) -> None:
         if not re.match(r"(rediss?|unix)://", self.redis_url):

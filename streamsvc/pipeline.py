@@ -27,12 +27,20 @@ __all__ = ["StreamContext", "build_pipeline"]
 
 @dataclass(slots=True)
 class StreamContext:
-    """What one stream's pipeline did: which upstream answered, after how many attempts."""
+    """What one stream's pipeline did: which upstream answered, after how many attempts.
+
+    It also carries who the stream is for, for the usage metrics: never the
+    prompt, only its estimated size.
+    """
 
     upstream: str | None = None
     attempts: int = 0
     retried: list[str] = field(default_factory=list)
     """The code of each error that was retried or fell back, in order."""
+    key_id: str | None = None
+    """The id (an HMAC) of the API key that started the stream; None with auth off."""
+    prompt_tokens: int = 0
+    """The prompt's estimated tokens (``streamsvc.usage``), for when the upstream sends no usage."""
 
     def summary(self) -> dict[str, Any]:
         return {"upstream": self.upstream, "attempts": self.attempts}

@@ -14,7 +14,7 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -26,9 +26,10 @@ from streamsvc.errors import ErrorCode, StreamError, StreamsvcError
 from streamsvc.events import DELTA, DONE, ERROR, EventBuilder
 from streamsvc.journal.base import Journal
 from streamsvc.pipeline import StreamContext
+from streamsvc.usage import Usage, UsageMeter
 
 __all__ = [
-    "Generation", "GenerationState", "StreamObserver", "StreamRegistry", "TokenClock",
+    "Generation", "GenerationState", "Peers", "StreamObserver", "StreamRegistry", "TokenClock",
     "new_stream_id",
 ]
 
@@ -45,6 +46,9 @@ class StreamObserver(Protocol):
 
     def retried(self, codes: list[str]) -> None:
         """A stream ended; its pipeline retried or fell back after these error codes."""
+
+    def usage(self, key_id: str | None, usage: Usage) -> None:
+        """A stream an upstream had accepted ended; it used this (once per stream)."""
 
 
 class TokenClock:
@@ -84,7 +88,8 @@ class Generation:
     It subscribes to the pipeline and journals each chunk's events from
     ``on_next`` itself, on the upstream reader's own turn of the loop: no task
     of its own and no hand-off per token (that hop cost a task wake-up per
-    token). Readers take whatever is pending from the journal.
+    token). Readers take whatever is pending from the journal. When it ends, the
+    observer learns its usage (:mod:`streamsvc.usage`), once.
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class Generation:
         self._builder = EventBuilder()
         self._observer = observer
         self._clock = TokenClock(observer) if observer is not None else None
+        self._meter = UsageMeter()
         self._subscription: abc.DisposableBase | None = None
         self._grace: asyncio.TimerHandle | None = None
 
@@ -154,9 +160,11 @@ class Generation:
         """
         self.delivered = max(self.delivered, end)
 
-    def arm_grace(self, seconds: float) -> None:
+    def arm_grace(self, seconds: float, expired: Callable[[], object] | None = None) -> None:
+        """Stop after ``seconds`` with no reader; or call ``expired`` then, to decide."""
         self.cancel_grace()
-        self._grace = asyncio.get_running_loop().call_later(seconds, self.stop, "cancelled")
+        self._grace = asyncio.get_running_loop().call_later(
+            seconds, expired or (lambda: self.stop("cancelled")))
 
     def cancel_grace(self) -> None:
         if self._grace is not None:
@@ -167,6 +175,7 @@ class Generation:
         if self.state is not GenerationState.RUNNING:
             return
         try:
+            self._meter.add(chunk)
             events = [(DELTA, data) for data in self._builder.deltas(chunk)]
             if events:
                 self._journal.append_nowait(self.id, events)
@@ -203,8 +212,14 @@ class Generation:
         """Cancel the upstream (if it still runs) and journal the final event, once."""
         self.state = GenerationState.ENDED
         self.cancel_grace()
-        if self._observer is not None and self.context.retried:
-            self._observer.retried(self.context.retried)
+        if self._observer is not None:
+            if self.context.retried:
+                self._observer.retried(self.context.retried)
+            # Only once an upstream answered 200: one that refused (429, 5xx) bills nothing.
+            if self.context.upstream is not None:
+                self._observer.usage(
+                    self.context.key_id, self._meter.result(self.context.prompt_tokens)
+                )
         if self._subscription is not None:
             self._subscription.dispose()
             self._subscription = None
@@ -232,6 +247,22 @@ def _error_data(event: dict[str, Any]) -> bytes:
     return msgspec.json.encode(event)
 
 
+class Peers(Protocol):
+    """Readers and DELETEs on other instances (``streamsvc.journal.peers.RedisPeers``)."""
+
+    async def enter(self, stream_id: str) -> Any:
+        """Count a reader here of a stream another instance writes; returns its presence."""
+
+    def leave(self, presence: Any) -> None:
+        """That reader left."""
+
+    async def readers(self, stream_id: str) -> int:
+        """Live readers of ``stream_id`` on other instances."""
+
+    async def cancel(self, stream_id: str) -> bool:
+        """Ask the instance writing ``stream_id`` to stop it; False when none got it."""
+
+
 class StreamRegistry:
     """The generations this process runs, and the reader counts that keep them alive.
 
@@ -253,10 +284,13 @@ class StreamRegistry:
         self._grace_s = resume_grace_s
         self._max_lag = max_lag_bytes
         self._running: dict[str, Generation] = {}
+        self._checks: set[asyncio.Task[None]] = set()
         self.on_error: Callable[[str], None] | None = None
         """Told the code of every stream that ends with an ``error`` event."""
         self.observer: StreamObserver | None = None
         """Told each generation's first-token time, gaps and retries."""
+        self.peers: Peers | None = None
+        """Other instances on the same journal (Redis); None for one process."""
 
     def __len__(self) -> int:
         return len(self._running)
@@ -279,19 +313,29 @@ class StreamRegistry:
         self._running[stream_id] = generation
         generation.start()
         if resumable and generation.state is GenerationState.RUNNING:
-            generation.arm_grace(self._grace_s)  # nobody has attached yet
+            self._arm_grace(generation)  # nobody has attached yet
         generation.ended.add_done_callback(lambda _: self._running.pop(stream_id, None))
         return generation
 
-    def attach(self, stream_id: str) -> None:
-        """A reader arrived: a pending grace period is called off."""
+    async def attach(self, stream_id: str) -> Any:
+        """A reader arrived: a pending grace period is called off.
+
+        Returns what :meth:`detach` needs: for a stream another instance
+        writes, the reader's presence there.
+        """
         generation = self._running.get(stream_id)
         if generation is not None:
             generation.readers += 1
             generation.cancel_grace()
+            return None
+        if self.peers is not None:
+            return await self.peers.enter(stream_id)
+        return None
 
-    def detach(self, stream_id: str) -> None:
+    def detach(self, stream_id: str, presence: Any = None) -> None:
         """A reader left: with none left, stop now or after the grace period."""
+        if presence is not None and self.peers is not None:
+            self.peers.leave(presence)
         generation = self._running.get(stream_id)
         if generation is None:
             return
@@ -299,23 +343,59 @@ class StreamRegistry:
         if generation.readers > 0:
             return
         if generation.resumable:
-            generation.arm_grace(self._grace_s)
+            self._arm_grace(generation)
         else:
             generation.stop("cancelled")
 
-    def cancel(self, stream_id: str, error: StreamsvcError | None = None) -> bool:
-        """Stop a stream's generation (DELETE); False when it does not run here.
+    def _arm_grace(self, generation: Generation) -> None:
+        if self.peers is None:
+            generation.arm_grace(self._grace_s)
+        else:
+            generation.arm_grace(self._grace_s, lambda: self._check_readers(generation))
 
-        With ``error`` the stream ends with that error event instead of ``done``.
+    def _check_readers(self, generation: Generation) -> None:
+        """The grace period ran out with no reader here: stop unless one reads elsewhere."""
+        peers = self.peers
+        assert peers is not None
+
+        async def check() -> None:
+            if await peers.readers(generation.id) > 0:
+                if generation.readers == 0 and generation.state is GenerationState.RUNNING:
+                    self._arm_grace(generation)
+            elif generation.readers == 0:
+                generation.stop("cancelled")
+
+        task = asyncio.ensure_future(check())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def cancel(self, stream_id: str, error: StreamsvcError | None = None) -> bool:
+        """Stop a stream's generation (DELETE), here or on the instance that runs it.
+
+        With ``error`` the stream ends with that error event instead of
+        ``done``. Returns False when no instance runs it.
         """
         generation = self._running.get(stream_id)
         if generation is None:
-            return False
+            return self.peers is not None and await self.peers.cancel(stream_id)
         generation.stop("cancelled", error=error)
         return True
 
-    async def drain(self, timeout_s: float) -> int:
-        """Let the running generations finish, for at most ``timeout_s``; then stop the rest.
+    def cancel_here(self, stream_id: str) -> None:
+        """Stop a generation of this process at another's word: a DELETE it took, or
+        a reader there that ended the stream when our writer lease had lapsed."""
+        generation = self._running.get(stream_id)
+        if generation is not None:
+            generation.stop("cancelled")
+
+    def fail_all(self, error: StreamsvcError) -> None:
+        """End every running generation with ``error`` (the journal became unreachable)."""
+        for generation in list(self._running.values()):
+            generation.stop("cancelled", error=error)
+
+    async def drain(self, timeout_s: float, also: Iterable[asyncio.Future[None]] = ()) -> int:
+        """Let the running generations (and ``also``) finish, for at most ``timeout_s``;
+        then stop the generations still running.
 
         A generation stopped here ends with the ``shutting_down`` error event
         (retryable), so a client knows its answer was cut by a restart.
@@ -323,7 +403,7 @@ class StreamRegistry:
         Returns:
             How many generations had to be stopped.
         """
-        pending = [g.ended for g in self._running.values()]
+        pending = [g.ended for g in self._running.values()] + list(also)
         if pending and timeout_s > 0:
             await asyncio.wait(pending, timeout=timeout_s)
         return await self._stop_all()
@@ -331,6 +411,9 @@ class StreamRegistry:
     async def close(self) -> None:
         """Stop every generation and wait for each to write its final event."""
         await self._stop_all()
+        for task in list(self._checks):
+            task.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
 
     async def _stop_all(self) -> int:
         generations = list(self._running.values())

@@ -51,10 +51,24 @@ class RedisServer:
                 raise AssertionError(f"{REDIS_SERVER} did not start on port {self.port}")
             time.sleep(0.02)
 
-    def stop(self) -> None:
-        """Kill it (SIGKILL: Redis lost, not a clean shutdown)."""
+    def stop(self, *, save: bool = False) -> None:
+        """Kill it (SIGKILL: Redis lost), or with ``save`` shut it down keeping its data.
+
+        A saved server loads its data again on :meth:`start`, as a production
+        Redis with persistence would after a restart.
+        """
         if self._process is not None and self._process.poll() is None:
-            self._process.kill()
+            if save:
+                try:
+                    self.command("SHUTDOWN", "SAVE")
+                except OSError:
+                    pass
+                try:
+                    self._process.wait(10)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self._process.poll() is None:
+                self._process.kill()
             self._process.wait()
         self._process = None
 

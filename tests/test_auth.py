@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from streamsvc.server.auth import AUTH
+from streamsvc.server.tickets import MemoryTicketStore
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 
@@ -345,14 +346,19 @@ async def test_no_cors_by_default(
         assert "Access-Control-Allow-Origin" not in response.headers
 
 
-async def test_stream_owners_are_forgotten_after_retention(
+async def test_ticket_bindings_are_forgotten_after_retention_and_ticket_ttl(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("STREAMSVC_API_KEYS", KEY_A)
     relay = await start_server(overrides=relay_overrides(
-        simulator.url, journal={"retention_s": 0.0}))
+        simulator.url, journal={"retention_s": 0.0}, auth={"ticket_ttl_s": 1.0}))
+    tickets = relay.app[AUTH].tickets
+    assert isinstance(tickets, MemoryTicketStore)
     created = await create(relay, session)
     async with session.get(relay.url + created["events_url"]) as response:
         assert "event: done" in await response.text()
-    assert await wait_until(lambda: relay.app[AUTH].tracked() == 0, timeout=5)
+    assert tickets.tracked() == 1  # the events_url ticket, bound to its stream
+    assert await wait_until(lambda: tickets.tracked() == 0, timeout=5)
+    async with session.get(relay.url + created["events_url"]) as response:
+        assert response.status == 401  # unbound, and past its TTL

@@ -1,26 +1,28 @@
 """The journal contract (streamsvc.journal.base.Journal), run against every backend.
 
-Each backend gets the same suite through the ``make`` fixture: only the memory
-backend exists now; a Redis backend joins ``BACKENDS`` and must pass it unchanged.
+Each backend gets the same suite through the ``make`` fixture: the memory
+journal, and the Redis journal on a real redis-server started for the test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
-from streamsvc.errors import ClientError, ErrorCode, StreamError
-from streamsvc.journal.base import Journal, encode_frame
+from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
+from streamsvc.journal.base import Event, Journal, encode_frame
 from streamsvc.journal.memory import MemoryJournal
+from streamsvc.journal.redis import RedisJournal
+from tests.conftest import wait_until
+from tests.redis_server import RedisServer
 
 JournalFactory = Callable[..., Journal]
-
-BACKENDS: dict[str, JournalFactory] = {
-    "memory": lambda **options: MemoryJournal(**options),
-}
+BACKENDS = ["memory", "redis"]
 
 
 def msg(text: str) -> tuple[str, bytes]:
@@ -42,20 +44,27 @@ def test_encode_frame_final(kind: str) -> None:
         b"id: s1:9\nevent: " + kind.encode() + b"\ndata: {}\n\n")
 
 
-@pytest.mark.parametrize("backend", BACKENDS.values(), ids=BACKENDS.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
 class TestJournal:
     @pytest.fixture
-    async def make(self, backend: JournalFactory) -> AsyncIterator[JournalFactory]:
+    async def make(self, backend: str, request: pytest.FixtureRequest
+                   ) -> AsyncIterator[JournalFactory]:
         made: list[Journal] = []
+        client: Redis | None = None
+        if backend == "redis":
+            client = Redis.from_url(request.getfixturevalue("redis_server").url)
 
         def make(**options: Any) -> Journal:
-            journal = backend(**options)
+            journal: Journal = (MemoryJournal(**options) if client is None
+                                else RedisJournal(client, lease_s=0.5, **options))
             made.append(journal)
             return journal
 
         yield make
         for journal in made:
             await journal.close()
+        if client is not None:
+            await client.aclose()
 
     @pytest.fixture
     async def journal(self, make: JournalFactory) -> Journal:
@@ -214,3 +223,133 @@ class TestJournal:
         await asyncio.sleep(0.01)
         await journal.close()
         assert await asyncio.wait_for(reader, 1) == []
+
+
+class TestRedisAcrossInstances:
+    """Two RedisJournal objects on one redis-server behave as two instances of the service."""
+
+    @pytest.fixture
+    async def pair(self, redis_server: RedisServer
+                   ) -> AsyncIterator[tuple[RedisJournal, RedisJournal]]:
+        clients = [Redis.from_url(redis_server.url) for _ in range(2)]
+        journals = [RedisJournal(client, lease_s=0.3, retention_s=30) for client in clients]
+        yield journals[0], journals[1]
+        for journal in journals:
+            await journal.close()
+        for client in clients:
+            await client.aclose()
+
+    async def test_a_stream_written_on_one_is_replayed_and_tailed_on_the_other(
+        self, pair: tuple[RedisJournal, RedisJournal]
+    ) -> None:
+        writer, reader = pair
+        await writer.create("s", {"owner": "k1"})
+        await writer.append("s", [msg("a"), msg("b")])
+        assert await reader.meta("s") == {"owner": "k1", "instance": writer.instance}
+        assert reader.listen("s", lambda events: True) is None  # not its stream: it tails
+        assert [e.seq for e in await reader.read("s", 0)] == [1, 2]
+        tail = asyncio.ensure_future(reader.read("s", 2))
+        await asyncio.sleep(0.05)
+        assert not tail.done()
+        await writer.append("s", [msg("c"), DONE])
+        events = await asyncio.wait_for(tail, 2)  # woken by the first write: 3, or 3 and 4
+        if len(events) == 1:
+            events += await asyncio.wait_for(reader.read("s", 3), 2)
+        assert [e.seq for e in events] == [3, 4]
+        assert events[0].frame == b'id: s:3\ndata: {"content":"c"}\n\n'
+        assert events[-1].end == writer.size("s")
+        assert await reader.last_seq("s") == (4, True)
+        assert await asyncio.wait_for(reader.read("s", 4), 1) == []
+
+    async def test_the_local_live_tail_gets_each_batch_once_redis_holds_it(
+        self, pair: tuple[RedisJournal, RedisJournal]
+    ) -> None:
+        writer, other = pair
+        await writer.create("s")
+        got: list[list[int]] = []
+        seen_by_other: list[int | None] = []
+
+        def listener(events: list[Event]) -> bool:
+            got.append([e.seq for e in events])
+            seen_by_other.append(None)
+            return True
+
+        assert writer.listen("s", listener) is not None
+        writer.append_nowait("s", [msg("a")])
+        writer.append_nowait("s", [msg("b")])
+        assert got == []  # not written yet: nobody sees it before Redis holds it
+        assert await wait_until(lambda: sum(map(len, got)) == 2, 2)
+        assert [seq for batch in got for seq in batch] == [1, 2]
+        assert await other.last_seq("s") == (2, False)
+
+    async def test_a_dead_writer_leaves_its_events_and_then_an_instance_lost_error(
+        self, pair: tuple[RedisJournal, RedisJournal], redis_server: RedisServer
+    ) -> None:
+        writer, reader = pair
+        await writer.create("s")
+        await writer.append("s", [msg("a"), msg("b")])
+        # SIGKILL, as Redis sees it: the process stops refreshing its lease.
+        for task in writer._tasks:
+            task.cancel()
+        redis_server.command("DEL", f"streamsvc:i:{writer.instance}")
+        assert [e.seq for e in await reader.read("s", 0)] == [1, 2]
+        started = asyncio.get_running_loop().time()
+        (event,) = await asyncio.wait_for(reader.read("s", 2), 5)
+        assert asyncio.get_running_loop().time() - started < 2  # about one lease
+        assert event.seq == 3 and event.kind == "error"
+        assert json.loads(event.data)["code"] == "instance_lost"
+        assert event.start == (await reader.read("s", 1))[0].end
+        assert await reader.last_seq("s") == (3, True)
+
+    async def test_a_live_writer_is_not_declared_dead_by_a_quiet_stream(
+        self, pair: tuple[RedisJournal, RedisJournal]
+    ) -> None:
+        writer, reader = pair
+        await writer.create("s")
+        await writer.append("s", [msg("a")])
+        tail = asyncio.ensure_future(reader.read("s", 1))
+        await asyncio.sleep(1.0)  # more than three leases
+        assert not tail.done()
+        await writer.append("s", [DONE])
+        assert [e.kind for e in await asyncio.wait_for(tail, 2)] == ["done"]
+
+    async def test_redis_lost_then_back_nothing_journaled_is_lost(
+        self, pair: tuple[RedisJournal, RedisJournal], redis_server: RedisServer
+    ) -> None:
+        writer, reader = pair
+        lost: list[StreamsvcError] = []
+        writer.on_unavailable = lost.append
+        await writer.create("s")
+        await writer.append("s", [msg("a")])
+        redis_server.stop(save=True)
+        writer.append_nowait("s", [msg("b")])
+        assert await wait_until(lambda: bool(lost), 3)
+        assert lost[0].code == ErrorCode.JOURNAL_UNAVAILABLE
+        assert not writer.healthy
+        with pytest.raises(StreamError) as caught:
+            await reader.read("s", 0)
+        assert caught.value.code == ErrorCode.JOURNAL_UNAVAILABLE
+        assert "Redis at redis://127.0.0.1" in caught.value.message
+        writer.append_nowait("s", [ERROR])  # what the registry does on_unavailable
+        redis_server.start()  # with its data, as a Redis with persistence restarts
+        assert await wait_until(lambda: writer.healthy, 5)
+        events = await asyncio.wait_for(reader.read("s", 0), 5)
+        assert [(e.seq, e.kind) for e in events] == [(1, "message"), (2, "message"), (3, "error")]
+        assert await reader.last_seq("s") == (3, True)
+
+    async def test_start_fails_with_a_typed_error_naming_the_journal(self) -> None:
+        client = Redis.from_url(f"redis://127.0.0.1:{_closed_port()}/0")
+        journal = RedisJournal(client, url="redis://:secret@127.0.0.1:1/0")
+        with pytest.raises(StreamError) as caught:
+            await journal.start()
+        assert caught.value.code == ErrorCode.JOURNAL_UNAVAILABLE
+        assert "secret" not in caught.value.message
+        await client.aclose()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import random
+import re
 from typing import Any
 
 import aiohttp
 
 from streamsvc.server.state import REGISTRY
 from streamsvc.upstream.simulator import SimulatorServer
-from tests.conftest import StartServer, relay_overrides, wait_until
+from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
+from tests.redis_server import RedisServer
 
 STREAMS = 300
 PATHS = ("/v1/chat/completions", "/v1/chat/stream", "/v1/streams")
@@ -28,12 +31,16 @@ def _body(tokens: int) -> dict[str, Any]:
             "stream": True, "simulate": {"tokens": tokens, "rate": 200}}
 
 
-async def _one(session: aiohttp.ClientSession, url: str, path: str, leave_after: int) -> None:
-    """One client: reads ``leave_after`` data lines (-1: all of them), then hangs up."""
+async def _one(session: aiohttp.ClientSession, url: str, path: str, leave_after: int,
+               read_url: str | None = None) -> None:
+    """One client: reads ``leave_after`` data lines (-1: all of them), then hangs up.
+
+    ``read_url``: the instance that serves the events of a ``/v1/streams`` stream.
+    """
     if path == "/v1/streams":
         async with session.post(url + path, json=_body(40)) as created:
             events_url = (await created.json())["events_url"]
-        request = session.get(url + events_url)
+        request = session.get((read_url or url) + events_url)
     else:
         request = session.post(url + path, json=_body(40))
     async with request as response:
@@ -80,3 +87,70 @@ async def test_clients_leaving_at_random_points_leak_nothing(
                 if "RequestHandler.start" not in repr(t.get_coro())]
 
     assert await wait_until(lambda: len(leftover()) <= tasks_before, timeout=10), leftover()
+
+
+def _tasks() -> list[str]:
+    return [repr(t.get_coro()) for t in asyncio.all_tasks()
+            if "RequestHandler.start" not in repr(t.get_coro())]
+
+
+def _rss_kib() -> int:
+    with open(f"/proc/{os.getpid()}/status", encoding="ascii") as status:
+        return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))  # type: ignore[union-attr]
+
+
+def _redis_clients(redis: RedisServer) -> int:
+    info = redis.command("INFO", "clients").decode()
+    # Minus the connection that asks.
+    return int(re.search(r"connected_clients:(\d+)", info).group(1)) - 1  # type: ignore[union-attr]
+
+
+async def _soak_round(session: aiohttp.ClientSession, servers: list[RunningServer], count: int,
+                      rng: random.Random) -> None:
+    jobs = []
+    for _ in range(count):
+        path = rng.choice(PATHS)
+        start, read = rng.choice(servers), rng.choice(servers)  # half the readers read elsewhere
+        jobs.append(_one(session, start.url, path, rng.choice([-1, 1, 2, 5, 10, 20, 30]),
+                         read_url=read.url))
+    await asyncio.wait_for(asyncio.gather(*jobs), timeout=300)
+
+
+async def test_two_instances_on_redis_leak_no_reader_connection_or_task(
+    redis_server: RedisServer, start_server: StartServer, simulator: SimulatorServer
+) -> None:
+    """The same soak across two instances on one Redis.
+
+    Figures: ``SOAK_STREAMS=2000 SOAK_ROUNDS=4 pytest -s -k redis tests/test_soak.py``.
+    """
+    streams = int(os.environ.get("SOAK_STREAMS", str(STREAMS)))
+    overrides = relay_overrides(simulator.url, journal={
+        "backend": "redis", "redis_url": redis_server.url, "resume_grace_s": 0.2,
+        "retention_s": float(os.environ.get("SOAK_RETENTION_S", "300"))})
+    servers = [await start_server(overrides=overrides), await start_server(overrides=overrides)]
+    rng = random.Random(11)
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await _soak_round(session, servers, 100, rng)  # warm up: pools reach their size
+        for server in servers:
+            assert await wait_until(lambda s=server: len(s.app[REGISTRY]) == 0, timeout=10)
+        gc.collect()
+        before = (_redis_clients(redis_server), len(_tasks()), _rss_kib())
+        for round_ in range(int(os.environ.get("SOAK_ROUNDS", "1"))):
+            await _soak_round(session, servers, streams, rng)
+            gc.collect()
+            print(f"\nround {round_ + 1}: RSS {_rss_kib()} KiB,"
+                  f" Redis clients {_redis_clients(redis_server)}, tasks {len(_tasks())}")
+    for server in servers:
+        registry = server.app[REGISTRY]
+        assert await wait_until(lambda r=registry: len(r) == 0, timeout=10), f"{len(registry)}"
+    assert await wait_until(lambda: simulator.stats.active == 0, timeout=10)
+    assert await wait_until(lambda: len(_tasks()) <= before[1], timeout=10), _tasks()
+    gc.collect()
+    after = (_redis_clients(redis_server), len(_tasks()), _rss_kib())
+    print(f"\nsoak on Redis, {streams} streams over 2 instances: Redis clients {before[0]} ->"
+          f" {after[0]}, tasks {before[1]} -> {after[1]}, RSS {before[2]} -> {after[2]} KiB"
+          f" ({after[2] - before[2]:+d})")
+    # Each instance holds at most its bounded pool (journal.redis_max_connections),
+    # whatever the number of readers; the warm-up filled the pools.
+    assert after[0] <= before[0] <= 2 * 32 + 4, (before, after)

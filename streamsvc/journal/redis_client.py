@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from streamsvc.config import JournalConfig, redact_url
@@ -28,12 +28,18 @@ async def connect_redis(config: JournalConfig) -> Redis:
     """
     # Blocking reads (XREAD BLOCK) wait up to one writer lease; the socket
     # timeout must be longer, or a quiet stream would look like a dead Redis.
-    client = Redis.from_url(
+    # A bounded pool: commands are short pipelines and the waiting is done by one
+    # shared blocking call (redis_tail), so a few connections serve thousands of
+    # streams; past the bound a command waits for a free connection.
+    pool = BlockingConnectionPool.from_url(
         config.redis_url,
+        max_connections=config.redis_max_connections,
+        timeout=5.0,
         socket_connect_timeout=5.0,
         socket_timeout=config.writer_lease_s + 10.0,
         health_check_interval=30,
     )
+    client = Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
     try:
         await client.ping()
     except (RedisError, OSError) as exc:

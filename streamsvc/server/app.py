@@ -4,30 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import aiohttp_cors
 from aiohttp import web
 
 from streamsvc.config import BUILTIN_SIMULATOR, Config, redact_url
-from streamsvc.journal.redis_client import connect_redis
+from streamsvc.journal.base import Journal
 from streamsvc.journal.memory import MemoryJournal
+from streamsvc.journal.peers import RedisPeers
+from streamsvc.journal.redis import RedisJournal
+from streamsvc.journal.redis_client import connect_redis
 from streamsvc.server import routes_info, routes_openai, routes_page, routes_streams
 from streamsvc.server.auth import AUTH, Auth, auth_middleware
+from streamsvc.server.connections import CONNECTIONS, Connections, connection_middleware
 from streamsvc.server.limits import LIMITER, MemoryLimiter
+from streamsvc.server.limits_redis import RedisLimiter
 from streamsvc.server.metrics import Metrics
 from streamsvc.server.middleware import error_middleware, set_request_id_header
 from streamsvc.server.state import (
+    ANSWERS,
     CONFIG,
+    DRAIN_LEAVERS,
     DRAINING,
     JOURNAL,
+    JOURNAL_SHARED,
     METRICS,
     REDIS,
     REGISTRY,
     ROUTER,
     SESSION,
 )
+from streamsvc.server.tickets import RedisTicketStore
 from streamsvc.streams import StreamRegistry
 from streamsvc.upstream.routing import Router
 from streamsvc.upstream.simulator import SimulatorServer
@@ -84,45 +93,112 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         await client.aclose()
 
 
+async def _shared_auth(app: web.Application) -> AsyncIterator[None]:
+    """Ticket bindings and limits: in Redis with the Redis journal (then they hold across
+    instances), else in this process (the defaults ``create_app`` set)."""
+    redis = app[REDIS]
+    auth = app[AUTH]
+    limiter: RedisLimiter | None = None
+    if redis is not None:
+        config = app[CONFIG]
+        journal = config.journal
+        auth.tickets = RedisTicketStore(redis, prefix=journal.redis_prefix + "t:",
+                                        ttl_s=auth.binding_ttl_s, url=journal.redis_url)
+        limiter = RedisLimiter(redis, config.limits, prefix=journal.redis_prefix,
+                               lease_s=journal.writer_lease_s)
+        await limiter.start()
+        app[LIMITER] = limiter
+        if auth.enabled and not auth.shared_secret:
+            log.warning("auth: %s is unset: each instance signs tickets and names keys with its"
+                        " own secret, so tickets, stream owners and per-key limits do not"
+                        " hold across instances", config.auth.ticket_secret_env)
+    try:
+        yield
+    finally:
+        await auth.close()
+        if limiter is not None:
+            await limiter.close()
+
+
 async def _streams(app: web.Application) -> AsyncIterator[None]:
     """The journal and the registry of running generations; shutdown stops them all."""
     config = app[CONFIG]
-    journal = MemoryJournal(
-        retention_s=config.journal.retention_s, max_events=config.journal.max_events
-    )
+    redis = app[REDIS]
+    journal: Journal
+    peers: RedisPeers | None = None
+    if redis is None:
+        journal = MemoryJournal(
+            retention_s=config.journal.retention_s, max_events=config.journal.max_events
+        )
+    else:
+        journal = redis_journal = RedisJournal(
+            redis, url=config.journal.redis_url, retention_s=config.journal.retention_s,
+            max_events=config.journal.max_events, prefix=config.journal.redis_prefix,
+            lease_s=config.journal.writer_lease_s,
+        )
+        await redis_journal.start()
     registry = StreamRegistry(
         journal,
         resume_grace_s=config.journal.resume_grace_s,
         max_lag_bytes=config.server.max_pending_bytes,
     )
     app[JOURNAL] = journal
+    app[JOURNAL_SHARED] = redis is not None
     app[REGISTRY] = registry
     metrics = Metrics(active_streams=lambda: len(registry))
     registry.on_error = metrics.count_error
     registry.observer = metrics
     app[METRICS] = metrics
+    if redis is not None:
+        redis_journal.on_unavailable = registry.fail_all
+        redis_journal.on_lost = registry.cancel_here
+        redis_journal.on_lag = metrics.journal_lag
+        peers = RedisPeers(redis, redis_journal, prefix=config.journal.redis_prefix,
+                           lease_s=config.journal.writer_lease_s,
+                           on_cancel=registry.cancel_here)
+        await peers.start()
+        registry.peers = peers
+        log.info("journal: this instance is %s", redis_journal.instance)
     try:
         yield
     finally:
         await registry.close()
+        if peers is not None:
+            await peers.close()
         await journal.close()
 
 
 async def _drain(app: web.Application) -> None:
     """Shutdown (SIGTERM), once the listening socket is closed: let answers finish.
 
-    ``/readyz`` fails and new streams get ``503 shutting_down`` from here on;
-    running generations get ``drain_timeout_s`` to finish into the journal
-    (their readers are still being served), and the rest end with the
-    ``shutting_down`` error event. Then aiohttp waits ``shutdown_timeout_s``
-    for the handlers to write what is left.
+    ``/readyz`` fails and new streams get ``503 shutting_down`` from here on.
+    With a shared journal (Redis) the readers of resumable streams are let go
+    at once: they reconnect through the load balancer to another instance and
+    resume from the journal. Running generations get ``drain_timeout_s`` to
+    finish into the journal (readers of the others are still served here),
+    and the rest end with the ``shutting_down`` error event. Then aiohttp
+    waits ``shutdown_timeout_s`` for the handlers to write what is left.
     """
     app[DRAINING].set()
-    running = len(app[REGISTRY])
+    app[CONNECTIONS].close_idle()  # a proxy must not queue requests on them meanwhile
+    registered: set[Callable[[], None]] = app[DRAIN_LEAVERS]
+    leavers = list(registered)
+    for leave in leavers:
+        leave()
+    if leavers:
+        log.info("shutting down: %d readers of resumable streams let go to resume elsewhere",
+                 len(leavers))
+    in_flight: set[asyncio.Future[None]] = app[ANSWERS]
+    answers = list(in_flight)
+    running = len(app[REGISTRY]) + len(answers)
     timeout = app[CONFIG].server.drain_timeout_s
     if running:
         log.info("shutting down: waiting up to %g s for %d running streams", timeout, running)
-    stopped = await app[REGISTRY].drain(timeout)
+    stopped = await app[REGISTRY].drain(timeout, also=answers)
+    cut = sum(not answer.done() for answer in answers)
+    if cut:
+        log.warning("shutting down: %d chat completions did not finish in %g s; they get"
+                    " server.shutdown_timeout_s more", cut, timeout)
     if stopped:
         log.warning("shutting down: %d streams did not finish in %g s and were cut"
                     " (shutting_down)", stopped, timeout)
@@ -137,24 +213,36 @@ def create_app(config: Config | None = None) -> web.Application:
     config = config or Config()
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[connection_middleware, error_middleware, auth_middleware],
     )
     app[CONFIG] = config
     app[AUTH] = Auth(config.auth, retention_s=config.journal.retention_s)
-    app[LIMITER] = MemoryLimiter(config.limits)  # a Redis limiter goes here for many instances
+    app[LIMITER] = MemoryLimiter(config.limits)  # _shared_auth puts Redis's in with Redis
     app.on_startup.append(_log_auth)
     app[DRAINING] = asyncio.Event()
+    app[DRAIN_LEAVERS] = set[Callable[[], None]]()
+    app[ANSWERS] = set[asyncio.Future[None]]()
+    app[CONNECTIONS] = Connections()
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_redis)
+    app.cleanup_ctx.append(_shared_auth)
     app.cleanup_ctx.append(_streams)
     app.on_shutdown.append(_drain)
     app.on_response_prepare.append(set_request_id_header)
+    app.on_response_prepare.append(_close_when_draining)
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_streams.routes)
     app.add_routes(routes_info.routes)
     app.add_routes(routes_page.routes)
     _cors(app, config)
     return app
+
+
+async def _close_when_draining(request: web.Request, response: web.StreamResponse) -> None:
+    """While draining, every answer closes its connection after it (``Connection: close``)."""
+    if request.app[DRAINING].is_set():
+        response.force_close()
+        response.headers["Connection"] = "close"  # the hook runs after aiohttp set this header
 
 
 async def _log_auth(app: web.Application) -> None:

@@ -17,14 +17,20 @@ the key) and a nonce. Scopes:
   it starts one stream, and the ticket is then bound to that stream.
 
 A ticket must be first used within ``auth.ticket_ttl_s``. EventSource
-reconnects by re-sending the same URL, so once used, a ticket stays good for
-resuming *its* stream for as long as the stream is kept (until
-``journal.retention_s`` after it ended). Each stream is owned by the key that
+reconnects by re-sending the same URL, so once used, a ticket is bound to
+*its* stream and stays good for resuming it while the binding lives:
+``journal.retention_s + auth.ticket_ttl_s`` from its last use (a chat
+ticket: also that long after the stream it started ended, since the process
+that ran the stream binds it again then). Each stream is owned by the key that
 created it; another key, or a ticket minted for another stream, gets ``403``.
 
-Ownership and ticket bindings live in this process (memory), like the
-journal; several instances need them in Redis and a shared
-``auth.ticket_secret_env``.
+The owner is the ``"owner"`` of the stream's journal meta, so it is known
+wherever the journal is. Ticket bindings live in a
+:class:`~streamsvc.server.tickets.TicketStore`: this process's memory, or
+Redis with ``journal.backend = "redis"`` (then a reconnect works on any
+instance, and a chat ticket starts one stream across all of them). Several
+instances must share ``auth.ticket_secret_env``: tickets and key ids
+(which name owners and limit counters) derive from it.
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ from aiohttp import web
 from itsdangerous import BadSignature, URLSafeSerializer
 
 from streamsvc.config import AuthConfig
-from streamsvc.errors import ClientError, ErrorCode
+from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
 from streamsvc.server.limits import LIMITER
+from streamsvc.server.state import JOURNAL
+from streamsvc.server.tickets import IN_USE, MemoryTicketStore, TicketStore
 
 __all__ = ["AUTH", "KEY_ID", "TICKET", "Auth", "Ticket", "auth_middleware"]
 
@@ -52,7 +60,6 @@ log = logging.getLogger("streamsvc")
 
 # The endpoints that take ``?ticket=`` instead of the Authorization header.
 TICKET_ROUTES = {"/v1/chat/stream", "/v1/streams/{stream_id}/events"}
-_IN_USE = ""  # a chat ticket whose stream is being started
 
 
 def _unauthorized(message: str) -> ClientError:
@@ -79,12 +86,15 @@ class Ticket:
 
 
 class Auth:
-    """The keys, the ticket signer, and which key owns which stream (this process).
+    """The keys, the ticket signer, and the ticket bindings.
+
+    ``tickets`` is a :class:`MemoryTicketStore` until the app replaces it
+    (with the Redis store, for several instances) before serving.
 
     Args:
         config: the ``[auth]`` section.
         retention_s: how long an ended stream stays readable (``journal.retention_s``);
-            its owner and ticket bindings are kept that long too.
+            a ticket binding lives that long plus ``ticket_ttl_s`` (``binding_ttl_s``).
         env: where the keys and the secret are read (default ``os.environ``).
     """
 
@@ -99,10 +109,9 @@ class Auth:
             self._secret, salt="streamsvc-ticket",
             signer_kwargs={"digest_method": hashlib.sha256},
         )
-        self._retention_s = retention_s
-        self._owners: dict[str, str] = {}  # stream id -> key id
-        self._bound: dict[str, str] = {}  # ticket nonce -> stream id (or _IN_USE)
-        self._nonces: dict[str, list[str]] = {}  # stream id -> nonces bound to it
+        self.binding_ttl_s = retention_s + config.ticket_ttl_s
+        self.tickets: TicketStore = MemoryTicketStore(ttl_s=self.binding_ttl_s)
+        self._tasks: set[asyncio.Task[None]] = set()  # bindings renewed as streams end
 
     @property
     def enabled(self) -> bool:
@@ -163,72 +172,100 @@ class Auth:
             raise _unauthorized("ticket: its API key is no longer valid")
         return ticket
 
-    def admit(self, ticket: Ticket, stream_id: str | None) -> str | None:
+    async def admit(self, ticket: Ticket, stream_id: str | None) -> str | None:
         """Check a ticket against the stream asked for; returns the stream it is bound to.
 
         ``stream_id`` is the stream the request reads (None: a one-shot GET
-        that starts one). A ticket not used yet must be within its TTL.
+        that starts one). A ticket not used yet must be within its TTL; a
+        chat ticket is then claimed (atomically, across instances with Redis),
+        and None means the caller starts its stream and calls
+        :meth:`bind_started` (or :meth:`release_unstarted` when it fails).
         """
-        bound = self._bound.get(ticket.nonce)
-        if bound == _IN_USE:
-            raise _forbidden("ticket: already used to start a stream")
+        bound = await self.tickets.get(ticket.nonce)
         if bound is None:
             if ticket.expired:
                 raise _unauthorized("ticket expired")
-            if ticket.scope == "stream" and stream_id != ticket.stream_id:
-                raise _forbidden("ticket: it was issued for another stream")
-            if ticket.scope == "chat" and stream_id is not None:
+            if ticket.scope == "stream":
+                if ticket.stream_id is None or stream_id != ticket.stream_id:
+                    raise _forbidden("ticket: it was issued for another stream")
+                await self.tickets.bind(ticket.nonce, ticket.stream_id)
+                return ticket.stream_id
+            if stream_id is not None:
                 raise _forbidden("ticket: it did not start this stream")
-            if ticket.scope == "stream" and ticket.stream_id in self._owners:
-                self._bind(ticket.nonce, ticket.stream_id)
-            elif ticket.scope == "chat":
-                self._bound[ticket.nonce] = _IN_USE  # bound once its stream exists
-            return ticket.stream_id
+            bound = await self.tickets.claim(ticket.nonce)
+            if bound is None:
+                return None
+            # Another request (maybe on another instance) used it first: judged by what it holds.
+        if bound == IN_USE:
+            raise _forbidden("ticket: already used to start a stream")
         if stream_id is not None and stream_id != bound:
             raise _forbidden("ticket: it was issued for another stream")
         return bound
 
-    def _bind(self, nonce: str, stream_id: str) -> None:
-        self._bound[nonce] = stream_id
-        self._nonces.setdefault(stream_id, []).append(nonce)
+    async def release_unstarted(self, ticket: Ticket) -> None:
+        """A chat ticket's stream did not start: it may be used again (within its TTL).
 
-    def release_unstarted(self, ticket: Ticket) -> None:
-        """A chat ticket's stream did not start: it may be used again (within its TTL)."""
-        if self._bound.get(ticket.nonce) == _IN_USE:
-            del self._bound[ticket.nonce]
+        Never raises for the store (the caller is already answering an error);
+        a claim that could not be freed expires with its binding.
+        """
+        if ticket.scope != "chat":
+            return
+        try:
+            await self.tickets.release(ticket.nonce)
+        except StreamsvcError as exc:
+            log.warning("auth: could not free an unused chat ticket (%s)", exc.code)
+
+    async def bind_started(self, stream_id: str, ended: asyncio.Future[None],
+                           ticket: Ticket | None) -> None:
+        """Bind the chat ticket that started ``stream_id`` to it, and again when it ends.
+
+        The second binding keeps the ticket good for ``binding_ttl_s`` after
+        the end, however long the stream ran. Never raises for the store: the
+        stream has started, and freeing the claim would let the ticket start
+        another (a binding that failed leaves the claim: reconnects get 403).
+        """
+        if ticket is None or ticket.scope != "chat":
+            return
+        nonce = ticket.nonce
+        ended.add_done_callback(lambda _: self._bind_soon(nonce, stream_id))
+        # Shielded: a client that hangs up now must not leave its stream unbound.
+        await asyncio.shield(self._bind_soon(nonce, stream_id))
+
+    def _bind_soon(self, nonce: str, stream_id: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._bind(nonce, stream_id))
+        self._tasks.add(task)  # held until done, and awaited by close()
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _bind(self, nonce: str, stream_id: str) -> None:
+        try:
+            await self.tickets.bind(nonce, stream_id)
+        except StreamsvcError as exc:
+            log.warning("auth: could not bind a chat ticket to stream %s (%s)", stream_id,
+                        exc.code)
+
+    async def close(self) -> None:
+        """Finish the pending bindings, then close the ticket store (app shutdown)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5.0)
+        await self.tickets.close()
 
     # -- ownership ---------------------------------------------------------------------------
 
-    def own(self, stream_id: str, key_id: str | None, ended: asyncio.Future[None],
-            ticket: Ticket | None = None) -> None:
-        """Record who created a stream (and the chat ticket that did); forgotten after retention."""
-        if key_id is None:
-            return
-        self._owners[stream_id] = key_id
-        if ticket is not None and ticket.scope == "chat":
-            self._bind(ticket.nonce, stream_id)
-        loop = asyncio.get_running_loop()
-        ended.add_done_callback(
-            lambda _: loop.call_later(self._retention_s + 1.0, self._forget, stream_id)
-        )
+    async def check_owner(self, request: web.Request, stream_id: str) -> None:
+        """403 when the request's key did not create the stream; nothing when auth is off.
 
-    def _forget(self, stream_id: str) -> None:
-        self._owners.pop(stream_id, None)
-        for nonce in self._nonces.pop(stream_id, []):
-            self._bound.pop(nonce, None)
-
-    def check_owner(self, request: web.Request, stream_id: str) -> None:
-        """403 when the request's key did not create the stream; nothing when auth is off."""
+        The owner is the ``"owner"`` in the stream's journal meta (any
+        instance's, with Redis); an unknown stream, or one created with auth
+        off, has none and passes here (the caller answers 404 for unknown).
+        """
         key_id = request.get(KEY_ID)
         if key_id is None:
             return
-        owner = self._owners.get(stream_id)
+        meta = await request.app[JOURNAL].meta(stream_id)
+        owner = None if meta is None else meta.get("owner")
         if owner is not None and owner != key_id:
             raise _forbidden(f"stream {stream_id} belongs to another API key")
-
-    def tracked(self) -> int:
-        """Streams whose owner is remembered (tests: nothing leaks)."""
-        return len(self._owners)
 
 
 AUTH = web.AppKey("auth", Auth)

@@ -1,9 +1,10 @@
 """Limits on what clients may start: concurrent streams (per instance, per key), requests per minute.
 
 The server talks to a :class:`Limiter`; :class:`MemoryLimiter` keeps the
-counts in this process (one instance). A Redis-backed limiter that holds the
-limits across instances implements the same Protocol and replaces it in
-``create_app``. Keys are API key ids (see ``streamsvc.server.auth``), never
+counts in this process (one instance). With the Redis journal,
+:class:`~streamsvc.server.limits_redis.RedisLimiter` implements the same
+Protocol and replaces it at start-up, so the per-key limits hold across
+instances. Keys are API key ids (see ``streamsvc.server.auth``), never
 the keys themselves; ``None`` means auth is off, and then only the
 per-instance limit applies.
 

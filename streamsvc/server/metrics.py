@@ -6,7 +6,12 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics"]
+from streamsvc.usage import Usage
+
+__all__ = ["ANONYMOUS", "Metrics"]
+
+ANONYMOUS = "anonymous"
+"""The ``key`` label of usage with auth off (key ids are hex, so no key is named this)."""
 
 
 class Metrics:
@@ -56,6 +61,29 @@ class Metrics:
             "Upstream errors a stream's pipeline retried or fell back after, by code",
             ["code"], registry=self.registry,
         )
+        self.usage_tokens = Counter(
+            "streamsvc_usage_tokens",
+            "Tokens used per API key id, by kind (prompt, completion): the upstream's count,"
+            " or an estimate where it sent none",
+            ["key", "kind"], registry=self.registry,
+        )
+        self.usage_estimated_tokens = Counter(
+            "streamsvc_usage_estimated_tokens",
+            "The part of streamsvc_usage_tokens that was estimated (~4 characters a token)",
+            ["key", "kind"], registry=self.registry,
+        )
+        self.usage_answers = Counter(
+            "streamsvc_usage_answers",
+            "Answers whose usage was counted, per API key id, by source (upstream, estimated)",
+            ["key", "source"], registry=self.registry,
+        )
+        self.journal_lag_seconds = Histogram(
+            "streamsvc_journal_lag_seconds",
+            "Time from an event's append to its write in the journal;"
+            " with Redis, the flush round trip",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
         active = Gauge(
             "streamsvc_streams_active", "Generations running in this process",
             registry=self.registry,
@@ -79,6 +107,20 @@ class Metrics:
     def retried(self, codes: list[str]) -> None:
         for code in codes:
             self.upstream_retries.labels(code).inc()
+
+    def usage(self, key_id: str | None, usage: Usage) -> None:
+        """Count one answer's tokens for its key (``anonymous`` with auth off)."""
+        key = key_id or ANONYMOUS
+        self.usage_tokens.labels(key, "prompt").inc(usage.prompt_tokens)
+        self.usage_tokens.labels(key, "completion").inc(usage.completion_tokens)
+        if usage.estimated:
+            self.usage_estimated_tokens.labels(key, "prompt").inc(usage.prompt_tokens)
+            self.usage_estimated_tokens.labels(key, "completion").inc(usage.completion_tokens)
+        self.usage_answers.labels(key, "estimated" if usage.estimated else "upstream").inc()
+
+    def journal_lag(self, seconds: float) -> None:
+        """Events were written to the journal ``seconds`` after they were appended."""
+        self.journal_lag_seconds.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

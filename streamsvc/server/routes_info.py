@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from streamsvc.server.state import CONFIG, DRAINING, METRICS, ROUTER
+from streamsvc.server.state import CONFIG, DRAINING, JOURNAL, METRICS, ROUTER
 from streamsvc.upstream.simulator import MODELS as SIMULATOR_MODELS
 
 __all__ = ["routes"]
@@ -50,6 +50,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[DRAINING].is_set():
         return web.json_response({"status": "draining"}, status=503)
+    if not request.app[JOURNAL].healthy:
+        return web.json_response(
+            {"status": "journal_unavailable", "message": "the journal (Redis) cannot be reached"},
+            status=503)
     return web.json_response({"status": "ready"})
 
 

@@ -29,9 +29,10 @@ from streamsvc.server.limits import LIMITER
 from streamsvc.server.middleware import ensure_accepting, note_hangup
 from streamsvc.server.requests import ChatRequest, parse_chat_body
 from streamsvc.server.sse_response import ClientGone, SSEResponse
-from streamsvc.server.state import CONFIG, METRICS, REQUEST_ID, ROUTER
+from streamsvc.server.state import ANSWERS, CONFIG, METRICS, REQUEST_ID, ROUTER
 from streamsvc.streams import TokenClock, new_stream_id
 from streamsvc.upstream.client import UpstreamClient
+from streamsvc.usage import Usage, UsageMeter, answer_usage, estimate_prompt_tokens
 
 __all__ = ["routes"]
 
@@ -78,9 +79,14 @@ def _chunk_size(chunk: Chunk) -> int:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """Counted as an open stream (limits) from here until the answer ends or the client leaves."""
     slot = await request.app[LIMITER].acquire_stream(request.get(KEY_ID))
+    answers = request.app[ANSWERS]
+    finished = asyncio.get_running_loop().create_future()
+    answers.add(finished)  # a drain waits for this answer too
     try:
         return await _chat_completions(request)
     finally:
+        answers.discard(finished)
+        finished.set_result(None)
         slot.release()
 
 
@@ -89,17 +95,31 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_body(await request.read())
     ensure_accepting(request)
     clients = request.app[ROUTER].clients_for(chat.model)
+    key_id = request.get(KEY_ID)
+    prompt_tokens = estimate_prompt_tokens(chat.body.get("messages"))  # the text is not kept
     if not chat.stream:
-        answer, upstream, attempts = await _complete(request, chat, clients)
+        try:
+            answer, upstream, attempts = await _complete(request, chat, clients)
+        except asyncio.CancelledError:
+            # The client left while the upstream worked: it had the prompt, nothing came back.
+            request.app[METRICS].usage(key_id, Usage(prompt_tokens, 0, estimated=True))
+            raise
+        request.app[METRICS].usage(key_id, answer_usage(answer, prompt_tokens))
         return web.json_response(
             answer, dumps=lambda o: msgspec.json.encode(o).decode(),
             headers={"X-Streamsvc-Upstream": upstream, "X-Streamsvc-Attempts": str(attempts)},
         )
     request.app[METRICS].streams_started.labels("openai").inc()
 
-    context = StreamContext()
+    context = StreamContext(key_id=key_id, prompt_tokens=prompt_tokens)
     metrics = request.app[METRICS]
     clock = TokenClock(metrics)  # from here: time to first token, then the gaps
+    meter = UsageMeter()  # what was relayed, and the upstream's usage chunk
+
+    def count_usage() -> None:
+        # Once per stream, and only once an upstream answered 200 (a refusal bills nothing).
+        if context.upstream is not None:
+            metrics.usage(context.key_id, meter.result(context.prompt_tokens))
     source = build_pipeline(chat.body, clients, config.pipeline, context, retries=chat.retries)
     coalesce_chars = config.pipeline.coalesce_max_chars if config.pipeline.coalesce else None
     async with ObservableIterator(
@@ -110,6 +130,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             await _wait_for_answer(first, config.server.heartbeat_s)
         except BaseException:
             first.cancel()
+            count_usage()
             raise
 
         # Not resumable, but named like every stream, for logs and support.
@@ -121,8 +142,10 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         def write_now(chunk: Chunk) -> bool:
             frames = _client_frames([chunk], chat.include_usage)
             if not frames:
+                meter.add(chunk)  # e.g. the usage chunk, for a client that did not ask for it
                 return True
             if response.write_now(b"".join(frames)):
+                meter.add(chunk)
                 clock.tick()
                 return True
             return False
@@ -139,6 +162,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             while batch is not None:
                 if coalesce_chars is not None:
                     batch = coalesce_batch(batch, coalesce_chars)
+                for chunk in batch:
+                    meter.add(chunk)
                 frames = _client_frames(batch, chat.include_usage)
                 if frames:
                     await response.send_bytes(b"".join(frames))
@@ -166,6 +191,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
                 first.cancel()
             if context.retried:
                 metrics.retried(context.retried)
+            count_usage()
             await response.close()
     return response
 

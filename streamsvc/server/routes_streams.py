@@ -9,13 +9,15 @@ answer that stops EventSource for good.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import msgspec
 from aiohttp import web
 
-from streamsvc.errors import ClientError, ErrorCode
+from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
 from streamsvc.journal.base import Event
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.server.auth import AUTH, KEY_ID, TICKET, Ticket
@@ -29,9 +31,19 @@ from streamsvc.server.requests import (
     parse_last_event_id,
 )
 from streamsvc.server.sse_response import ClientGone, SSEResponse
-from streamsvc.server.state import CONFIG, JOURNAL, METRICS, REGISTRY, REQUEST_ID, ROUTER
-from streamsvc.sse import encode_retry
+from streamsvc.server.state import (
+    CONFIG,
+    DRAIN_LEAVERS,
+    JOURNAL,
+    JOURNAL_SHARED,
+    METRICS,
+    REGISTRY,
+    REQUEST_ID,
+    ROUTER,
+)
+from streamsvc.sse import encode_event, encode_retry
 from streamsvc.streams import Generation
+from streamsvc.usage import estimate_prompt_tokens
 
 __all__ = ["routes"]
 
@@ -44,10 +56,11 @@ async def _start(request: web.Request, chat: ChatRequest, *, resumable: bool,
     ensure_accepting(request)
     app = request.app
     clients = app[ROUTER].clients_for(chat.model)
-    context = StreamContext()
+    key_id = request.get(KEY_ID)
+    context = StreamContext(key_id=key_id,
+                            prompt_tokens=estimate_prompt_tokens(chat.body.get("messages")))
     source = build_pipeline(chat.body, clients, app[CONFIG].pipeline, context,
                             retries=chat.retries)
-    key_id = request.get(KEY_ID)
     # Counted against the limits from here until the generation ends (done, error,
     # cancelled, or stopped because its client left).
     slot = await app[LIMITER].acquire_stream(key_id)
@@ -60,7 +73,7 @@ async def _start(request: web.Request, chat: ChatRequest, *, resumable: bool,
         slot.release()
         raise
     generation.ended.add_done_callback(lambda _: slot.release())
-    app[AUTH].own(generation.id, key_id, generation.ended, ticket)
+    await app[AUTH].bind_started(generation.id, generation.ended, ticket)
     app[METRICS].streams_started.labels("resumable" if resumable else "direct").inc()
     log.info("request %s: stream %s started (model %s, %s)", request[REQUEST_ID],
              generation.id, chat.model, "resumable" if resumable else "direct")
@@ -100,11 +113,12 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
 
     server = app[CONFIG].server
     registry = app[REGISTRY]
-    registry.attach(stream_id)
+    presence = await registry.attach(stream_id)
     response = SSEResponse(server, headers={"X-Stream-ID": stream_id})
     limit = server.max_pending_bytes
     generation = registry.get(stream_id)
     behind: int | None = None  # bytes journaled but not yet written here, at the last check
+    leave = _leave_at_drain(request, generation)
     try:
         await response.start(request)
         await response.send_bytes(encode_retry(server.sse_retry_ms))
@@ -135,10 +149,39 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
         note_hangup(request)
         log.info("request %s: client left stream %s at event %d (499)", request[REQUEST_ID],
                  stream_id, after)
+    except StreamsvcError as error:
+        # The journal failed under a running stream (Redis lost): the client gets
+        # the error event, without an id, so a resume starts after the last real one.
+        log.warning("request %s: stream %s: %s", request[REQUEST_ID], stream_id, error.message)
+        with contextlib.suppress(ClientGone):
+            await response.send_bytes(encode_event(
+                msgspec.json.encode(error.to_event()).decode(), event="error"))
     finally:
-        registry.detach(stream_id)
+        if leave is not None:
+            app[DRAIN_LEAVERS].discard(leave)
+        registry.detach(stream_id, presence)
         await response.close()
     return response
+
+
+def _leave_at_drain(request: web.Request, generation: Generation | None) -> Callable[[], None] | None:
+    """With a shared journal, a resumable stream's reader is let go when this instance drains.
+
+    Its connection is closed; EventSource reconnects with Last-Event-ID,
+    through the load balancer, to an instance that is not shutting down, and
+    resumes from the journal while the generation here finishes into it.
+    Returns the callback registered for the drain (None: the reader stays).
+    """
+    if not request.app[JOURNAL_SHARED] or (generation is not None and not generation.resumable):
+        return None
+    transport = request.transport
+
+    def leave() -> None:
+        if transport is not None:
+            transport.close()
+
+    request.app[DRAIN_LEAVERS].add(leave)
+    return leave
 
 
 async def _follow_live(
@@ -221,11 +264,11 @@ async def get_chat_stream(request: web.Request) -> web.StreamResponse:
             raise ClientError("ticket: it is for one stream's events_url, not for"
                               " GET /v1/chat/stream (mint one with POST /v1/tickets)",
                               code=ErrorCode.FORBIDDEN)
-        bound = auth.admit(ticket, resume[0] if resume is not None else None)
+        bound = await auth.admit(ticket, resume[0] if resume is not None else None)
         if bound is not None:  # EventSource reconnecting with the URL that started `bound`
             return await serve_events(request, bound, resume[1] if resume else 0)
     elif resume is not None:
-        auth.check_owner(request, resume[0])
+        await auth.check_owner(request, resume[0])
     if resume is not None:
         return await serve_events(request, *resume)
     try:
@@ -234,7 +277,7 @@ async def get_chat_stream(request: web.Request) -> web.StreamResponse:
         generation = await _start(request, chat, resumable=True, ticket=ticket)
     except BaseException:
         if ticket is not None:
-            auth.release_unstarted(ticket)
+            await auth.release_unstarted(ticket)
         raise
     return await serve_events(request, generation.id, 0)
 
@@ -284,9 +327,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         if ticket.scope != "stream":
             raise ClientError("ticket: it is for GET /v1/chat/stream, not for this stream",
                               code=ErrorCode.FORBIDDEN)
-        request.app[AUTH].admit(ticket, stream_id)
+        await request.app[AUTH].admit(ticket, stream_id)
     else:
-        request.app[AUTH].check_owner(request, stream_id)
+        await request.app[AUTH].check_owner(request, stream_id)
     return await serve_events(request, stream_id, resume[1] if resume else 0)
 
 
@@ -294,8 +337,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 async def delete_stream(request: web.Request) -> web.Response:
     """Stop generation: the upstream is cancelled and readers get ``done`` (cancelled)."""
     stream_id = _path_stream_id(request)
-    request.app[AUTH].check_owner(request, stream_id)
-    if request.app[REGISTRY].cancel(stream_id):
+    await request.app[AUTH].check_owner(request, stream_id)
+    if await request.app[REGISTRY].cancel(stream_id):
         status = "cancelled"
     elif await request.app[JOURNAL].last_seq(stream_id) is not None:
         status = "ended"  # it had already finished; nothing to stop
@@ -328,7 +371,7 @@ async def create_ticket(request: web.Request) -> web.Response:
             if await request.app[JOURNAL].last_seq(stream_id) is None:
                 raise ClientError(f"no stream {stream_id!r}", code=ErrorCode.NOT_FOUND,
                                   param="stream_id")
-            request.app[AUTH].check_owner(request, stream_id)
+            await request.app[AUTH].check_owner(request, stream_id)
     auth = request.app[AUTH]
     key_id = request.get(KEY_ID) or "anonymous"  # auth off: a ticket is not needed, but works
     scope = "chat" if stream_id is None else "stream"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -25,4 +26,10 @@ REDIS: web.AppKey[Redis | None] = web.AppKey("redis")
 REQUEST_ID = web.RequestKey("request_id", str)
 HUNG_UP = web.RequestKey("hung_up", bool)
 DRAINING = web.AppKey("draining", asyncio.Event)
+JOURNAL_SHARED = web.AppKey("journal_shared", bool)
+"""Whether other instances read the same journal (Redis): readers may resume elsewhere."""
+ANSWERS: web.AppKey[set[asyncio.Future[None]]] = web.AppKey("answers")
+"""``POST /v1/chat/completions`` answers in flight (no generation): the drain waits for them."""
+DRAIN_LEAVERS: web.AppKey[set[Callable[[], None]]] = web.AppKey("drain_leavers")
+"""Readers to let go at drain so they resume on another instance (shared journal only)."""
 """Set when shutdown begins: readiness fails and new streams are refused."""

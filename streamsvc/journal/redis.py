@@ -1,0 +1,523 @@
+"""Redis journal: each stream is a Redis Stream, so any instance can replay and tail it.
+
+Layout (``prefix`` is ``journal.redis_prefix``):
+
+* ``{prefix}s:{stream id}``: the Redis Stream. Entry ``0-1`` opens it and
+  holds the meta (``instance``: who writes it, ``owner``, ...). Event
+  ``seq`` is entry ``{seq}-0`` with fields ``k`` (kind), ``d`` (data) and
+  ``e`` (byte offset of its end). Explicit ids make ``XADD`` refuse a
+  second writer of the same seq, so a history is never forked: a retried
+  write and a reader that ends a dead writer's stream cannot both win.
+* ``{prefix}i:{instance}``: the writer lease, refreshed every third of
+  ``writer_lease_s`` while the process lives. A reader whose stream stays
+  quiet for a whole lease while its writer's lease is gone ends the stream
+  with ``instance_lost``: a SIGKILL'd generator never leaves readers hanging.
+
+A stream's key expires ``retention_s`` after its final event; while it runs
+the writer keeps pushing its expiry out, so the keys of a process that died
+expire too.
+
+The writer assigns seqs itself (one process writes a stream) and queues
+events: one flusher task writes everything pending, for all streams, in one
+pipeline per round trip. Readers in the same process are woken after the
+write, so nobody ever sees an event that Redis does not hold. Readers of
+streams written elsewhere wait in one shared ``XREAD BLOCK``
+(:mod:`streamsvc.journal.redis_tail`): no polling loop, and no Redis
+connection, per subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
+from streamsvc.journal.base import Event, Listener, encode_frame
+from streamsvc.journal.redis_client import journal_unavailable
+from streamsvc.journal.redis_tail import Tailer
+
+__all__ = ["RedisJournal"]
+
+log = logging.getLogger("streamsvc.journal")
+
+_OPEN_ID = "0-1"
+_KIND, _DATA, _END = b"k", b"d", b"e"
+_READ_COUNT = 512  # entries per XRANGE/XREAD; the byte bound cuts further
+_RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class _Writer:
+    """What this process knows of a stream it writes."""
+
+    __slots__ = (
+        "ended",
+        "expiry",
+        "flushed",
+        "key",
+        "listeners",
+        "lost",
+        "seq",
+        "size",
+        "waiters",
+    )
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.seq = 0  # last seq handed out
+        self.flushed = 0  # last seq Redis holds
+        self.size = 0
+        self.ended = False
+        self.lost = False  # another process ended the stream, or the journal closed
+        self.listeners: list[Listener] = []
+        self.waiters: list[asyncio.Future[None]] = []
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def notify(self, events: list[Event]) -> None:
+        if self.listeners:
+            self.listeners = [listener for listener in list(self.listeners) if listener(events)]
+
+    def drop_listeners(self) -> None:
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener([])
+
+
+class RedisJournal:
+    """The journal shared by several instances, on Redis Streams (``redis.asyncio``).
+
+    Args:
+        redis: the process's client (its pool is shared; the caller closes it).
+        url: ``journal.redis_url``, for error messages (the password is hidden);
+            default: the client's host, port and db.
+        retention_s: how long an ended stream stays readable.
+        max_events: message events one stream may hold (``journal_full`` past it).
+        prefix: prepended to every key.
+        lease_s: the writer lease (``journal.writer_lease_s``).
+        instance: this process's id (default: random).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        url: str | None = None,
+        retention_s: float = 300.0,
+        max_events: int = 100_000,
+        prefix: str = "streamsvc:",
+        lease_s: float = 5.0,
+        instance: str | None = None,
+    ) -> None:
+        self._redis = redis
+        if url is None:
+            kw = redis.connection_pool.connection_kwargs
+            url = f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+        self._url = url
+        self._retention_ms = max(1, int(retention_s * 1000))
+        self._retention_s = retention_s
+        self._max_events = max_events
+        self._prefix = prefix
+        self._lease_ms = max(1, int(lease_s * 1000))
+        self._lease_s = lease_s
+        self.instance = instance or secrets.token_hex(6)
+        self._lease_key = f"{prefix}i:{self.instance}"
+        self._writers: dict[str, _Writer] = {}
+        self._tailer = Tailer(redis, block_s=lease_s)
+        self._queue: list[tuple[_Writer, list[Event], float]] = []
+        self._queued = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._healthy = True
+        self.on_unavailable: Callable[[StreamsvcError], None] | None = None
+        """Told once per outage when Redis cannot be written: the registry stops its streams."""
+        self.on_lag: Callable[[float], None] | None = None
+        """Told, per flush, how long its oldest event waited to be written (seconds)."""
+        self.on_lost: Callable[[str], None] | None = None
+        """Told the id of a running stream that another process ended (its writer lease lapsed)."""
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy and not self._closed
+
+    async def start(self) -> None:
+        """Take the writer lease and start the flusher and the lease refresher."""
+        if self._tasks:
+            return
+        try:
+            await self._redis.set(self._lease_key, b"1", px=self._lease_ms)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        self._tasks = [asyncio.ensure_future(self._flush_loop()),
+                       asyncio.ensure_future(self._lease_loop())]
+
+    async def close(self) -> None:
+        """Write what is queued (for at most a lease), give up the lease, wake every reader."""
+        if self._closed:
+            return
+        if self._queue and self._tasks:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self._lease_s)
+            except TimeoutError:
+                log.warning("journal: %d stream batches were not written to Redis at shutdown",
+                            len(self._queue))
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        await self._tailer.close()
+        try:
+            await self._redis.delete(self._lease_key)
+        except (RedisError, OSError):
+            pass
+        for writer in self._writers.values():
+            if writer.expiry is not None:
+                writer.expiry.cancel()
+            writer.lost = True
+            writer.drop_listeners()
+            writer.wake()
+        self._writers.clear()
+
+    def _unavailable(self, exc: BaseException) -> StreamError:
+        return journal_unavailable(self._url, exc)
+
+    def _key(self, stream_id: str) -> str:
+        return f"{self._prefix}s:{stream_id}"
+
+    def _running_ttl_ms(self) -> int:
+        # A running stream outlives a dead writer by its retention plus a few
+        # leases: long enough for a reader to notice and end it.
+        return self._retention_ms + 3 * self._lease_ms
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def create(self, stream_id: str, meta: Mapping[str, str] | None = None) -> None:
+        if not self._tasks:
+            await self.start()
+        key = self._key(stream_id)
+        fields: dict[str, str] = {"k": "open", "instance": self.instance, **(meta or {})}
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(key, fields, id=_OPEN_ID)  # type: ignore[arg-type]
+        pipe.pexpire(key, self._running_ttl_ms())
+        try:
+            await pipe.execute()
+        except ResponseError as exc:
+            raise ValueError(f"stream {stream_id!r} already exists") from exc
+        except (RedisError, OSError) as exc:
+            self._mark_unhealthy(exc)
+            raise self._unavailable(exc) from exc
+        self._writers[stream_id] = _Writer(key)
+
+    async def append(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
+        try:
+            seq = self.append_nowait(stream_id, events)
+        except StreamError:
+            writer = self._writers.get(stream_id)
+            if writer is not None:
+                await self._flushed(writer, writer.seq)
+            raise
+        await self._flushed(self._writers[stream_id], seq)
+        return seq
+
+    def append_nowait(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
+        writer = self._writers.get(stream_id)
+        if writer is None:
+            raise ClientError(
+                f"no stream {stream_id!r} written by this instance (unknown, or expired)",
+                code=ErrorCode.NOT_FOUND,
+            )
+        if writer.ended:
+            raise ValueError(f"stream {stream_id!r} has already ended")
+        batch: list[Event] = []
+        try:
+            for kind, data in events:
+                final = kind != "message"
+                if not final and writer.seq >= self._max_events:
+                    raise StreamError(
+                        f"stream {stream_id!r} passed journal.max_events ({self._max_events})",
+                        code=ErrorCode.JOURNAL_FULL,
+                    )
+                writer.seq += 1
+                frame = encode_frame(stream_id, writer.seq, kind, data)
+                writer.size += len(frame)
+                batch.append(Event(writer.seq, kind, data, frame, writer.size))
+                if final:
+                    writer.ended = True
+                    break
+        finally:
+            if batch:
+                self._queue.append((writer, batch, time.monotonic()))
+                self._idle.clear()
+                self._queued.set()
+        return writer.seq
+
+    async def _flushed(self, writer: _Writer, seq: int) -> None:
+        """Wait until Redis holds ``seq`` (or the stream was lost, or the journal closed)."""
+        while writer.flushed < seq and not writer.lost and not self._closed:
+            waiter = asyncio.get_running_loop().create_future()
+            writer.waiters.append(waiter)
+            await waiter
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._write(batch)
+                if self.on_lag is not None:
+                    self.on_lag(time.monotonic() - batch[0][2])
+                for writer, events, _ in batch:
+                    self._delivered(writer, events)
+            self._idle.set()
+
+    async def _write(self, batch: list[tuple[_Writer, list[Event], float]]) -> None:
+        """One pipeline for the whole batch; retried until Redis takes it (or we close)."""
+        attempt = 0
+        while True:
+            pipe = self._redis.pipeline(transaction=False)
+            commands: list[_Writer | None] = []
+            for writer, events, _ in batch:
+                for event in events:
+                    pipe.xadd(writer.key, {_KIND: event.kind, _DATA: event.data,
+                                           _END: event.end}, id=f"{event.seq}-0")
+                    commands.append(writer)
+                    if event.final:
+                        pipe.pexpire(writer.key, self._retention_ms)
+                        commands.append(None)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                self._mark_unhealthy(exc)
+                await asyncio.sleep(_RETRY_S[min(attempt, len(_RETRY_S) - 1)])
+                attempt += 1
+                continue
+            self._mark_healthy()
+            for owner, result in zip(commands, results, strict=True):
+                if owner is not None and isinstance(result, ResponseError) and attempt == 0:
+                    # The id was taken by someone else: a reader ended this stream
+                    # because our lease had lapsed. (On a retry it is our own
+                    # earlier write, which got through before the error.)
+                    self._lose(owner)
+            return
+
+    def _delivered(self, writer: _Writer, events: list[Event]) -> None:
+        if writer.lost:
+            return
+        writer.flushed = events[-1].seq
+        writer.notify(events)
+        writer.wake()
+        if events[-1].final:
+            writer.drop_listeners()
+            writer.expiry = asyncio.get_running_loop().call_later(
+                self._retention_s, self._forget, writer
+            )
+
+    def _forget(self, writer: _Writer) -> None:
+        for stream_id, known in list(self._writers.items()):
+            if known is writer:
+                del self._writers[stream_id]
+                break
+
+    def _lose(self, writer: _Writer) -> None:
+        if writer.lost:
+            return
+        writer.lost = True
+        writer.drop_listeners()
+        writer.wake()
+        for stream_id, known in self._writers.items():
+            if known is writer:
+                log.warning("journal: stream %s was ended by another instance", stream_id)
+                if self.on_lost is not None and not writer.ended:
+                    self.on_lost(stream_id)
+                break
+
+    # -- health -------------------------------------------------------------------------------
+
+    def _mark_unhealthy(self, exc: BaseException) -> None:
+        if not self._healthy:
+            return
+        self._healthy = False
+        error = self._unavailable(exc)
+        log.error("%s: readiness fails and running streams end until it is back", error.message)
+        if self.on_unavailable is not None:
+            self.on_unavailable(error)
+        for writer in self._writers.values():
+            writer.drop_listeners()  # local readers go back to read(), which reports it
+            writer.wake()
+
+    def _mark_healthy(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            log.warning("journal: Redis is back")
+
+    async def _lease_loop(self) -> None:
+        """Refresh the writer lease and the expiry of the streams this process writes."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(self._lease_key, b"1", px=self._lease_ms)
+            ttl = self._running_ttl_ms()
+            for writer in self._writers.values():
+                if not writer.ended:
+                    pipe.pexpire(writer.key, ttl)
+            try:
+                await pipe.execute()
+            except (RedisError, OSError) as exc:
+                self._mark_unhealthy(exc)
+            else:
+                self._mark_healthy()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def read(self, stream_id: str, after: int, max_bytes: int | None = None) -> list[Event]:
+        key = self._key(stream_id)
+        known = False
+        while not self._closed:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xrange(key, f"{after + 1}-0", "+", count=_READ_COUNT)
+            pipe.xrevrange(key, "+", "-", count=1)
+            try:
+                entries, head = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                raise self._unavailable(exc) from exc
+            if entries:
+                return self._events(stream_id, entries, max_bytes)
+            if not head:
+                if known:
+                    return []  # expired while we waited
+                raise ClientError(
+                    f"no stream {stream_id!r} (unknown, or expired after its retention time)",
+                    code=ErrorCode.NOT_FOUND,
+                )
+            known = True
+            _, ended = _head(head[0])
+            if ended:
+                return []
+            writer = self._writers.get(stream_id)
+            if writer is not None and not writer.lost:
+                # Ours: the flusher wakes us once Redis holds more.
+                if writer.flushed <= after:
+                    waiter = asyncio.get_running_loop().create_future()
+                    writer.waiters.append(waiter)
+                    try:
+                        await waiter
+                    finally:
+                        if not waiter.done():
+                            waiter.cancel()
+                            if waiter in writer.waiters:
+                                writer.waiters.remove(waiter)
+                continue
+            if not await self._tailer.wait(key, after, self._lease_s):
+                await self._end_if_orphaned(stream_id, key, head[0])
+        return []
+
+    async def _end_if_orphaned(self, stream_id: str, key: str, head: Any) -> None:
+        """A stream quiet for a whole lease: if its writer's lease is gone, end it for everyone."""
+        try:
+            opened: Any = await self._redis.xrange(key, _OPEN_ID, _OPEN_ID)
+            if not opened:
+                return
+            instance = opened[0][1].get(b"instance", b"").decode()
+            if await self._redis.exists(f"{self._prefix}i:{instance}"):
+                return
+            last, ended = _head(head)
+            if ended:
+                return
+            error = StreamError(
+                f"the instance generating this stream ({instance}) stopped without ending it;"
+                f" the {last} events journaled before that are kept",
+                code=ErrorCode.INSTANCE_LOST, retryable=True,
+            )
+            data = msgspec.json.encode(error.to_event())
+            end = (int(head[1][_END]) if last else 0) + len(
+                encode_frame(stream_id, last + 1, "error", data))
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xadd(key, {_KIND: "error", _DATA: data, _END: end},
+                      id=f"{last + 1}-0")
+            pipe.pexpire(key, self._retention_ms)
+            await pipe.execute()
+            log.warning("journal: stream %s ended with instance_lost (writer %s is gone)",
+                        stream_id, instance)
+        except ResponseError:
+            pass  # the writer (or another reader) wrote that seq first: read on
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _events(self, stream_id: str, entries: list[Any], max_bytes: int | None) -> list[Event]:
+        events: list[Event] = []
+        first_start: int | None = None
+        for entry_id, fields in entries:
+            seq = int(entry_id.split(b"-", 1)[0])
+            if seq == 0:
+                continue  # the opening entry
+            kind = fields[_KIND].decode()
+            data = fields[_DATA]
+            frame = encode_frame(stream_id, seq, kind, data)
+            end = int(fields[_END])
+            if first_start is None:
+                first_start = end - len(frame)
+            elif max_bytes is not None and end - first_start > max_bytes:
+                break
+            events.append(Event(seq, kind, data, frame, end))
+            if kind != "message":
+                break
+        return events
+
+    async def last_seq(self, stream_id: str) -> tuple[int, bool] | None:
+        try:
+            head: Any = await self._redis.xrevrange(self._key(stream_id), "+", "-", count=1)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        return _head(head[0]) if head else None
+
+    async def meta(self, stream_id: str) -> dict[str, str] | None:
+        try:
+            opened: Any = await self._redis.xrange(self._key(stream_id), _OPEN_ID, _OPEN_ID)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        if not opened:
+            return None
+        return {k.decode(): v.decode() for k, v in opened[0][1].items() if k != _KIND}
+
+    def listen(self, stream_id: str, listener: Listener) -> Callable[[], None] | None:
+        writer = self._writers.get(stream_id)
+        if writer is None or writer.ended or writer.lost or not self._healthy:
+            return None  # another instance writes it: readers tail with XREAD BLOCK
+        writer.listeners.append(listener)
+
+        def unlisten() -> None:
+            if listener in writer.listeners:
+                writer.listeners.remove(listener)
+
+        return unlisten
+
+    def size(self, stream_id: str) -> int | None:
+        writer = self._writers.get(stream_id)
+        return None if writer is None else writer.size
+
+
+def _head(entry: Any) -> tuple[int, bool]:
+    """(last seq, ended) from a stream's newest entry."""
+    entry_id, fields = entry
+    seq = int(entry_id.split(b"-", 1)[0])
+    if seq == 0:
+        return 0, False
+    return seq, fields[_KIND] != b"message"

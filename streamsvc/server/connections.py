@@ -1,0 +1,66 @@
+"""Client connections and their requests in flight, so a drain can close the idle ones.
+
+On SIGTERM aiohttp stops listening and asks each connection to close once
+idle, but a kept-alive connection that is idle right then stays open until
+the end of the shutdown without being served: a proxy that reuses it (nginx
+``keepalive``) waits for the whole drain. The drain closes those at once
+(the proxy then picks another instance), and every answer given while
+draining says ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+__all__ = ["CONNECTIONS", "Connections", "connection_middleware"]
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Connections:
+    """How many requests each client connection has in flight.
+
+    ``RequestHandler`` takes no weak references, so closed connections are
+    pruned whenever the table has doubled: it stays within twice the open ones.
+    """
+
+    def __init__(self) -> None:
+        self._busy: dict[RequestHandler, int] = {}
+        self._prune_at = 1024
+
+    def enter(self, protocol: RequestHandler) -> None:
+        self._busy[protocol] = self._busy.get(protocol, 0) + 1
+        if len(self._busy) > self._prune_at:
+            self._busy = {p: n for p, n in self._busy.items() if p.transport is not None}
+            self._prune_at = max(1024, 2 * len(self._busy))
+
+    def leave(self, protocol: RequestHandler) -> None:
+        self._busy[protocol] = self._busy.get(protocol, 1) - 1
+
+    def close_idle(self) -> int:
+        """Close every open connection with no request in flight; returns how many."""
+        idle = [p for p, busy in self._busy.items() if busy <= 0 and p.transport is not None]
+        for protocol in idle:
+            protocol.force_close()
+        self._busy = {p: n for p, n in self._busy.items() if p.transport is not None}
+        return len(idle)
+
+
+CONNECTIONS = web.AppKey("connections", Connections)
+
+
+@web.middleware
+async def connection_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count the request against its connection while it runs."""
+    protocol = request.protocol
+    if not isinstance(protocol, RequestHandler):
+        return await handler(request)
+    connections = request.app[CONNECTIONS]
+    connections.enter(protocol)
+    try:
+        return await handler(request)
+    finally:
+        connections.leave(protocol)

@@ -1,0 +1,166 @@
+"""Token usage of one answer: the upstream's own count, or an estimate when it sent none.
+
+An upstream reports usage at the end of a stream (``stream_options.include_usage``,
+which streamsvc always asks for) or in a non-streamed answer. A stream that
+ends before that chunk (the client left, an error, a timeout, an upstream
+that never sends usage) still cost tokens; those are estimated:
+
+* prompt tokens: ``ceil(characters / 4)`` per message, summed, so at least 1
+  per non-empty message. Counted when the request comes in; only the number
+  is kept, never the text.
+* completion tokens: ``ceil(characters / 4)`` of the text relayed (content,
+  reasoning, refusal and tool call names and arguments, every choice).
+
+Four characters a token is the usual rule of thumb for English with OpenAI's
+tokenizers; it is an estimate for dashboards and alerts, not for invoices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+from streamsvc.chunks import TEXT_FIELDS, Chunk
+
+__all__ = [
+    "CHARS_PER_TOKEN", "Usage", "UsageMeter", "answer_usage", "estimate_prompt_tokens",
+    "estimate_tokens", "reported_usage",
+]
+
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens in ``chars`` characters of text: ``ceil(chars / 4)`` (0 for no text)."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def estimate_prompt_tokens(messages: Any) -> int:
+    """The estimated prompt tokens of a chat request's ``messages``.
+
+    Example:
+        >>> estimate_prompt_tokens([{"role": "user", "content": "hello there"}])
+        3
+    """
+    if not isinstance(messages, list):
+        return 0
+    total = 0
+    for message in messages:
+        if isinstance(message, dict):
+            total += estimate_tokens(_message_chars(message))
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The tokens one answer is counted for; ``estimated`` when the upstream gave no count."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+
+
+def reported_usage(usage: Any) -> Usage | None:
+    """An upstream ``usage`` object as :class:`Usage`; None when it lacks the two counts."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    if _count(prompt) and _count(completion):
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=False)
+    return None
+
+
+class UsageMeter:
+    """Watches the chunks of one streamed answer as they are relayed.
+
+    It keeps the last ``usage`` the upstream sent and the number of text
+    characters seen, so :meth:`result` can estimate when no usage came.
+    """
+
+    __slots__ = ("chars", "reported")
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self.reported: dict[str, Any] | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        """A chunk was relayed (journaled, or handed to the client's socket)."""
+        data = chunk.data
+        choices = data.get("choices")
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self.reported = usage  # cumulative where sent on every chunk: the last wins
+        if type(choices) is not list:
+            return
+        # Nearly every chunk is one text piece of choice 0: measure just that string.
+        if len(choices) == 1 and type(choice := choices[0]) is dict:
+            delta = choice.get("delta")
+            if type(delta) is dict and len(delta) == 1:
+                content = delta.get("content")
+                if type(content) is str:
+                    self.chars += len(content)
+                    return
+        for choice in choices:
+            if isinstance(choice, dict):
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    self.chars += _message_chars(delta)
+
+    def result(self, prompt_tokens: int) -> Usage:
+        """The upstream's usage if it sent one, else the estimate (``prompt_tokens`` estimated)."""
+        reported = reported_usage(self.reported)
+        if reported is not None:
+            return reported
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=estimate_tokens(self.chars),
+                     estimated=True)
+
+
+def answer_usage(answer: dict[str, Any], prompt_tokens: int) -> Usage:
+    """The usage of a non-streamed ``chat.completion``: its own, else estimated from its text."""
+    reported = reported_usage(answer.get("usage"))
+    if reported is not None:
+        return reported
+    chars = 0
+    choices = answer.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if isinstance(choice, dict) and isinstance(message := choice.get("message"), dict):
+                chars += _message_chars(message)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=estimate_tokens(chars),
+                 estimated=True)
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    return type(value) is int and value >= 0  # not a bool, not negative
+
+
+def _message_chars(message: dict[str, Any]) -> int:
+    """Characters of text in a message or a delta: text fields, text parts, tool calls."""
+    chars = 0
+    for field in TEXT_FIELDS:
+        chars += _text_chars(message.get(field))
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            if isinstance(call, dict):
+                chars += _call_chars(call.get("function"))
+    chars += _call_chars(message.get("function_call"))
+    return chars
+
+
+def _text_chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):  # content parts: only text parts count
+        return sum(
+            len(part["text"]) for part in value
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return 0
+
+
+def _call_chars(function: Any) -> int:
+    if not isinstance(function, dict):
+        return 0
+    return sum(len(v) for k in ("name", "arguments") if isinstance(v := function.get(k), str))
