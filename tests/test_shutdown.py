@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from streamsvc.server.connections import CONNECTIONS, Connections
 from streamsvc.server.state import DRAINING
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.simtext import generated_tokens
@@ -115,3 +116,27 @@ async def test_while_draining_new_streams_get_503_shutting_down(
         assert r.status == 503
     async with session.get(relay.url + "/readyz") as r:
         assert r.status == 503
+
+
+async def test_a_drain_closes_idle_keep_alive_connections_and_answers_with_connection_close(
+    relay: RunningServer,
+) -> None:
+    connections = relay.app[CONNECTIONS]
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):  # one kept-alive connection, reused
+            async with client.get(relay.url + "/healthz") as r:
+                assert r.status == 200 and r.headers.get("Connection") != "close"
+        assert connections.close_idle() == 1
+        assert connections.close_idle() == 0  # closed ones are forgotten
+        relay.app[DRAINING].set()
+        async with client.get(relay.url + "/healthz") as r:  # a fresh connection
+            assert r.status == 200 and r.headers["Connection"] == "close"
+
+
+async def test_the_connection_table_forgets_closed_connections(relay: RunningServer) -> None:
+    connections = relay.app[CONNECTIONS]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+        for _ in range(600):  # each on its own connection, closed after it
+            async with client.get(relay.url + "/healthz") as r:
+                await r.read()
+    assert len(connections._busy) <= Connections._PRUNE_EVERY + 1

@@ -24,18 +24,24 @@ class Connections:
     """How many requests each client connection has in flight.
 
     ``RequestHandler`` takes no weak references, so closed connections are
-    pruned whenever the table has doubled: it stays within twice the open ones.
+    dropped every ``_PRUNE_EVERY`` requests: the table holds the open
+    connections plus at most that many closed ones.
     """
+
+    _PRUNE_EVERY = 256
 
     def __init__(self) -> None:
         self._busy: dict[RequestHandler, int] = {}
-        self._prune_at = 1024
+        self._requests = 0
 
     def enter(self, protocol: RequestHandler) -> None:
         self._busy[protocol] = self._busy.get(protocol, 0) + 1
-        if len(self._busy) > self._prune_at:
-            self._busy = {p: n for p, n in self._busy.items() if p.transport is not None}
-            self._prune_at = max(1024, 2 * len(self._busy))
+        self._requests += 1
+        if self._requests % self._PRUNE_EVERY == 0:
+            self._prune()
+
+    def _prune(self) -> None:
+        self._busy = {p: n for p, n in self._busy.items() if p.transport is not None}
 
     def leave(self, protocol: RequestHandler) -> None:
         self._busy[protocol] = self._busy.get(protocol, 1) - 1
@@ -45,7 +51,7 @@ class Connections:
         idle = [p for p, busy in self._busy.items() if busy <= 0 and p.transport is not None]
         for protocol in idle:
             protocol.force_close()
-        self._busy = {p: n for p, n in self._busy.items() if p.transport is not None}
+        self._prune()
         return len(idle)
 
 
