@@ -140,3 +140,41 @@ async def test_the_connection_table_forgets_closed_connections(relay: RunningSer
             async with client.get(relay.url + "/healthz") as r:
                 await r.read()
     assert len(connections._busy) <= Connections._PRUNE_EVERY + 1
+
+
+async def test_a_chat_completion_longer_than_drain_timeout_ends_with_a_shutting_down_error(
+    serve: Any,
+) -> None:
+    process, url = await serve(STREAMSVC__SERVER__DRAIN_TIMEOUT_S="0.5")
+    frames: list[bytes] = []
+    async with aiohttp.ClientSession() as session, session.post(
+        url + "/v1/chat/completions", json={**_story(400, rate=20), "stream": True}
+    ) as response:
+        assert response.status == 200
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                frames.append(line[6:].strip())
+                if len(frames) == 1:
+                    process.send_signal(signal.SIGTERM)
+    assert frames[-1] != b"[DONE]"
+    error = json.loads(frames[-1])["error"]
+    assert error["code"] == "shutting_down"
+    text = "".join(json.loads(f)["choices"][0]["delta"].get("content") or ""
+                   for f in frames[:-1] if json.loads(f).get("choices"))
+    assert text and "".join(generated_tokens("sim-small", PROMPT, 400)).startswith(text)
+    assert await _exit_code(process) == 0
+
+
+async def test_a_non_streamed_completion_cut_by_the_drain_gets_503_shutting_down(
+    serve: Any,
+) -> None:
+    process, url = await serve(STREAMSVC__SERVER__DRAIN_TIMEOUT_S="0.5")
+    async with aiohttp.ClientSession() as session:
+        answer = asyncio.ensure_future(session.post(
+            url + "/v1/chat/completions", json={**_story(400, rate=20), "stream": False}))
+        await asyncio.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        async with await answer as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "shutting_down"
+    assert await _exit_code(process) == 0

@@ -188,17 +188,17 @@ async def _drain(app: web.Application) -> None:
     if leavers:
         log.info("shutting down: %d readers of resumable streams let go to resume elsewhere",
                  len(leavers))
-    in_flight: set[asyncio.Future[None]] = app[ANSWERS]
-    answers = list(in_flight)
+    in_flight: dict[asyncio.Future[None], Callable[[], None]] = app[ANSWERS]
+    answers = dict(in_flight)
     running = len(app[REGISTRY]) + len(answers)
     timeout = app[CONFIG].server.drain_timeout_s
     if running:
         log.info("shutting down: waiting up to %g s for %d running streams", timeout, running)
     stopped = await app[REGISTRY].drain(timeout, also=answers)
-    cut = sum(not answer.done() for answer in answers)
-    if cut:
-        log.warning("shutting down: %d chat completions did not finish in %g s; they get"
-                    " server.shutdown_timeout_s more", cut, timeout)
+    unfinished = [cut for answer, cut in answers.items() if not answer.done()]
+    for cut in unfinished:
+        cut()
+    stopped += len(unfinished)
     if stopped:
         log.warning("shutting down: %d streams did not finish in %g s and were cut"
                     " (shutting_down)", stopped, timeout)
@@ -221,7 +221,7 @@ def create_app(config: Config | None = None) -> web.Application:
     app.on_startup.append(_log_auth)
     app[DRAINING] = asyncio.Event()
     app[DRAIN_LEAVERS] = set[Callable[[], None]]()
-    app[ANSWERS] = set[asyncio.Future[None]]()
+    app[ANSWERS] = dict[asyncio.Future[None], Callable[[], None]]()
     app[CONNECTIONS] = Connections()
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_redis)

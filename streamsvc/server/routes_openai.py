@@ -20,7 +20,7 @@ from aiohttp import web
 
 from streamsvc.chunks import Chunk, coalesce_batch
 from streamsvc.config import PipelineConfig
-from streamsvc.errors import ErrorCode, StreamsvcError, UpstreamError
+from streamsvc.errors import ErrorCode, StreamError, StreamsvcError, UpstreamError
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.reactive.bridge import ObservableIterator
 from streamsvc.reactive.operators._retry import next_attempt
@@ -40,6 +40,7 @@ log = logging.getLogger("streamsvc.http")
 routes = web.RouteTableDef()
 
 _DONE = b"data: [DONE]\n\n"
+CUT_BY_DRAIN = web.RequestKey("cut_by_drain", bool)
 _NULL_USAGE = b',"usage":null}'
 
 
@@ -81,11 +82,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     slot = await request.app[LIMITER].acquire_stream(request.get(KEY_ID))
     answers = request.app[ANSWERS]
     finished = asyncio.get_running_loop().create_future()
-    answers.add(finished)  # a drain waits for this answer too
+    handler = asyncio.current_task()
+
+    def cut() -> None:  # the drain ran out of time: end with shutting_down, not a bare cut
+        request[CUT_BY_DRAIN] = True
+        if handler is not None:
+            handler.cancel()
+
+    answers[finished] = cut  # a drain waits for this answer too
     try:
         return await _chat_completions(request)
     finally:
-        answers.discard(finished)
+        answers.pop(finished, None)
         finished.set_result(None)
         slot.release()
 
@@ -101,8 +109,10 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         try:
             answer, upstream, attempts = await _complete(request, chat, clients)
         except asyncio.CancelledError:
-            # The client left while the upstream worked: it had the prompt, nothing came back.
+            # The client left while the upstream worked (or the drain ran out of time):
+            # it had the prompt, nothing came back.
             request.app[METRICS].usage(key_id, Usage(prompt_tokens, 0, estimated=True))
+            _raise_if_cut_by_drain(request)
             raise
         request.app[METRICS].usage(key_id, answer_usage(answer, prompt_tokens))
         return web.json_response(
@@ -128,9 +138,11 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         first: asyncio.Future[list[Chunk]] = asyncio.ensure_future(anext(batches))
         try:
             await _wait_for_answer(first, config.server.heartbeat_s)
-        except BaseException:
+        except BaseException as exc:
             first.cancel()
             count_usage()
+            if isinstance(exc, asyncio.CancelledError):
+                _raise_if_cut_by_drain(request)
             raise
 
         # Not resumable, but named like every stream, for logs and support.
@@ -176,6 +188,10 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         except ClientGone:
             note_hangup(request)
             log.info("request %s: client left (499)", request[REQUEST_ID])
+        except asyncio.CancelledError:
+            if not _taken_drain_cut(request):
+                raise
+            await _send_error(request, response, _cut_error())  # then the body ends cleanly
         except StreamsvcError as error:
             log.info("request %s: stream ended with %s: %s", request[REQUEST_ID], error.code,
                      error.message)
@@ -194,6 +210,28 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             count_usage()
             await response.close()
     return response
+
+
+def _cut_error() -> StreamError:
+    return StreamError("the server is shutting down; the answer was cut here",
+                       code=ErrorCode.SHUTTING_DOWN, retryable=True)
+
+
+def _taken_drain_cut(request: web.Request) -> bool:
+    """Whether the cancel being handled is the drain's cut; if so it is taken back,
+    because the handler answers it (a client hang-up stays a cancel)."""
+    if not request.get(CUT_BY_DRAIN):
+        return False
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return True
+
+
+def _raise_if_cut_by_drain(request: web.Request) -> None:
+    """Before the headers, a cut by the drain is answered ``503 shutting_down``."""
+    if _taken_drain_cut(request):
+        raise _cut_error()
 
 
 async def _send_error(

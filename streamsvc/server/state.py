@@ -28,8 +28,9 @@ HUNG_UP = web.RequestKey("hung_up", bool)
 DRAINING = web.AppKey("draining", asyncio.Event)
 JOURNAL_SHARED = web.AppKey("journal_shared", bool)
 """Whether other instances read the same journal (Redis): readers may resume elsewhere."""
-ANSWERS: web.AppKey[set[asyncio.Future[None]]] = web.AppKey("answers")
-"""``POST /v1/chat/completions`` answers in flight (no generation): the drain waits for them."""
+ANSWERS: web.AppKey[dict[asyncio.Future[None], Callable[[], None]]] = web.AppKey("answers")
+"""``POST /v1/chat/completions`` answers in flight (no generation), each with the function
+that cuts it with ``shutting_down``: the drain waits for them, then cuts the rest."""
 DRAIN_LEAVERS: web.AppKey[set[Callable[[], None]]] = web.AppKey("drain_leavers")
 """Readers to let go at drain so they resume on another instance (shared journal only)."""
 """Set when shutdown begins: readiness fails and new streams are refused."""
