@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError
 from streamsvc.journal.base import Event, Listener, encode_frame
+from streamsvc.journal.followers import Followers
 
 __all__ = ["MemoryJournal"]
 
@@ -16,34 +17,16 @@ def _end(event: Event) -> int:
     return event.end
 
 
-class _Log:
-    __slots__ = ("ended", "events", "expiry", "listeners", "meta", "size", "waiters")
+class _Log(Followers):
+    __slots__ = ("ended", "events", "expiry", "meta", "size")
 
     def __init__(self, meta: dict[str, str]) -> None:
+        super().__init__()
         self.meta = meta
         self.events: list[Event] = []
         self.size = 0
         self.ended = False
-        self.waiters: list[asyncio.Future[None]] = []
-        self.listeners: list[Listener] = []
         self.expiry: asyncio.TimerHandle | None = None
-
-    def notify(self, events: list[Event]) -> None:
-        """Hand new events to the listeners; one that returns False is dropped."""
-        listeners = self.listeners
-        if listeners:
-            self.listeners = [listener for listener in list(listeners) if listener(events)]
-
-    def drop_listeners(self) -> None:
-        listeners, self.listeners = self.listeners, []
-        for listener in listeners:
-            listener([])
-
-    def wake(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
 
 class MemoryJournal:
@@ -120,13 +103,7 @@ class MemoryJournal:
         log = self._logs.get(stream_id)
         if log is None or log.ended:
             return None
-        log.listeners.append(listener)
-
-        def unlisten() -> None:
-            if listener in log.listeners:
-                log.listeners.remove(listener)
-
-        return unlisten
+        return log.listen(listener)
 
     def _expire(self, stream_id: str) -> None:
         log = self._logs.pop(stream_id, None)
@@ -146,15 +123,7 @@ class MemoryJournal:
                 return events[after:stop]
             if log.ended:
                 return []
-            waiter = asyncio.get_running_loop().create_future()
-            log.waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-                    if waiter in log.waiters:
-                        log.waiters.remove(waiter)
+            await log.wait()
             if self._logs.get(stream_id) is not log:
                 return []  # expired while waiting
 

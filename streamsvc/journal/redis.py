@@ -41,6 +41,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
 from streamsvc.journal.base import Event, Listener, encode_frame
+from streamsvc.journal.followers import Followers
 from streamsvc.journal.redis_client import journal_unavailable
 from streamsvc.journal.redis_tail import Tailer
 
@@ -54,46 +55,21 @@ _READ_COUNT = 512  # entries per XRANGE/XREAD; the byte bound cuts further
 _RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-class _Writer:
+class _Writer(Followers):
     """What this process knows of a stream it writes."""
 
-    __slots__ = (
-        "ended",
-        "expiry",
-        "flushed",
-        "key",
-        "listeners",
-        "lost",
-        "seq",
-        "size",
-        "waiters",
-    )
+    __slots__ = ("ended", "expiry", "flushed", "id", "key", "lost", "seq", "size")
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, stream_id: str, key: str) -> None:
+        super().__init__()
+        self.id = stream_id
         self.key = key
         self.seq = 0  # last seq handed out
         self.flushed = 0  # last seq Redis holds
         self.size = 0
         self.ended = False
         self.lost = False  # another process ended the stream, or the journal closed
-        self.listeners: list[Listener] = []
-        self.waiters: list[asyncio.Future[None]] = []
         self.expiry: asyncio.TimerHandle | None = None
-
-    def wake(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def notify(self, events: list[Event]) -> None:
-        if self.listeners:
-            self.listeners = [listener for listener in list(self.listeners) if listener(events)]
-
-    def drop_listeners(self) -> None:
-        listeners, self.listeners = self.listeners, []
-        for listener in listeners:
-            listener([])
 
 
 class RedisJournal:
@@ -223,7 +199,7 @@ class RedisJournal:
         except (RedisError, OSError) as exc:
             self._mark_unhealthy(exc)
             raise self._unavailable(exc) from exc
-        self._writers[stream_id] = _Writer(key)
+        self._writers[stream_id] = _Writer(stream_id, key)
 
     async def append(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
         try:
@@ -271,9 +247,7 @@ class RedisJournal:
     async def _flushed(self, writer: _Writer, seq: int) -> None:
         """Wait until Redis holds ``seq`` (or the stream was lost, or the journal closed)."""
         while writer.flushed < seq and not writer.lost and not self._closed:
-            waiter = asyncio.get_running_loop().create_future()
-            writer.waiters.append(waiter)
-            await waiter
+            await writer.wait()
 
     async def _flush_loop(self) -> None:
         while True:
@@ -331,10 +305,8 @@ class RedisJournal:
             )
 
     def _forget(self, writer: _Writer) -> None:
-        for stream_id, known in list(self._writers.items()):
-            if known is writer:
-                del self._writers[stream_id]
-                break
+        if self._writers.get(writer.id) is writer:
+            del self._writers[writer.id]
 
     def _lose(self, writer: _Writer) -> None:
         if writer.lost:
@@ -342,12 +314,9 @@ class RedisJournal:
         writer.lost = True
         writer.drop_listeners()
         writer.wake()
-        for stream_id, known in self._writers.items():
-            if known is writer:
-                log.warning("journal: stream %s was ended by another instance", stream_id)
-                if self.on_lost is not None and not writer.ended:
-                    self.on_lost(stream_id)
-                break
+        log.warning("journal: stream %s was ended by another instance", writer.id)
+        if self.on_lost is not None and not writer.ended:
+            self.on_lost(writer.id)
 
     # -- health -------------------------------------------------------------------------------
 
@@ -415,15 +384,7 @@ class RedisJournal:
             if writer is not None and not writer.lost:
                 # Ours: the flusher wakes us once Redis holds more.
                 if writer.flushed <= after:
-                    waiter = asyncio.get_running_loop().create_future()
-                    writer.waiters.append(waiter)
-                    try:
-                        await waiter
-                    finally:
-                        if not waiter.done():
-                            waiter.cancel()
-                            if waiter in writer.waiters:
-                                writer.waiters.remove(waiter)
+                    await writer.wait()
                 continue
             if not await self._tailer.wait(key, after, self._lease_s):
                 await self._end_if_orphaned(stream_id, key, head[0])
@@ -501,13 +462,7 @@ class RedisJournal:
         writer = self._writers.get(stream_id)
         if writer is None or writer.ended or writer.lost or not self._healthy:
             return None  # another instance writes it: readers tail with XREAD BLOCK
-        writer.listeners.append(listener)
-
-        def unlisten() -> None:
-            if listener in writer.listeners:
-                writer.listeners.remove(listener)
-
-        return unlisten
+        return writer.listen(listener)
 
     def size(self, stream_id: str) -> int | None:
         writer = self._writers.get(stream_id)

@@ -1,0 +1,60 @@
+"""The readers of one stream in this process, as both journals wake them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from streamsvc.journal.base import Event, Listener
+
+__all__ = ["Followers"]
+
+
+class Followers:
+    """Readers waiting in ``read`` for more, and caught-up readers ``listen``-ing to the tail."""
+
+    __slots__ = ("listeners", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: list[asyncio.Future[None]] = []
+        self.listeners: list[Listener] = []
+
+    async def wait(self) -> None:
+        """Until :meth:`wake`; a cancelled wait leaves nothing behind."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                if waiter in self.waiters:
+                    self.waiters.remove(waiter)
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """Add ``listener``; returns the function that removes it."""
+        self.listeners.append(listener)
+
+        def unlisten() -> None:
+            if listener in self.listeners:
+                self.listeners.remove(listener)
+
+        return unlisten
+
+    def notify(self, events: list[Event]) -> None:
+        """Hand new events to the listeners; one that returns False is dropped."""
+        listeners = self.listeners
+        if listeners:
+            self.listeners = [listener for listener in list(listeners) if listener(events)]
+
+    def drop_listeners(self) -> None:
+        """Tell every listener the tail is over (``[]``) and forget them."""
+        listeners, self.listeners = self.listeners, []
+        for listener in listeners:
+            listener([])
