@@ -24,11 +24,32 @@ from aiohttp import web
 from streamsvc.config import LimitsConfig
 from streamsvc.errors import LimitError
 
-__all__ = ["LIMITER", "Limiter", "MemoryLimiter", "StreamSlot"]
+__all__ = [
+    "LIMITER", "Limiter", "MemoryLimiter", "StreamSlot", "rate_exceeded",
+    "streams_per_key_exceeded",
+]
 
 # How long a client over a concurrency limit is told to wait: streams end at
 # unknown times, so this is a hint to back off, not a promise.
 CONCURRENCY_RETRY_AFTER_S = 1.0
+
+
+def rate_exceeded(rpm: int, wait_s: float) -> LimitError:
+    """Over ``requests_per_minute_per_key``: one more request in ``wait_s``."""
+    return LimitError(
+        f"this API key made more than limits.requests_per_minute_per_key ({rpm})"
+        f" requests in the last minute: retry after {math.ceil(wait_s)} s",
+        retry_after=wait_s,
+    )
+
+
+def streams_per_key_exceeded(per_key: int, where: str = "") -> LimitError:
+    """Over ``max_streams_per_key`` (``where``: " on all instances" with Redis)."""
+    return LimitError(
+        f"this API key has limits.max_streams_per_key ({per_key}) streams open{where}:"
+        " retry when one ends",
+        retry_after=CONCURRENCY_RETRY_AFTER_S,
+    )
 
 
 class StreamSlot:
@@ -95,12 +116,7 @@ class MemoryLimiter:
         bucket.tokens = min(float(rpm), bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
         if bucket.tokens < 1.0:
-            wait = (1.0 - bucket.tokens) / rate
-            raise LimitError(
-                f"this API key made more than limits.requests_per_minute_per_key ({rpm})"
-                f" requests in the last minute: retry after {math.ceil(wait)} s",
-                retry_after=wait,
-            )
+            raise rate_exceeded(rpm, (1.0 - bucket.tokens) / rate)
         bucket.tokens -= 1.0
 
     async def acquire_stream(self, key_id: str | None) -> StreamSlot:
@@ -113,11 +129,7 @@ class MemoryLimiter:
             )
         per_key = limits.max_streams_per_key
         if key_id is not None and per_key and self._per_key.get(key_id, 0) >= per_key:
-            raise LimitError(
-                f"this API key has limits.max_streams_per_key ({per_key}) streams open:"
-                " retry when one ends",
-                retry_after=CONCURRENCY_RETRY_AFTER_S,
-            )
+            raise streams_per_key_exceeded(per_key)
         self._open += 1
         if key_id is not None:
             self._per_key[key_id] = self._per_key.get(key_id, 0) + 1

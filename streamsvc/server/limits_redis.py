@@ -28,16 +28,20 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import secrets
 from collections import defaultdict
 
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from streamsvc.config import LimitsConfig
-from streamsvc.errors import LimitError
-from streamsvc.server.limits import CONCURRENCY_RETRY_AFTER_S, StreamSlot
+from streamsvc.server.limits import (
+    MemoryLimiter,
+    StreamSlot,
+    rate_exceeded,
+    streams_per_key_exceeded,
+)
 
 __all__ = ["RedisLimiter"]
 
@@ -115,8 +119,9 @@ class RedisLimiter:
         self._refresh = redis.register_script(_REFRESH)
         self._instance = secrets.token_hex(6)
         self._numbers = itertools.count(1)
-        self._open = 0
-        self._per_key: dict[str, int] = {}
+        # This instance's own counts (and its max_streams); the per-key limit is Redis's.
+        self._local = MemoryLimiter(msgspec.structs.replace(
+            config, max_streams_per_key=0, requests_per_minute_per_key=0))
         self._slots: dict[str, set[str]] = defaultdict(set)  # key id -> slot ids held here
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
@@ -164,61 +169,39 @@ class RedisLimiter:
             return
         self._recovered()
         if wait_ms > 0:
-            wait = wait_ms / 1000
-            raise LimitError(
-                f"this API key made more than limits.requests_per_minute_per_key ({rpm})"
-                f" requests in the last minute: retry after {math.ceil(wait)} s",
-                retry_after=wait,
-            )
+            raise rate_exceeded(rpm, wait_ms / 1000)
 
     async def acquire_stream(self, key_id: str | None) -> StreamSlot:
-        limits = self._config
-        if limits.max_streams and self._open >= limits.max_streams:
-            raise LimitError(
-                f"this instance has limits.max_streams ({limits.max_streams}) streams open:"
-                " retry later",
-                retry_after=CONCURRENCY_RETRY_AFTER_S,
-            )
-        per_key = limits.max_streams_per_key
-        slot_id: str | None = None
-        if key_id is not None and per_key:
-            slot_id = f"{self._instance}:{next(self._numbers)}"
-            try:
-                added = await self._acquire(keys=[self._slots_key(key_id)],
-                                            args=[per_key, slot_id, self._slot_ttl_ms])
-            except RedisError as exc:
-                self._failed("check max_streams_per_key", exc)
-                added = 1  # counted here all the same: the refresher adds it once Redis is back
-            else:
-                self._recovered()
-            if not added:
-                raise LimitError(
-                    f"this API key has limits.max_streams_per_key ({per_key}) streams open"
-                    " on all instances: retry when one ends",
-                    retry_after=CONCURRENCY_RETRY_AFTER_S,
-                )
-            self._slots[key_id].add(slot_id)
-        self._open += 1
-        if key_id is not None:
-            self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
+        local = await self._local.acquire_stream(key_id)  # max_streams, and the counts here
+        per_key = self._config.max_streams_per_key
+        if key_id is None or not per_key:
+            return local
+        slot_id = f"{self._instance}:{next(self._numbers)}"
+        try:
+            added = await self._acquire(keys=[self._slots_key(key_id)],
+                                        args=[per_key, slot_id, self._slot_ttl_ms])
+        except RedisError as exc:
+            self._failed("check max_streams_per_key", exc)
+            added = 1  # counted here all the same: the refresher adds it once Redis is back
+        except BaseException:
+            local.release()
+            raise
+        else:
+            self._recovered()
+        if not added:
+            local.release()
+            raise streams_per_key_exceeded(per_key, " on all instances")
+        self._slots[key_id].add(slot_id)
 
         def release() -> None:
-            self._open -= 1
-            if key_id is None:
-                return
-            left = self._per_key[key_id] - 1
-            if left:
-                self._per_key[key_id] = left
-            else:
-                del self._per_key[key_id]
-            if slot_id is not None:
-                self._remove_soon(key_id, slot_id)
+            local.release()
+            self._remove_soon(key_id, slot_id)
 
         return StreamSlot(release)
 
     def open_streams(self, key_id: str | None = None) -> int:
         """Open streams of this instance (of ``key_id``'s, when given); Redis holds the total."""
-        return self._open if key_id is None else self._per_key.get(key_id, 0)
+        return self._local.open_streams(key_id)
 
     # -- internals -----------------------------------------------------------------------------
 
