@@ -140,8 +140,10 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
                 generation.wrote_through(events[-1].end)
             if events[-1].final:
                 break
-            state = await journal.last_seq(stream_id)
-            if state is not None and state == (after, False):
+            # Caught up with a generation of this process (the journal has nothing past
+            # what was just written): take the live tail. Asked of this process's own
+            # count, not of the journal: with Redis that is a round trip per batch saved.
+            if generation is not None and journal.size(stream_id) == events[-1].end:
                 after, ended = await _follow_live(request, response, stream_id, after, generation)
                 if ended:
                     break
