@@ -140,10 +140,9 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
                 generation.wrote_through(events[-1].end)
             if events[-1].final:
                 break
-            # Caught up with a generation of this process (the journal has nothing past
-            # what was just written): take the live tail. Asked of this process's own
-            # count, not of the journal: with Redis that is a round trip per batch saved.
-            if generation is not None and journal.size(stream_id) == events[-1].end:
+            # Caught up with a running stream this process writes: take the live tail.
+            # (Asked of this process's own state: no journal round trip per batch.)
+            if journal.live_seq(stream_id) == after:
                 after, ended = await _follow_live(request, response, stream_id, after, generation)
                 if ended:
                     break
