@@ -77,6 +77,27 @@ async def spawn_serve(
             await asyncio.sleep(0.05)
 
 
+Serve = Callable[..., Awaitable[tuple[subprocess.Popen[bytes], str]]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """``await serve(**env)``: a ``streamsvc serve`` process (see :func:`spawn_serve`)
+    and its URL; every one still running is killed at teardown."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    async def start(**env: str) -> tuple[subprocess.Popen[bytes], str]:
+        process, url = await spawn_serve(env)
+        processes.append(process)
+        return process, url
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
 @dataclass
 class RunningServer:
     """A streamsvc app listening on a free port."""

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -24,10 +23,10 @@ from streamsvc.upstream.simtext import generated_tokens
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import (
     RunningServer,
+    Serve,
     StartServer,
     free_port,
     relay_overrides,
-    spawn_serve,
     wait_until,
 )
 from tests.redis_server import RedisServer
@@ -224,32 +223,25 @@ async def _status(session: aiohttp.ClientSession, url: str, want: int, timeout: 
 
 
 @pytest.fixture
-async def serve(redis_server: RedisServer) -> AsyncIterator[Any]:
-    """``streamsvc serve`` processes on the test's Redis; yields start(**env) -> (process, url)."""
-    processes: list[subprocess.Popen[bytes]] = []
+def redis_serve(serve: Serve, redis_server: RedisServer) -> Serve:
+    """``streamsvc serve`` processes on the test's Redis; ``await redis_serve(**env)``."""
 
     async def start(**env: str) -> tuple[subprocess.Popen[bytes], str]:
-        process, url = await spawn_serve({
-            "STREAMSVC__JOURNAL__BACKEND": "redis",
-            "STREAMSVC__JOURNAL__REDIS_URL": redis_server.url,
-            "STREAMSVC__JOURNAL__WRITER_LEASE_S": "0.6",
+        return await serve(
+            STREAMSVC__JOURNAL__BACKEND="redis",
+            STREAMSVC__JOURNAL__REDIS_URL=redis_server.url,
+            STREAMSVC__JOURNAL__WRITER_LEASE_S="0.6",
             **env,
-        })
-        processes.append(process)
-        return process, url
+        )
 
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
+    return start
 
 
 async def test_a_killed_generator_leaves_its_readers_everything_then_instance_lost(
-    serve: Any, session: aiohttp.ClientSession
+    redis_serve: Serve, session: aiohttp.ClientSession
 ) -> None:
-    writer, writer_url = await serve()
-    _, reader_url = await serve()
+    writer, writer_url = await redis_serve()
+    _, reader_url = await redis_serve()
     async with session.post(writer_url + "/v1/streams", json=_story(10_000, rate=40)) as r:
         created = await r.json()
     decoder = SSEDecoder()
@@ -272,10 +264,10 @@ async def test_a_killed_generator_leaves_its_readers_everything_then_instance_lo
 
 
 async def test_sigterm_lets_readers_resume_on_another_instance_while_the_answer_finishes(
-    serve: Any, session: aiohttp.ClientSession
+    redis_serve: Serve, session: aiohttp.ClientSession
 ) -> None:
-    draining, draining_url = await serve()
-    _, other_url = await serve()
+    draining, draining_url = await redis_serve()
+    _, other_url = await redis_serve()
     async with session.post(draining_url + "/v1/streams", json=_story(60, rate=30)) as r:
         created = await r.json()  # 2 s of answer
     decoder = SSEDecoder()

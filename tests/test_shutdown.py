@@ -11,17 +11,15 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 
 from streamsvc.server.connections import CONNECTIONS, Connections
 from streamsvc.server.state import DRAINING
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.simtext import generated_tokens
-from tests.conftest import RunningServer, spawn_serve
+from tests.conftest import RunningServer
 
 PROMPT = "tell me a story"
 
@@ -29,25 +27,6 @@ PROMPT = "tell me a story"
 def _story(tokens: int, rate: float) -> dict[str, Any]:
     return {"model": "sim-small", "messages": [{"role": "user", "content": PROMPT}],
             "simulate": {"tokens": tokens, "rate": rate}}
-
-
-@pytest.fixture
-async def serve() -> AsyncIterator[Any]:
-    """Start ``streamsvc serve`` with extra environment; yields (process, url)."""
-    processes: list[subprocess.Popen[bytes]] = []
-
-    async def start(**env: str) -> tuple[subprocess.Popen[bytes], str]:
-        process, url = await spawn_serve(env, stderr=subprocess.PIPE)
-        processes.append(process)
-        return process, url
-
-    yield start
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 async def _read_after_sigterm(
