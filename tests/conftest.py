@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import pytest
@@ -46,15 +46,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def answers_ok(url: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Poll ``url`` until it answers 200; False once ``timeout`` passes or ``process`` exits."""
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return True
+            if time.monotonic() > deadline or process.poll() is not None:
+                return False
+            await asyncio.sleep(0.05)
+
+
 async def spawn_serve(
-    env: dict[str, str] | None = None, *, stderr: int | None = subprocess.DEVNULL
+    env: dict[str, str] | None = None, *, stderr: int | IO[bytes] | None = subprocess.DEVNULL,
+    port: int | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``streamsvc serve`` (built-in simulator) as its own process; wait until ready.
 
-    ``env`` adds to the test's environment without its STREAMSVC settings.
+    ``env`` adds to the test's environment without its STREAMSVC settings;
+    ``port`` (default: a free one) lets a restarted instance come back where it was.
     The caller stops the process.
     """
-    port = free_port()
+    port = port or free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")}
     full_env.update(env or {})
     process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
@@ -62,19 +78,10 @@ async def spawn_serve(
         stdout=subprocess.DEVNULL, stderr=stderr, env=full_env,
     )
     url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                async with session.get(url + "/readyz") as response:
-                    if response.status == 200:
-                        return process, url
-            except aiohttp.ClientConnectionError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise AssertionError("streamsvc serve did not start")
-            await asyncio.sleep(0.05)
+    if not await answers_ok(url + "/readyz", process, 20):
+        process.kill()
+        raise AssertionError("streamsvc serve did not start")
+    return process, url
 
 
 Serve = Callable[..., Awaitable[tuple[subprocess.Popen[bytes], str]]]

@@ -28,13 +28,10 @@ the next one. Readers reconnect the way EventSource does: after the stream's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,7 +47,7 @@ from redis.asyncio import Redis
 from streamsvc.bench.nginx import nginx_binary, nginx_command
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.simtext import generated_tokens
-from tests.conftest import free_port
+from tests.conftest import answers_ok, free_port, spawn_serve
 from tests.redis_server import RedisServer
 from tests.test_browser import PageLog
 from tests.test_readme import FENCE
@@ -181,22 +178,11 @@ class Cluster:
     async def start(self, instance: Instance) -> None:
         """Start ``instance`` on its port; wait for ``/readyz``; learn its writer id."""
         before = await self._leases()
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")}
-        full_env.update(self.env)
-        instance.process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
-            [sys.executable, "-m", "streamsvc", "serve", "--port", str(instance.port)],
-            stdout=subprocess.DEVNULL, stderr=instance.log, env=full_env,
-        )
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 20
-            while True:
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with session.get(instance.url + "/readyz") as response:
-                        if response.status == 200:
-                            break
-                assert time.monotonic() < deadline and instance.process.poll() is None, (
-                    f"{instance.name} did not start\n{instance.log_tail()}")
-                await asyncio.sleep(0.05)
+        try:
+            instance.process, _ = await spawn_serve(self.env, port=instance.port,
+                                                    stderr=instance.log)
+        except AssertionError as exc:
+            raise AssertionError(f"{instance.name} did not start\n{instance.log_tail()}") from exc
         (instance.journal_id,) = await self._leases() - before
 
     async def stop(self, instance: Instance) -> int:
@@ -235,16 +221,8 @@ class Cluster:
             nginx_command(binary, self.prefix, config),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 10
-            while True:
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    async with session.get(self.url + "/healthz") as response:
-                        if response.status == 200:
-                            return
-                assert time.monotonic() < deadline and self.nginx.poll() is None, (
-                    "nginx did not start: " + self.nginx_errors())
-                await asyncio.sleep(0.05)
+        assert await answers_ok(self.url + "/healthz", self.nginx, 10), (
+            "nginx did not start: " + self.nginx_errors())
 
     def nginx_errors(self) -> str:
         path = self.prefix / "error.log"
