@@ -30,6 +30,7 @@ from streamsvc.server.tickets import IN_USE, MemoryTicketStore, RedisTicketStore
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 from tests.redis_server import RedisServer
+from tests.test_limits import assert_limited
 
 KEY_A = "sk-redis-a-3c0ffee1d2e3-never-log-me"
 KEY_B = "sk-redis-b-9badc0de4f56-never-log-me"
@@ -66,14 +67,6 @@ def pair(start_server: StartServer, simulator: SimulatorServer, redis_server: Re
         return first, second
 
     return start
-
-
-async def assert_limited(response: aiohttp.ClientResponse, names: str) -> None:
-    assert response.status == 429
-    assert int(response.headers["Retry-After"]) >= 1
-    error = (await response.json())["error"]
-    assert error["code"] == "rate_limited" and error["type"] == "rate_limit_error"
-    assert names in error["message"]
 
 
 async def create(relay: RunningServer, session: aiohttp.ClientSession, key: str = KEY_A,
