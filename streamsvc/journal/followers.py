@@ -58,3 +58,9 @@ class Followers:
         listeners, self.listeners = self.listeners, []
         for listener in listeners:
             listener([])
+
+    def let_go(self) -> None:
+        """Send every reader back: listeners get ``[]``, waiters wake (the stream is over
+        here, or the journal cannot serve it; ``read`` then says which)."""
+        self.drop_listeners()
+        self.wake()

@@ -108,8 +108,7 @@ class MemoryJournal:
     def _expire(self, stream_id: str) -> None:
         log = self._logs.pop(stream_id, None)
         if log is not None:
-            log.drop_listeners()
-            log.wake()
+            log.let_go()
 
     async def read(self, stream_id: str, after: int, max_bytes: int | None = None) -> list[Event]:
         log = self._log(stream_id)
@@ -144,6 +143,5 @@ class MemoryJournal:
             if log.expiry is not None:
                 log.expiry.cancel()
             log.ended = True
-            log.drop_listeners()
-            log.wake()
+            log.let_go()
         self._logs.clear()

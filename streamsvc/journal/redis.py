@@ -167,8 +167,7 @@ class RedisJournal:
             if writer.expiry is not None:
                 writer.expiry.cancel()
             writer.lost = True
-            writer.drop_listeners()
-            writer.wake()
+            writer.let_go()
         self._writers.clear()
 
     def _unavailable(self, exc: BaseException) -> StreamError:
@@ -312,8 +311,7 @@ class RedisJournal:
         if writer.lost:
             return
         writer.lost = True
-        writer.drop_listeners()
-        writer.wake()
+        writer.let_go()
         log.warning("journal: stream %s was ended by another instance", writer.id)
         if self.on_lost is not None and not writer.ended:
             self.on_lost(writer.id)
@@ -329,8 +327,7 @@ class RedisJournal:
         if self.on_unavailable is not None:
             self.on_unavailable(error)
         for writer in self._writers.values():
-            writer.drop_listeners()  # local readers go back to read(), which reports it
-            writer.wake()
+            writer.let_go()  # local readers go back to read(), which reports it
 
     def _mark_healthy(self) -> None:
         if not self._healthy:
