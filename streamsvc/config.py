@@ -83,6 +83,7 @@ class JournalConfig(_Section, frozen=True):
     retention_s: NonNegFloat = 300.0
     resume_grace_s: NonNegFloat = 10.0
     max_events: PosInt = 100_000
+    max_bytes: PosInt = 33_554_432
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "streamsvc:"
     writer_lease_s: PosFloat = 5.0

@@ -10,6 +10,7 @@ from reactivex import Observable
 
 from streamsvc.chunks import Chunk
 from streamsvc.config import PipelineConfig
+from streamsvc.reactive.backpressure import Valve
 from streamsvc.reactive.bridge import from_async_iterable
 from streamsvc.reactive.operators import (
     coalesce,
@@ -41,6 +42,8 @@ class StreamContext:
     """The id (an HMAC) of the API key that started the stream; None with auth off."""
     prompt_tokens: int = 0
     """The prompt's estimated tokens (``streamsvc.usage``), for when the upstream sends no usage."""
+    valve: Valve | None = None
+    """Closed by a sink whose backlog is full: the upstream is then not read (backpressure)."""
 
     def summary(self) -> dict[str, Any]:
         return {"upstream": self.upstream, "attempts": self.attempts}
@@ -56,7 +59,7 @@ def upstream_source(
 
     def start() -> Any:
         context.attempts += 1
-        return client.stream(body, on_open=opened)
+        return client.stream(body, on_open=opened, valve=context.valve)
 
     return from_async_iterable(start)
 
@@ -83,7 +86,8 @@ def build_pipeline(
         context: filled in as the pipeline runs.
         retries: False turns retries and fallbacks off for this request.
     """
-    sources = [_attempt(upstream_source(c, body, context), config) for c in clients]
+    sources = [_attempt(upstream_source(c, body, context), config, context.valve)
+               for c in clients]
     # With retries off it still runs, once: it holds framing until the first
     # content, so an error before content keeps its HTTP status.
     stream = sources[0].pipe(
@@ -112,10 +116,14 @@ def build_pipeline(
     return stream
 
 
-def _attempt(source: Observable[Chunk], config: PipelineConfig) -> Observable[Chunk]:
+def _attempt(
+    source: Observable[Chunk], config: PipelineConfig, valve: Valve | None
+) -> Observable[Chunk]:
     """One upstream request with the timeouts that make it fail (and be retried) in time."""
     if config.first_token_timeout_s > 0:
         source = source.pipe(first_token_timeout(config.first_token_timeout_s))
     if config.idle_timeout_s > 0:
-        source = source.pipe(idle_timeout(config.idle_timeout_s))
+        # While the sink holds the upstream back, a gap is the client's doing, not the upstream's.
+        held = None if valve is None else (lambda: not valve.is_open)
+        source = source.pipe(idle_timeout(config.idle_timeout_s, held=held))
     return source

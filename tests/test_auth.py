@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 
-from streamsvc.server.auth import AUTH
+from streamsvc.server.state import AUTH
 from streamsvc.server.tickets import MemoryTicketStore
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until

@@ -22,8 +22,8 @@ from redis.asyncio import Redis
 from streamsvc.config import LimitsConfig
 from streamsvc.errors import ErrorCode, LimitError, StreamError
 from streamsvc.journal.redis import RedisJournal
-from streamsvc.server.auth import AUTH
-from streamsvc.server.limits import LIMITER
+from streamsvc.server.state import AUTH
+from streamsvc.server.state import LIMITER
 from streamsvc.server.limits_redis import RedisLimiter
 from streamsvc.server.state import JOURNAL
 from streamsvc.server.tickets import IN_USE, MemoryTicketStore, RedisTicketStore, TicketStore

@@ -13,8 +13,8 @@ import pytest
 
 from streamsvc.config import LimitsConfig
 from streamsvc.errors import LimitError
-from streamsvc.server.auth import AUTH
-from streamsvc.server.limits import LIMITER, MemoryLimiter
+from streamsvc.server.limits import MemoryLimiter
+from streamsvc.server.state import AUTH, LIMITER
 from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 

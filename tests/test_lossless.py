@@ -27,7 +27,8 @@ from reactivex.testing import ReactiveTest, TestScheduler
 
 from streamsvc.chunks import TEXT_FIELDS, Chunk, ChunkBuffer, coalesce_batch
 from streamsvc.errors import ErrorCode, UpstreamError
-from streamsvc.events import EventBuilder
+from streamsvc.wire import Ending
+from streamsvc.wire.events import EventBuilder
 from streamsvc.operators import (
     coalesce,
     first_token_timeout,
@@ -423,7 +424,7 @@ def test_events_reassemble_the_answer_and_done_is_last(
             events += [("message", msgspec.json.decode(d))
                        for d in builder.deltas(message.value)]
         elif message.kind == "C":
-            events.append(("done", msgspec.json.decode(builder.done())))
+            events.append(("done", msgspec.json.decode(builder.done(Ending()))))
     assert [kind for kind, _ in events].count("done") == 1 and events[-1][0] == "done"
 
     content: dict[int, str] = {}

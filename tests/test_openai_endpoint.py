@@ -114,7 +114,8 @@ async def test_sdk_non_stream_answer(relay: RunningServer, simulator: SimulatorS
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage is not None and answer.usage.completion_tokens == len(echo_tokens(TORTURE))
     assert simulator.stats.requests == 1
-    assert simulator.stats.recent[-1]["body"]["stream"] is False
+    # The non-streamed answer is the streamed pipeline, collected: the upstream streams it.
+    assert simulator.stats.recent[-1]["body"]["stream"] is True
 
 
 async def test_sdk_stream_n2_each_choice_intact(relay: RunningServer) -> None:

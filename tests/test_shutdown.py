@@ -15,7 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from streamsvc.server.connections import CONNECTIONS, Connections
+from streamsvc.server.connections import Connections
+from streamsvc.server.state import CONNECTIONS
 from streamsvc.server.state import DRAINING
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.simtext import generated_tokens

@@ -5,7 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol
 
-__all__ = ["Event", "Journal", "Listener", "encode_frame"]
+from streamsvc.errors import ErrorCode, StreamError
+
+__all__ = ["Event", "Journal", "Listener", "check_bounds", "encode_frame"]
+
+
+def check_bounds(stream_id: str, events: int, size: int, max_events: int, max_bytes: int) -> None:
+    """Raise ``journal_full`` when a message event would pass one stream's bounds.
+
+    ``events`` message events are journaled already; the next one would
+    bring the stream's frames to ``size`` bytes. A final event is never
+    checked: the end of a stream always gets in.
+    """
+    if events >= max_events:
+        raise StreamError(f"stream {stream_id!r} passed journal.max_events ({max_events})",
+                          code=ErrorCode.JOURNAL_FULL)
+    if size > max_bytes:
+        raise StreamError(f"stream {stream_id!r} passed journal.max_bytes ({max_bytes})",
+                          code=ErrorCode.JOURNAL_FULL)
 
 
 def encode_frame(stream_id: str, seq: int, kind: str, data: bytes) -> bytes:

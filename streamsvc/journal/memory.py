@@ -7,7 +7,7 @@ import bisect
 from collections.abc import Callable, Mapping
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError
-from streamsvc.journal.base import Event, Listener, encode_frame
+from streamsvc.journal.base import Event, Listener, check_bounds, encode_frame
 from streamsvc.journal.followers import Followers
 
 __all__ = ["MemoryJournal"]
@@ -35,11 +35,16 @@ class MemoryJournal:
     Args:
         retention_s: how long an ended stream stays readable (then: unknown id).
         max_events: message events one stream may hold.
+        max_bytes: bytes of frames one stream may hold.
     """
 
-    def __init__(self, *, retention_s: float = 300.0, max_events: int = 100_000) -> None:
+    def __init__(
+        self, *, retention_s: float = 300.0, max_events: int = 100_000,
+        max_bytes: int = 33_554_432,
+    ) -> None:
         self._retention_s = retention_s
         self._max_events = max_events
+        self._max_bytes = max_bytes
         self._logs: dict[str, _Log] = {}
 
     def __len__(self) -> int:
@@ -78,15 +83,16 @@ class MemoryJournal:
         first = len(items)
         for kind, data in events:
             final = kind != "message"
-            if not final and len(items) >= self._max_events:
-                log.notify(items[first:])
-                log.wake()
-                raise StreamError(
-                    f"stream {stream_id!r} passed journal.max_events ({self._max_events})",
-                    code=ErrorCode.JOURNAL_FULL,
-                )
             seq = len(items) + 1
             frame = encode_frame(stream_id, seq, kind, data)
+            if not final:
+                try:
+                    check_bounds(stream_id, len(items), log.size + len(frame),
+                                 self._max_events, self._max_bytes)
+                except StreamError:
+                    log.notify(items[first:])
+                    log.wake()
+                    raise
             log.size += len(frame)
             items.append(Event(seq, kind, data, frame, log.size))
             if final:

@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
-from streamsvc.journal.base import Event, Listener, encode_frame
+from streamsvc.journal.base import Event, Listener, check_bounds, encode_frame
 from streamsvc.journal.followers import Followers
 from streamsvc.journal.redis_client import journal_unavailable
 from streamsvc.journal.redis_tail import Tailer
@@ -81,6 +81,7 @@ class RedisJournal:
             default: the client's host, port and db.
         retention_s: how long an ended stream stays readable.
         max_events: message events one stream may hold (``journal_full`` past it).
+        max_bytes: bytes of frames one stream may hold (``journal_full`` past it).
         prefix: prepended to every key.
         lease_s: the writer lease (``journal.writer_lease_s``).
         instance: this process's id (default: random).
@@ -93,6 +94,7 @@ class RedisJournal:
         url: str | None = None,
         retention_s: float = 300.0,
         max_events: int = 100_000,
+        max_bytes: int = 33_554_432,
         prefix: str = "streamsvc:",
         lease_s: float = 5.0,
         instance: str | None = None,
@@ -105,6 +107,7 @@ class RedisJournal:
         self._retention_ms = max(1, int(retention_s * 1000))
         self._retention_s = retention_s
         self._max_events = max_events
+        self._max_bytes = max_bytes
         self._prefix = prefix
         self._lease_ms = max(1, int(lease_s * 1000))
         self._lease_s = lease_s
@@ -224,13 +227,11 @@ class RedisJournal:
         try:
             for kind, data in events:
                 final = kind != "message"
-                if not final and writer.seq >= self._max_events:
-                    raise StreamError(
-                        f"stream {stream_id!r} passed journal.max_events ({self._max_events})",
-                        code=ErrorCode.JOURNAL_FULL,
-                    )
+                frame = encode_frame(stream_id, writer.seq + 1, kind, data)
+                if not final:
+                    check_bounds(stream_id, writer.seq, writer.size + len(frame),
+                                 self._max_events, self._max_bytes)
                 writer.seq += 1
-                frame = encode_frame(stream_id, writer.seq, kind, data)
                 writer.size += len(frame)
                 batch.append(Event(writer.seq, kind, data, frame, writer.size))
                 if final:

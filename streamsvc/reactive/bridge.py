@@ -4,11 +4,12 @@
 Observable: each subscription runs the factory in its own task, and disposing
 the subscription cancels that task (so the HTTP request behind it is closed).
 
-``ObservableIterator`` goes the other way for one consumer coroutine (an HTTP
-writer, the journal writer). ``on_next`` is synchronous and cannot await a
-socket write, so items go into a bounded hand-off and the consumer takes
-*everything* pending each time it wakes: a slow consumer gets bigger batches,
-not a longer queue, and a stalled one hits the bound and gets ``slow_consumer``.
+``ObservableIterator`` goes the other way, for embedders' async code. ``on_next``
+is synchronous and cannot await, so items go into a hand-off and the consumer
+takes *everything* pending each time it wakes: a slow consumer gets bigger
+batches, not a longer queue; with ``max_pending`` a stalled one hits the bound
+and gets ``slow_consumer``. (The server does not use it: its streams go to
+sinks, ``streamsvc.streams.sinks``, whose bound holds the upstream back.)
 """
 
 from __future__ import annotations
@@ -118,13 +119,6 @@ class ObservableIterator(Generic[T]):
         self._subscription: abc.DisposableBase | None = None
         self._closed = False
         self._overflow = False
-        self.direct: Callable[[T], bool] | None = None
-        """Optional: takes an item at once when nothing is pending (True: taken).
-
-        A consumer that can act on an item without awaiting (write it to a
-        socket that has room) sets this, and the item skips the hand-off and
-        the task switch it costs; anything it refuses is queued, in order.
-        """
 
     async def __aenter__(self) -> ObservableIterator[T]:
         loop = asyncio.get_running_loop()
@@ -157,8 +151,6 @@ class ObservableIterator(Generic[T]):
 
     def _on_next(self, item: T) -> None:
         if self._error is not None or self._completed:
-            return
-        if not self._pending and self.direct is not None and self.direct(item):
             return
         self._pending.append(item)
         if self._max_pending is not None:

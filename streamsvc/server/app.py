@@ -17,27 +17,32 @@ from streamsvc.journal.peers import RedisPeers
 from streamsvc.journal.redis import RedisJournal
 from streamsvc.journal.redis_client import connect_redis
 from streamsvc.server import routes_info, routes_openai, routes_page, routes_streams
-from streamsvc.server.auth import AUTH, Auth, auth_middleware
-from streamsvc.server.connections import CONNECTIONS, Connections, connection_middleware
-from streamsvc.server.limits import LIMITER, MemoryLimiter
+from streamsvc.server.auth import Auth, auth_middleware
+from streamsvc.server.connections import Connections, connection_middleware
+from streamsvc.server.limits import MemoryLimiter
 from streamsvc.server.limits_redis import RedisLimiter
 from streamsvc.server.metrics import Metrics
 from streamsvc.server.middleware import error_middleware, set_request_id_header
+from streamsvc.server.middleware import ensure_accepting
 from streamsvc.server.state import (
-    ANSWERS,
+    AUTH,
     CONFIG,
+    CONNECTIONS,
     DRAIN_LEAVERS,
     DRAINING,
     JOURNAL,
     JOURNAL_SHARED,
+    LIMITER,
     METRICS,
     REDIS,
     REGISTRY,
     ROUTER,
     SESSION,
+    STREAMS,
 )
 from streamsvc.server.tickets import RedisTicketStore
-from streamsvc.streams import StreamRegistry
+from streamsvc.streams.lifecycle import Streams
+from streamsvc.streams.registry import StreamRegistry
 from streamsvc.upstream.routing import Router
 from streamsvc.upstream.simulator import SimulatorServer
 
@@ -128,27 +133,27 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
     peers: RedisPeers | None = None
     if redis is None:
         journal = MemoryJournal(
-            retention_s=config.journal.retention_s, max_events=config.journal.max_events
+            retention_s=config.journal.retention_s, max_events=config.journal.max_events,
+            max_bytes=config.journal.max_bytes,
         )
     else:
         journal = redis_journal = RedisJournal(
             redis, url=config.journal.redis_url, retention_s=config.journal.retention_s,
-            max_events=config.journal.max_events, prefix=config.journal.redis_prefix,
-            lease_s=config.journal.writer_lease_s,
+            max_events=config.journal.max_events, max_bytes=config.journal.max_bytes,
+            prefix=config.journal.redis_prefix, lease_s=config.journal.writer_lease_s,
         )
         await redis_journal.start()
-    registry = StreamRegistry(
-        journal,
-        resume_grace_s=config.journal.resume_grace_s,
-        max_lag_bytes=config.server.max_pending_bytes,
-    )
+    registry = StreamRegistry(resume_grace_s=config.journal.resume_grace_s)
     app[JOURNAL] = journal
     app[JOURNAL_SHARED] = redis is not None
     app[REGISTRY] = registry
     metrics = Metrics(active_streams=lambda: len(registry))
-    registry.on_error = metrics.count_error
-    registry.observer = metrics
     app[METRICS] = metrics
+    draining = app[DRAINING]
+    app[STREAMS] = Streams(
+        config=config, router=app[ROUTER], registry=registry, journal=journal,
+        limits=app[LIMITER], observer=metrics, accepting=lambda: ensure_accepting(draining),
+    )
     if redis is not None:
         redis_journal.on_unavailable = registry.fail_all
         redis_journal.on_lost = registry.cancel_here
@@ -174,9 +179,9 @@ async def _drain(app: web.Application) -> None:
     ``/readyz`` fails and new streams get ``503 shutting_down`` from here on.
     With a shared journal (Redis) the readers of resumable streams are let go
     at once: they reconnect through the load balancer to another instance and
-    resume from the journal. Running generations get ``drain_timeout_s`` to
-    finish into the journal (readers of the others are still served here),
-    and the rest end with the ``shutting_down`` error event. Then aiohttp
+    resume from the journal. Running generations (of every endpoint) get ``drain_timeout_s`` to
+    finish (readers of the others are still served here), and the rest end
+    with ``shutting_down``: an error event or frame, or a 503 before the headers. Then aiohttp
     waits ``shutdown_timeout_s`` for the handlers to write what is left.
     """
     app[DRAINING].set()
@@ -188,17 +193,11 @@ async def _drain(app: web.Application) -> None:
     if leavers:
         log.info("shutting down: %d readers of resumable streams let go to resume elsewhere",
                  len(leavers))
-    in_flight: dict[asyncio.Future[None], Callable[[], None]] = app[ANSWERS]
-    answers = dict(in_flight)
-    running = len(app[REGISTRY]) + len(answers)
+    running = len(app[REGISTRY])
     timeout = app[CONFIG].server.drain_timeout_s
     if running:
         log.info("shutting down: waiting up to %g s for %d running streams", timeout, running)
-    stopped = await app[REGISTRY].drain(timeout, also=answers)
-    unfinished = [cut for answer, cut in answers.items() if not answer.done()]
-    for cut in unfinished:
-        cut()
-    stopped += len(unfinished)
+    stopped = await app[REGISTRY].drain(timeout)
     if stopped:
         log.warning("shutting down: %d streams did not finish in %g s and were cut"
                     " (shutting_down)", stopped, timeout)
@@ -221,7 +220,6 @@ def create_app(config: Config | None = None) -> web.Application:
     app.on_startup.append(_log_auth)
     app[DRAINING] = asyncio.Event()
     app[DRAIN_LEAVERS] = set[Callable[[], None]]()
-    app[ANSWERS] = dict[asyncio.Future[None], Callable[[], None]]()
     app[CONNECTIONS] = Connections()
     app.cleanup_ctx.append(_upstreams)
     app.cleanup_ctx.append(_redis)

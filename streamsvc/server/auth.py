@@ -50,11 +50,10 @@ from itsdangerous import BadSignature, URLSafeSerializer
 
 from streamsvc.config import AuthConfig
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
-from streamsvc.server.limits import LIMITER
-from streamsvc.server.state import JOURNAL
+from streamsvc.server.state import AUTH, JOURNAL, KEY_ID, LIMITER, TICKET
 from streamsvc.server.tickets import IN_USE, MemoryTicketStore, TicketStore
 
-__all__ = ["AUTH", "KEY_ID", "TICKET", "Auth", "Ticket", "auth_middleware"]
+__all__ = ["Auth", "Ticket", "auth_middleware"]
 
 log = logging.getLogger("streamsvc")
 
@@ -268,9 +267,6 @@ class Auth:
             raise _forbidden(f"stream {stream_id} belongs to another API key")
 
 
-AUTH = web.AppKey("auth", Auth)
-KEY_ID = web.RequestKey("key_id", str)
-TICKET = web.RequestKey("ticket", Ticket)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["CONNECTIONS", "Connections", "connection_middleware"]
+from streamsvc.server.state import CONNECTIONS
+
+__all__ = ["Connections", "connection_middleware"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -55,7 +57,6 @@ class Connections:
         return len(idle)
 
 
-CONNECTIONS = web.AppKey("connections", Connections)
 
 
 @web.middleware

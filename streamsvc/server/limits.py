@@ -25,7 +25,7 @@ from streamsvc.config import LimitsConfig
 from streamsvc.errors import LimitError
 
 __all__ = [
-    "LIMITER", "Limiter", "MemoryLimiter", "StreamSlot", "rate_exceeded",
+    "Limiter", "MemoryLimiter", "StreamSlot", "rate_exceeded",
     "streams_per_key_exceeded",
 ]
 
@@ -149,4 +149,3 @@ class MemoryLimiter:
         return self._open if key_id is None else self._per_key.get(key_id, 0)
 
 
-LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")

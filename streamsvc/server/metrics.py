@@ -31,6 +31,11 @@ class Metrics:
             "streamsvc_stream_errors", "Requests refused and streams ended by an error, by code",
             ["code"], registry=self.registry,
         )
+        self.response_bytes = Counter(
+            "streamsvc_response_bytes",
+            "Body bytes of the responses handlers finished, as handed to the connection",
+            registry=self.registry,
+        )
         self.client_hangups = Counter(
             "streamsvc_client_hangups", "Clients that left before their stream ended",
             registry=self.registry,
@@ -89,6 +94,9 @@ class Metrics:
             registry=self.registry,
         )
         active.set_function(lambda: float(active_streams()))
+
+    def stream_started(self, kind: str) -> None:
+        self.streams_started.labels(kind).inc()
 
     def count_error(self, code: str) -> None:
         """A request or stream ended by an error with this code."""

@@ -12,7 +12,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
-from streamsvc.server.state import CONFIG, DRAINING, HUNG_UP, METRICS, REQUEST_ID
+from streamsvc.server.sse_response import response_bytes
+from streamsvc.server.state import CONFIG, HUNG_UP, METRICS, REQUEST_ID
 
 __all__ = ["error_middleware", "set_request_id_header"]
 
@@ -36,7 +37,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     request[REQUEST_ID] = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
     try:
         response = await handler(request)
-        _count(request, response.status)
+        _count(request, response.status, response)
         return response
     except asyncio.CancelledError:
         _count(request, 499)  # the client hung up; the handler was cancelled
@@ -63,23 +64,26 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         "request %s %s %s: %s %s (param=%s)", request[REQUEST_ID], request.method,
         request.path, failure.status, failure.code, failure.param,
     )
-    _count(request, failure.status)
     request.app[METRICS].count_error(str(failure.code))
-    return error_response(failure)
+    response = error_response(failure)
+    _count(request, failure.status, response)
+    return response
 
 
-def _count(request: web.Request, status: int) -> None:
+def _count(request: web.Request, status: int, response: web.StreamResponse | None = None) -> None:
     resource = request.match_info.route.resource
     endpoint = resource.canonical if resource is not None else "unmatched"
     metrics = request.app[METRICS]
+    if response is not None:
+        metrics.response_bytes.inc(response_bytes(response))
     metrics.requests.labels(endpoint, str(status)).inc()
     if status == 499:
         note_hangup(request)
 
 
-def ensure_accepting(request: web.Request) -> None:
+def ensure_accepting(draining: asyncio.Event) -> None:
     """New streams are refused once shutdown began: the client retries elsewhere."""
-    if request.app[DRAINING].is_set():
+    if draining.is_set():
         raise StreamError(
             "the server is shutting down: retry, and the load balancer sends you to"
             " another instance",

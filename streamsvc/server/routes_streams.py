@@ -1,14 +1,15 @@
 """The streamsvc event format: ``/v1/chat/stream`` (POST and one-shot GET) and ``/v1/streams``.
 
-Every stream is a generation writing into the journal; every reader reads
-the journal from its ``Last-Event-ID`` on. So a reconnect never calls the
-upstream again, and a reconnect after the final event gets ``204``, the one
-answer that stops EventSource for good.
+A resumable stream (``POST /v1/streams``, the one-shot GET) is written to the
+journal, and every reader reads the journal from its ``Last-Event-ID`` on. So
+a reconnect never calls the upstream again, and a reconnect after the final
+event gets ``204``, the one answer that stops EventSource for good. ``POST
+/v1/chat/stream`` is read by its one client as it comes (no journal): a slow
+client holds its upstream back instead of filling memory.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -18,11 +19,8 @@ import msgspec
 from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
-from streamsvc.journal.base import Event
-from streamsvc.pipeline import StreamContext, build_pipeline
-from streamsvc.server.auth import AUTH, KEY_ID, TICKET, Ticket
-from streamsvc.server.limits import LIMITER
-from streamsvc.server.middleware import ensure_accepting, note_hangup
+from streamsvc.server.auth import Ticket
+from streamsvc.server.middleware import note_hangup
 from streamsvc.server.requests import (
     ChatRequest,
     is_stream_id,
@@ -32,18 +30,21 @@ from streamsvc.server.requests import (
 )
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import (
+    AUTH,
     CONFIG,
     DRAIN_LEAVERS,
     JOURNAL,
     JOURNAL_SHARED,
-    METRICS,
+    KEY_ID,
     REGISTRY,
     REQUEST_ID,
-    ROUTER,
+    STREAMS,
+    TICKET,
 )
 from streamsvc.sse import encode_event, encode_retry
-from streamsvc.streams import Generation
-from streamsvc.usage import estimate_prompt_tokens
+from streamsvc.streams.generation import Generation
+from streamsvc.streams.readers import read_backlog, read_journal
+from streamsvc.wire.events import EventsEncoder
 
 __all__ = ["routes"]
 
@@ -51,32 +52,14 @@ log = logging.getLogger("streamsvc.http")
 routes = web.RouteTableDef()
 
 
-async def _start(request: web.Request, chat: ChatRequest, *, resumable: bool,
-                 ticket: Ticket | None = None) -> Generation:
-    ensure_accepting(request)
-    app = request.app
-    clients = app[ROUTER].clients_for(chat.model)
+async def _start_resumable(request: web.Request, chat: ChatRequest,
+                           ticket: Ticket | None = None) -> Generation:
     key_id = request.get(KEY_ID)
-    context = StreamContext(key_id=key_id,
-                            prompt_tokens=estimate_prompt_tokens(chat.body.get("messages")))
-    source = build_pipeline(chat.body, clients, app[CONFIG].pipeline, context,
-                            retries=chat.retries)
-    # Counted against the limits from here until the generation ends (done, error,
-    # cancelled, or stopped because its client left).
-    slot = await app[LIMITER].acquire_stream(key_id)
-    try:
-        generation = await app[REGISTRY].start(
-            source, context, resumable=resumable,
-            meta=None if key_id is None else {"owner": key_id},
-        )
-    except BaseException:
-        slot.release()
-        raise
-    generation.ended.add_done_callback(lambda _: slot.release())
-    await app[AUTH].bind_started(generation.id, generation.ended, ticket)
-    app[METRICS].streams_started.labels("resumable" if resumable else "direct").inc()
-    log.info("request %s: stream %s started (model %s, %s)", request[REQUEST_ID],
-             generation.id, chat.model, "resumable" if resumable else "direct")
+    generation = await request.app[STREAMS].journaled(
+        chat, key_id=key_id, meta=None if key_id is None else {"owner": key_id})
+    await request.app[AUTH].bind_started(generation.id, generation.ended, ticket)
+    log.info("request %s: stream %s started (model %s, resumable)", request[REQUEST_ID],
+             generation.id, chat.model)
     return generation
 
 
@@ -115,47 +98,22 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
     registry = app[REGISTRY]
     presence = await registry.attach(stream_id)
     response = SSEResponse(server, headers={"X-Stream-ID": stream_id})
-    limit = server.max_pending_bytes
-    generation = registry.get(stream_id)
-    behind: int | None = None  # bytes journaled but not yet written here, at the last check
-    leave = _leave_at_drain(request, generation)
+    position = [after]
+    leave = _leave_at_drain(request)
     try:
         await response.start(request)
-        await response.send_bytes(encode_retry(server.sse_retry_ms))
-        while True:
-            # Everything pending goes in one write, up to the bound; a reader far
-            # behind (a resume) catches up in writes of at most ``limit`` bytes.
-            events = await journal.read(stream_id, after, limit)
-            if not events:
-                break
-            if generation is not None and generation.resumable:
-                lag = (journal.size(stream_id) or 0) - events[0].start
-                if behind is not None and lag > limit and lag > behind:
-                    _slow_reader(request, stream_id, after, lag)
-                    break
-                behind = lag
-            await response.send_bytes(b"".join([event.frame for event in events]))
-            after = events[-1].seq
-            if generation is not None:
-                generation.wrote_through(events[-1].end)
-            if events[-1].final:
-                break
-            # Caught up with a running stream this process writes: take the live tail.
-            # (Asked of this process's own state: no journal round trip per batch.)
-            if journal.live_seq(stream_id) == after:
-                after, ended = await _follow_live(request, response, stream_id, after, generation)
-                if ended:
-                    break
+        await response.send(encode_retry(server.sse_retry_ms))
+        await read_journal(response, journal, stream_id, after, position)
     except ClientGone:
         note_hangup(request)
         log.info("request %s: client left stream %s at event %d (499)", request[REQUEST_ID],
-                 stream_id, after)
+                 stream_id, position[0])
     except StreamsvcError as error:
         # The journal failed under a running stream (Redis lost): the client gets
         # the error event, without an id, so a resume starts after the last real one.
         log.warning("request %s: stream %s: %s", request[REQUEST_ID], stream_id, error.message)
         with contextlib.suppress(ClientGone):
-            await response.send_bytes(encode_event(
+            await response.send(encode_event(
                 msgspec.json.encode(error.to_event()).decode(), event="error"))
     finally:
         if leave is not None:
@@ -165,7 +123,7 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
     return response
 
 
-def _leave_at_drain(request: web.Request, generation: Generation | None) -> Callable[[], None] | None:
+def _leave_at_drain(request: web.Request) -> Callable[[], None] | None:
     """With a shared journal, a resumable stream's reader is let go when this instance drains.
 
     Its connection is closed; EventSource reconnects with Last-Event-ID,
@@ -173,7 +131,7 @@ def _leave_at_drain(request: web.Request, generation: Generation | None) -> Call
     resumes from the journal while the generation here finishes into it.
     Returns the callback registered for the drain (None: the reader stays).
     """
-    if not request.app[JOURNAL_SHARED] or (generation is not None and not generation.resumable):
+    if not request.app[JOURNAL_SHARED]:
         return None
     transport = request.transport
 
@@ -185,73 +143,28 @@ def _leave_at_drain(request: web.Request, generation: Generation | None) -> Call
     return leave
 
 
-async def _follow_live(
-    request: web.Request,
-    response: SSEResponse,
-    stream_id: str,
-    after: int,
-    generation: Generation | None,
-) -> tuple[int, bool]:
-    """Write the live tail from the generation's own call while the socket has room.
-
-    A reader that has caught up would otherwise wake up once per token to
-    ``read`` and write. Here the journal hands it each new batch as it is
-    appended, and the batch goes straight to the socket (``write_now``). Once
-    the socket has no room (or the stream expires), this returns and the
-    reader goes on with ``read``, where writes wait and the bounds apply.
-
-    Returns:
-        The seq written through, and whether that was the final event.
-    """
-    woken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-    position = after
-
-    def take(events: list[Event]) -> bool:
-        nonlocal position
-        if (
-            not events
-            or events[0].seq != position + 1
-            or not response.write_now(b"".join([event.frame for event in events]))
-        ):
-            if not woken.done():
-                woken.set_result(False)
-            return False
-        position = events[-1].seq
-        if generation is not None:
-            generation.wrote_through(events[-1].end)
-        if events[-1].final:
-            woken.set_result(True)
-            return False
-        return True
-
-    stop = request.app[JOURNAL].listen(stream_id, take)
-    if stop is None:
-        return after, False
-    try:
-        ended = await woken
-    finally:
-        stop()
-    return position, ended
-
-
-def _slow_reader(request: web.Request, stream_id: str, after: int, lag: int) -> None:
-    """A reader of a resumable stream is over ``max_pending_bytes`` behind and falling further.
-
-    Only this connection is closed: the generation goes on into the journal,
-    and EventSource comes back with Last-Event-ID when it can. (A reader
-    catching up on a replay is not one: its lag shrinks.)
-    """
-    request.app[METRICS].slow_consumers.inc()
-    log.info("request %s: reader of stream %s is %d bytes behind at event %d: closing"
-             " (slow_consumer; the stream goes on)", request[REQUEST_ID], stream_id, lag, after)
-
-
 @routes.post("/v1/chat/stream")
 async def post_chat_stream(request: web.Request) -> web.StreamResponse:
     """Same body as chat completions, answered in the streamsvc event format."""
     chat = parse_chat_body(await request.read(), stream_default=True)
-    generation = await _start(request, chat, resumable=False)
-    return await serve_events(request, generation.id, 0)
+    server = request.app[CONFIG].server
+    streams = request.app[STREAMS]
+    generation, backlog = await streams.direct(
+        chat, lambda stream_id: EventsEncoder(stream_id, server.sse_retry_ms),
+        key_id=request.get(KEY_ID), kind="direct")
+    log.info("request %s: stream %s started (model %s, direct)", request[REQUEST_ID],
+             generation.id, chat.model)
+    response = SSEResponse(server, headers={"X-Stream-ID": generation.id})
+    try:
+        await response.start(request)
+        await read_backlog(response, backlog)
+    except ClientGone:
+        note_hangup(request)
+        log.info("request %s: client left stream %s (499)", request[REQUEST_ID], generation.id)
+    finally:
+        streams.done_reading(generation)
+        await response.close()
+    return response
 
 
 @routes.get("/v1/chat/stream")
@@ -275,7 +188,7 @@ async def get_chat_stream(request: web.Request) -> web.StreamResponse:
     try:
         chat = parse_chat_query(request.query,
                                 default_model=request.app[CONFIG].server.default_model)
-        generation = await _start(request, chat, resumable=True, ticket=ticket)
+        generation = await _start_resumable(request, chat, ticket)
     except BaseException:
         if ticket is not None:
             await auth.release_unstarted(ticket)
@@ -287,7 +200,7 @@ async def get_chat_stream(request: web.Request) -> web.StreamResponse:
 async def create_stream(request: web.Request) -> web.Response:
     """Create a resumable stream; the upstream starts now, EventSource reads events_url."""
     chat = parse_chat_body(await request.read(), stream_default=True)
-    generation = await _start(request, chat, resumable=True)
+    generation = await _start_resumable(request, chat)
     grace = request.app[CONFIG].journal.resume_grace_s
     events_url = f"/v1/streams/{generation.id}/events"
     key_id = request.get(KEY_ID)

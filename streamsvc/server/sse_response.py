@@ -1,10 +1,16 @@
-"""The SSE response every stream endpoint writes to (aiohttp-sse underneath).
+"""The SSE sink every stream endpoint writes to: one connection's event stream.
 
-aiohttp-sse gives the headers (``text/event-stream``, ``Cache-Control:
-no-cache``, ``X-Accel-Buffering: no``) and the heartbeat comment task. Frames
-are written here as prepared bytes, several events per write, under a write
-timeout: a write that fails or does not complete in time means the client is
-gone (half-open connections are found this way).
+streamsvc owns this piece instead of patching aiohttp-sse's internals: it
+needs writes that can be made from an Observable's ``on_next`` (no task per
+token), a write timeout that tells a slow reader from a gone one, and a byte
+count the access log can trust. Every byte goes through aiohttp's payload
+writer (the response's own counted path); headers go out at once
+(``text/event-stream``, ``Cache-Control: no-cache``, ``X-Accel-Buffering:
+no``), heartbeat comments start with them.
+
+The rule for a slow client: only a connection that makes no progress at all
+(not one byte taken by the kernel) for ``write_timeout_s`` is gone. One that
+reads slowly is waited for, however long the answer takes.
 """
 
 from __future__ import annotations
@@ -14,19 +20,37 @@ import socket
 from collections.abc import Mapping
 
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 
 from streamsvc.config import ServerConfig
 
-__all__ = ["ClientGone", "SSEResponse"]
+__all__ = ["HEARTBEAT", "ClientGone", "SSEResponse", "response_bytes"]
+
+HEARTBEAT = b": ping\n\n"
 
 
 class ClientGone(Exception):
-    """The client hung up, or stopped reading past the write timeout."""
+    """The client hung up, or made no progress reading for the write timeout."""
 
 
-class SSEResponse(EventSourceResponse):
-    """An ``EventSourceResponse`` for any method, with a timed ``send_bytes``.
+def response_bytes(response: web.StreamResponse) -> int:
+    """The body bytes a response handed to its connection, for the access log and metrics."""
+    if isinstance(response, SSEResponse):
+        return response.sent
+    if isinstance(response, web.Response) and isinstance(response.body, bytes | bytearray):
+        return len(response.body)
+    return response.body_length
+
+
+def _retrieve(done: asyncio.Future[None]) -> None:
+    """A drain that failed after its writer gave up: the connection is gone, nothing to tell."""
+    if not done.cancelled():
+        done.exception()
+
+
+class SSEResponse(web.StreamResponse):
+    """A ``text/event-stream`` response for any method, written in prepared frames.
 
     Args:
         server: ``[server]``: heartbeat interval, write timeout, socket send buffer.
@@ -34,87 +58,162 @@ class SSEResponse(EventSourceResponse):
     """
 
     def __init__(self, server: ServerConfig, *, headers: Mapping[str, str]) -> None:
-        super().__init__(
-            headers=headers,
-            sep="\n",
-            allow_all_methods=True,
-            send_timeout=server.write_timeout_s,
-            ping_interval=server.heartbeat_s,
-        )
+        super().__init__(status=200, headers=headers)
+        self.content_type = "text/event-stream"
+        self.headers["Cache-Control"] = "no-cache"
+        self.headers["Connection"] = "keep-alive"
+        self.headers["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+        self._heartbeat_s = server.heartbeat_s
         self._write_timeout_s = server.write_timeout_s
         self._send_buffer = server.send_buffer_bytes
-        self._transport: asyncio.Transport | None = None  # set once the headers are out
+        self._writer: StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
+        self._limits: tuple[int, int] | None = None
+        self._ping: asyncio.TimerHandle | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._waiting = False
+        self.sent = 0
+        """Body bytes handed to the connection (what the access log reports)."""
 
     async def start(self, request: web.Request) -> None:
-        """Send the headers now, before the first token."""
-        if self._send_buffer and request.transport is not None:
-            sock = request.transport.get_extra_info("socket")
+        """Send the headers now, before the first token; the heartbeat starts with them."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ClientGone("the connection closed before the headers")
+        if self._send_buffer:
+            sock = transport.get_extra_info("socket")
             if sock is not None:
-                # A small kernel buffer makes a slow client's backlog visible to
-                # the relay (and its bound) instead of piling up in the kernel.
+                # A small kernel buffer keeps a slow client's backlog in the relay, where
+                # it is bounded and merged, instead of in the kernel.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._send_buffer)
+        # Explicitly chunked: the length of an event stream is not known beforehand.
+        self.enable_chunked_encoding()
         try:
-            await self.prepare(request)
+            writer: AbstractStreamWriter | None = await self.prepare(request)
         except (ConnectionError, RuntimeError) as exc:
             raise ClientGone(str(exc)) from exc
-        self._transport = request.transport
+        if not isinstance(writer, StreamWriter):
+            raise RuntimeError("SSEResponse needs aiohttp's StreamWriter")
+        self._writer = writer
+        self._transport = transport
+        # The transport buffers nothing past what the kernel would not take at once:
+        # a client's backlog waits in the stream's own bounded backlog, and a write
+        # waits (``send``) until the previous one has wholly reached the kernel.
+        self._limits = transport.get_write_buffer_limits()
+        transport.set_write_buffer_limits(high=0, low=0)
+        self._ping = asyncio.get_running_loop().call_later(self._heartbeat_s, self._heartbeat)
+
+    @property
+    def writable(self) -> bool:
+        """Whether a write now goes straight to the kernel (nothing is waiting before it)."""
+        transport = self._transport
+        return (
+            not self._waiting
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0
+        )
 
     def write_now(self, data: bytes) -> bool:
-        """Write prepared frames at once, without awaiting; False when that cannot be done.
-
-        aiohttp's ``write`` is a coroutine, so a producer that is not a
-        coroutine (an Observable's ``on_next``) would need a task of its own to
-        call it: one more task switch per token. When the socket takes the data
-        without waiting (its buffer is under the high-water mark), the chunk
-        goes straight to the transport, framed as aiohttp frames a chunk.
-        Otherwise the caller queues it for ``send_bytes``, which waits (with
-        the write timeout), so order and backpressure stay as they were.
-        """
-        transport = self._transport
-        if (
-            transport is None
-            or transport.is_closing()
-            or not self.prepared
-            or self.compression
-            or transport.get_write_buffer_size() + len(data) > transport.get_write_buffer_limits()[1]
-        ):
+        """Write prepared frames at once, from any callback; False when they must wait."""
+        if not self.writable:
             return False
-        if self.chunked:
-            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
-        else:
-            transport.write(data)
+        try:
+            self._write(data)
+        except ConnectionError:
+            return False
         return True
 
-    async def send_bytes(self, data: bytes) -> None:
-        """Write prepared frames; raises :class:`ClientGone` when the client is not there."""
+    async def send(self, data: bytes) -> None:
+        """Write prepared frames once the connection has taken what was written before.
+
+        Raises :class:`ClientGone` when the client hung up, or took nothing for
+        ``write_timeout_s`` (a reader that is slow but reading is waited for).
+        """
+        await self._until_drained()
         try:
-            async with asyncio.timeout(self._write_timeout_s):
-                await self.write(data)
-        except TimeoutError as exc:
-            self._abort()
-            raise ClientGone("write timed out") from exc
-        except (ConnectionError, RuntimeError) as exc:
+            self._write(data)
+        except ConnectionError as exc:
             raise ClientGone(str(exc)) from exc
 
     async def close(self) -> None:
-        """Stop the heartbeat task and end the body, within the write timeout.
+        """Stop the heartbeat and end the body once the client has the rest.
 
-        Ending the body waits for the socket to drain; a client that stopped
-        reading would hold the handler forever, so past the timeout the
-        connection is aborted instead.
+        A client that takes nothing more for ``write_timeout_s`` is cut
+        (its connection aborted) instead of holding the handler forever.
         """
-        if self._ping_task is not None:
-            self.stop_streaming()
-            await self.wait()
-        if self.prepared:
+        if self._ping is not None:
+            self._ping.cancel()
+            self._ping = None
+        if self._writer is None or self._transport is None:
+            return
+        try:
+            await self._until_drained()
+            async with asyncio.timeout(self._write_timeout_s):
+                await self.write_eof()
+        except (ClientGone, TimeoutError, ConnectionError, RuntimeError):
+            self._abort()
+            return
+        if self._limits is not None and not self._transport.is_closing():
+            low, high = self._limits  # the connection may serve another request
+            self._transport.set_write_buffer_limits(high=high, low=low)
+
+    def _write(self, data: bytes) -> None:
+        assert self._writer is not None
+        # With drain=False the payload writer never suspends (no compression here),
+        # so its coroutine finishes in one step: a counted write from a plain callback.
+        step = self._writer.write(data, drain=False)
+        try:
+            step.send(None)
+        except StopIteration:
+            self.sent += len(data)
+            return
+        step.close()
+        raise RuntimeError("aiohttp's payload writer suspended a write without drain")
+
+    async def _until_drained(self) -> None:
+        """Wait until the transport buffer is empty; gone when it shrinks not at all in time."""
+        transport, writer = self._transport, self._writer
+        if transport is None or writer is None:
+            raise ClientGone("the response was not started")
+        while True:
+            if transport.is_closing():
+                raise ClientGone("the connection closed")
+            size = transport.get_write_buffer_size()
+            if size == 0:
+                return
+            # One drain future per connection, never cancelled: aiohttp's protocol
+            # shares one waiter between all drains, and a cancelled one would break it.
+            if self._drain is None or self._drain.done():
+                self._drain = asyncio.ensure_future(writer.drain())
+                self._drain.add_done_callback(_retrieve)
+            self._waiting = True
             try:
-                async with asyncio.timeout(self._write_timeout_s):
-                    await self.write_eof()
-            except (TimeoutError, ConnectionError, RuntimeError):
+                await asyncio.wait((self._drain,), timeout=self._write_timeout_s)
+            finally:
+                self._waiting = False
+            if self._drain.done():
+                error = self._drain.exception()
+                if error is not None:
+                    raise ClientGone(str(error)) from error
+            elif transport.get_write_buffer_size() >= size:
                 self._abort()
+                raise ClientGone(f"the client took nothing for {self._write_timeout_s:g} s")
+
+    def _heartbeat(self) -> None:
+        # A comment, so EventSource and the OpenAI SDKs ignore it; skipped while
+        # frames are waiting anyway (they show the connection is alive).
+        self.write_now(HEARTBEAT)
+        if self._transport is not None and not self._transport.is_closing():
+            self._ping = asyncio.get_running_loop().call_later(self._heartbeat_s, self._heartbeat)
 
     def _abort(self) -> None:
         """Drop the connection at once: the client is not reading (a half-open one, say)."""
-        transport = self._req.transport if self._req is not None else None
+        if self._ping is not None:
+            self._ping.cancel()
+            self._ping = None
+        transport = self._transport
         if transport is not None:
+            # What the transport still held never reached the client.
+            self.sent = max(0, self.sent - transport.get_write_buffer_size())
             transport.abort()

@@ -23,6 +23,7 @@ import msgspec
 from streamsvc.chunks import Chunk
 from streamsvc.config import UpstreamConfig
 from streamsvc.errors import ErrorCode, UpstreamError
+from streamsvc.reactive.backpressure import Valve
 from streamsvc.sse import SSEDecoder
 
 __all__ = ["UpstreamClient", "classify_status", "parse_retry_after"]
@@ -74,19 +75,26 @@ class _SilenceWatch:
 
     The reader notes the time of each read in ``last``; the one timer, when
     it fires early, is re-armed for the time that is left. So a stream costs
-    one timer per ``seconds``, not one per read.
+    one timer per ``seconds``, not one per read. While ``valve`` is closed
+    the silence is the relay's own doing (its client is slow), not the
+    upstream's, and does not count.
     """
 
-    __slots__ = ("_handle", "_on_silence", "_seconds", "fired", "last")
+    __slots__ = ("_handle", "_on_silence", "_seconds", "_valve", "fired", "last")
 
-    def __init__(self, seconds: float, on_silence: Callable[[], object]) -> None:
+    def __init__(
+        self, seconds: float, on_silence: Callable[[], object], valve: Valve | None = None
+    ) -> None:
         self._seconds = seconds
         self._on_silence = on_silence
+        self._valve = valve
         self.last = time.monotonic()
         self.fired = False
         self._handle = asyncio.get_running_loop().call_later(seconds, self._check)
 
     def _check(self) -> None:
+        if self._valve is not None and not self._valve.is_open:
+            self.last = time.monotonic()
         waited = time.monotonic() - self.last
         if waited < self._seconds:
             self._handle = asyncio.get_running_loop().call_later(
@@ -256,13 +264,19 @@ class UpstreamClient:
         return response
 
     async def stream(
-        self, body: dict[str, Any], *, on_open: Callable[[], None] | None = None
+        self,
+        body: dict[str, Any],
+        *,
+        on_open: Callable[[], None] | None = None,
+        valve: Valve | None = None,
     ) -> AsyncIterator[Chunk]:
         """Stream a chat completion; yields chunks until ``[DONE]``.
 
         Always asks for ``stream_options.include_usage`` so the relay has usage;
         whether a client sees the usage chunk is decided by the caller.
         ``on_open`` runs once the upstream answered 200, before any chunk.
+        While ``valve`` is closed nothing more is read from the upstream's
+        socket (backpressure: its TCP window closes and the upstream waits).
         Closing the generator (or cancelling its task) closes the connection.
         """
         options = body.get("stream_options")
@@ -273,7 +287,7 @@ class UpstreamClient:
                                "include_usage": True},
         }
         async with self._session_for_request() as session:
-            async for chunk in self._stream(body, session, on_open):
+            async for chunk in self._stream(body, session, on_open, valve):
                 yield chunk
 
     async def _stream(
@@ -281,12 +295,13 @@ class UpstreamClient:
         body: dict[str, Any],
         session: aiohttp.ClientSession,
         on_open: Callable[[], None] | None,
+        valve: Valve | None,
     ) -> AsyncIterator[Chunk]:
         response = await self._post(body, session, streaming=True)
         decoder = SSEDecoder()
         finished: set[int] = set()
         undelivered = 0  # bytes read since the last whole event: bounds the decoder's buffer
-        silence = _SilenceWatch(self.config.read_timeout_s, response.close)
+        silence = _SilenceWatch(self.config.read_timeout_s, response.close, valve)
         try:
             if on_open is not None:
                 on_open()
@@ -331,6 +346,9 @@ class UpstreamClient:
                         if choice.get("finish_reason") is not None:
                             finished.add(choice.get("index", 0))
                     yield chunk
+                if valve is not None and not valve.is_open:
+                    await valve.wait_open()
+                    silence.last = time.monotonic()
         except (TimeoutError, aiohttp.ClientError) as exc:
             if silence.fired or isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
                 raise self._silent() from exc
@@ -356,35 +374,3 @@ class UpstreamClient:
             f"upstream {self.name!r} sent nothing for {self.config.read_timeout_s:g} s",
             code=ErrorCode.IDLE_TIMEOUT, retryable=True,
         )
-
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A non-streaming chat completion: the upstream's ``chat.completion`` object."""
-        async with self._session_for_request() as session:
-            return await self._complete(body, session)
-
-    async def _complete(
-        self, body: dict[str, Any], session: aiohttp.ClientSession
-    ) -> dict[str, Any]:
-        response = await self._post({**body, "stream": False}, session)
-        try:
-            raw = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamError(
-                f"upstream {self.name!r} failed while sending its answer: {type(exc).__name__}",
-                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-            ) from exc
-        finally:
-            response.release()
-        try:
-            answer = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise UpstreamError(
-                f"upstream {self.name!r} answered with invalid JSON",
-                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-            ) from exc
-        if not isinstance(answer, dict) or "error" in answer:
-            raise UpstreamError(
-                f"upstream {self.name!r} answered with an error: {_error_message(raw)}",
-                code=ErrorCode.UPSTREAM_ERROR,
-            )
-        return answer

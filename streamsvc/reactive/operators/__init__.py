@@ -180,7 +180,12 @@ def first_token_timeout(seconds: float, *, scheduler: abc.SchedulerBase | None =
     return first_token_timeout_(seconds, scheduler)
 
 
-def idle_timeout(seconds: float, *, scheduler: abc.SchedulerBase | None = None) -> Operator:
+def idle_timeout(
+    seconds: float,
+    *,
+    scheduler: abc.SchedulerBase | None = None,
+    held: Callable[[], bool] | None = None,
+) -> Operator:
     """Fail with ``idle_timeout`` when no chunk arrives for ``seconds`` once content has begun.
 
     The wait for the first content is ``first_token_timeout``'s (a reasoning
@@ -197,8 +202,10 @@ def idle_timeout(seconds: float, *, scheduler: abc.SchedulerBase | None = None) 
     Args:
         seconds: the longest gap between two chunks.
         scheduler: for the timer; default the subscription's scheduler.
+        held: True while the consumer holds the source back (backpressure):
+            a gap then is the consumer's doing and does not count.
     """
-    return idle_timeout_(seconds, scheduler)
+    return idle_timeout_(seconds, scheduler, held)
 
 
 def total_timeout(seconds: float, *, scheduler: abc.SchedulerBase | None = None) -> Operator:

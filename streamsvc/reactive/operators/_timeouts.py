@@ -131,7 +131,9 @@ def _seconds_clock(scheduler: abc.SchedulerBase) -> Callable[[], float]:
     return lambda: scheduler.now.timestamp()
 
 
-def idle_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operator:
+def idle_timeout_(
+    seconds: float, scheduler: abc.SchedulerBase | None, held: Callable[[], bool] | None = None
+) -> Operator:
     def operator(source: Observable[Chunk]) -> Observable[Chunk]:
         def subscribe(
             observer: abc.ObserverBase[Chunk], scheduler_: abc.SchedulerBase | None = None
@@ -142,8 +144,11 @@ def idle_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operat
             last: float | None = None
 
             def check(*_: Any) -> None:
+                nonlocal last
                 if watch.done or last is None:
                     return
+                if held is not None and held():
+                    last = clock()
                 waited = clock() - last
                 if waited < seconds:
                     watch.timer.disposable = timer_scheduler.schedule_relative(

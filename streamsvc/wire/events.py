@@ -1,10 +1,14 @@
-"""From upstream chunks to streamsvc events: deltas, then one ``done`` or ``error``.
+"""The streamsvc event format: deltas, then one ``done`` or ``error``.
 
-The streamsvc event format (docs/api.md): a delta is a default event whose
-data is ``{"content": ...}`` (plus ``index`` for choices other than 0, and
-``role``, ``reasoning``, ``tool_calls``, ``refusal`` when present); the end is
+The format (docs/api.md): a delta is a default event whose data is
+``{"content": ...}`` (plus ``index`` for choices other than 0, and ``role``,
+``reasoning``, ``tool_calls``, ``refusal`` when present); the end is
 ``event: done`` with the finish reason and usage, or ``event: error`` with a
-code from the closed set.
+code from the closed set. Every event has the id ``<stream_id>:<seq>``.
+
+:class:`EventBuilder` makes the events' data (the journal numbers and frames
+them for resumable streams); :class:`EventsEncoder` numbers and frames them
+itself, for a stream read by its one client with no journal.
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ from typing import Any
 import msgspec
 
 from streamsvc.chunks import Chunk
+from streamsvc.errors import StreamsvcError
+from streamsvc.journal.base import encode_frame
+from streamsvc.sse import encode_retry
+from streamsvc.wire import Ending
 
-__all__ = ["DELTA", "DONE", "ERROR", "EventBuilder"]
+__all__ = ["DELTA", "DONE", "ERROR", "EventBuilder", "EventsEncoder", "error_data"]
 
 DELTA = "message"
 DONE = "done"
@@ -82,13 +90,57 @@ class EventBuilder:
                 out.append(_encode(event))
         return out
 
-    def done(self, *, finish_reason: str | None = None, **extra: Any) -> bytes:
-        """The JSON data of the ``done`` event; ``finish_reason`` overrides (e.g. "cancelled")."""
-        reason = finish_reason or self.finish_reasons.get(0)
+    def done(self, ending: Ending) -> bytes:
+        """The JSON data of the ``done`` event; ``ending.finish_reason`` overrides the upstream's."""
+        reason = ending.finish_reason or self.finish_reasons.get(0)
         if reason is None and self.finish_reasons:
             reason = next(iter(self.finish_reasons.values()))
         data: dict[str, Any] = {"finish_reason": reason, "usage": self.usage}
         if len(self.finish_reasons) > 1:
             data["finish_reasons"] = {str(k): v for k, v in sorted(self.finish_reasons.items())}
-        data.update(extra)
+        data["upstream"] = ending.upstream
+        data["attempts"] = ending.attempts
         return _encode(data)
+
+
+def error_data(error: StreamsvcError) -> bytes:
+    """The JSON data of the ``error`` event for ``error``."""
+    return _encode(error.to_event())
+
+
+class EventsEncoder:
+    """The streamsvc event format for one stream, numbered from 1 (a :class:`WireEncoder`).
+
+    Args:
+        stream_id: the stream's id, the first half of every event id.
+        retry_ms: the ``retry:`` the stream starts with (EventSource's reconnect delay).
+    """
+
+    __slots__ = ("_builder", "_retry_ms", "_seq", "_stream_id")
+
+    def __init__(self, stream_id: str, retry_ms: int) -> None:
+        self._stream_id = stream_id
+        self._retry_ms = retry_ms
+        self._seq = 0
+        self._builder = EventBuilder()
+
+    def preamble(self) -> bytes:
+        return encode_retry(self._retry_ms)
+
+    def chunk(self, chunk: Chunk) -> bytes:
+        datas = self._builder.deltas(chunk)
+        if not datas:
+            return b""
+        if len(datas) == 1:
+            return self._frame(DELTA, datas[0])
+        return b"".join([self._frame(DELTA, data) for data in datas])
+
+    def done(self, ending: Ending) -> bytes:
+        return self._frame(DONE, self._builder.done(ending))
+
+    def error(self, error: StreamsvcError) -> bytes:
+        return self._frame(ERROR, error_data(error))
+
+    def _frame(self, kind: str, data: bytes) -> bytes:
+        self._seq += 1
+        return encode_frame(self._stream_id, self._seq, kind, data)

@@ -1,0 +1,47 @@
+"""Demand from a sink back to the upstream reader: Reactive Streams backpressure, asyncio style.
+
+A Reactor ``Flux`` asks its source for ``n`` more items; an asyncio socket
+reader has a simpler lever: read, or do not. A :class:`Valve` is that lever.
+The sink closes it when its backlog reaches its bound and opens it once the
+backlog has drained; the upstream reader waits at the valve before it reads
+more, so the upstream's socket fills and TCP slows the upstream down, instead
+of the backlog growing or the client being cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = ["Valve"]
+
+
+class Valve:
+    """Open (read on) or closed (wait); one reader waits on it, one sink turns it."""
+
+    __slots__ = ("_open", "_waiter")
+
+    def __init__(self) -> None:
+        self._open = True
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def close(self) -> None:
+        """The sink is full: the reader stops at its next :meth:`wait_open`."""
+        self._open = False
+
+    def open(self) -> None:
+        """The sink drained: a waiting reader goes on."""
+        self._open = True
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_open(self) -> None:
+        """Return at once while open; else wait until :meth:`open` (cancellable)."""
+        while not self._open:
+            if self._waiter is None or self._waiter.done():
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)

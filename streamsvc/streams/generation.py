@@ -1,0 +1,222 @@
+"""One answer being generated: the pipeline subscribed, its chunks handed to a sink.
+
+The one lifecycle of every stream, streamed or not, journaled or read by its
+one client: start (subscribe: the upstream request starts), chunks (usage
+metered, the token clock ticked, the sink fed), end (the subscription
+disposed, i.e. the upstream cancelled if it still runs; usage, retries and
+the error code recorded once; the sink told how it ended, once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from reactivex import Observable, abc
+from reactivex.scheduler.eventloop import AsyncIOScheduler
+
+from streamsvc.chunks import Chunk
+from streamsvc.errors import ErrorCode, StreamsvcError
+from streamsvc.pipeline import StreamContext
+from streamsvc.streams.sinks import Sink
+from streamsvc.usage import Usage, UsageMeter
+from streamsvc.wire import Ending
+
+__all__ = [
+    "Generation", "GenerationState", "StreamObserver", "TokenClock", "new_stream_id",
+    "terminal_error",
+]
+
+log = logging.getLogger("streamsvc.streams")
+
+
+class StreamObserver(Protocol):
+    """Told what each generation does, for metrics (the server's ``Metrics`` is one)."""
+
+    def stream_started(self, kind: str) -> None:
+        """A stream of this kind (``openai``, ``direct``, ``resumable``, ``complete``) started."""
+
+    def first_token(self, seconds: float) -> None:
+        """The first output of a stream, ``seconds`` after it started."""
+
+    def gap(self, seconds: float) -> None:
+        """Another output, ``seconds`` after the one before it."""
+
+    def retried(self, codes: list[str]) -> None:
+        """A stream ended; its pipeline retried or fell back after these error codes."""
+
+    def usage(self, key_id: str | None, usage: Usage) -> None:
+        """A stream an upstream had accepted ended; it used this (once per stream)."""
+
+    def count_error(self, code: str) -> None:
+        """A stream ended with an error of this code."""
+
+
+class TokenClock:
+    """Tells a :class:`StreamObserver` the time to the first output of a stream and the gaps."""
+
+    __slots__ = ("_first", "_last", "_observer")
+
+    def __init__(self, observer: StreamObserver) -> None:
+        self._observer = observer
+        self._last = time.monotonic()  # the start, then the last output
+        self._first = True
+
+    def tick(self) -> None:
+        """Output was made now."""
+        now = time.monotonic()
+        if self._first:
+            self._first = False
+            self._observer.first_token(now - self._last)
+        else:
+            self._observer.gap(now - self._last)
+        self._last = now
+
+
+def new_stream_id() -> str:
+    """A random stream id: URL-safe, no ':' (it separates the seq in event ids)."""
+    return "st_" + secrets.token_hex(12)
+
+
+def terminal_error(error: BaseException, stream_id: str) -> StreamsvcError:
+    """The typed error a stream ends with: ours as it is, anything else ``internal_error``."""
+    if isinstance(error, StreamsvcError):
+        return error
+    log.error("stream %s failed", stream_id, exc_info=error)
+    return StreamsvcError("internal error while relaying the stream",
+                          code=ErrorCode.INTERNAL_ERROR, retryable=True)
+
+
+class GenerationState(enum.Enum):
+    RUNNING = "running"
+    ENDED = "ended"
+
+
+class Generation:
+    """One upstream answer, from subscription to its one end.
+
+    Chunks go to the sink from ``on_next`` itself, on the upstream reader's
+    own turn of the loop: no task of its own and no hand-off per token.
+
+    Args:
+        stream_id: the stream's id (events, logs, ``X-Stream-ID``).
+        source: the pipeline (cold: subscribing starts the upstream request).
+        context: filled in by the pipeline as it runs (upstream, attempts, retries).
+        sink: where the chunks and the end go.
+        resumable: whether the stream outlives its readers (``resume_grace_s``).
+        observer: told the token times, retries, usage and error code.
+    """
+
+    def __init__(
+        self,
+        stream_id: str,
+        source: Observable[Chunk],
+        context: StreamContext,
+        sink: Sink,
+        *,
+        resumable: bool,
+        observer: StreamObserver | None = None,
+    ) -> None:
+        self.id = stream_id
+        self.resumable = resumable
+        self.context = context
+        self.sink = sink
+        self.state = GenerationState.RUNNING
+        self.readers = 0
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once the sink was told the end."""
+        self._source = source
+        self._observer = observer
+        self._clock = TokenClock(observer) if observer is not None else None
+        self._meter = UsageMeter()
+        self._subscription: abc.DisposableBase | None = None
+        self._grace: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Subscribe to the pipeline: the upstream request starts now."""
+        scheduler = AsyncIOScheduler(asyncio.get_running_loop())
+        try:
+            subscription = self._source.subscribe(
+                self._on_next, self._on_error, self._on_completed, scheduler=scheduler
+            )
+        except Exception as exc:  # noqa: BLE001 - a pipeline that fails to start ends the stream
+            self._on_error(exc)
+            return
+        if self.state is GenerationState.RUNNING:
+            self._subscription = subscription
+        else:
+            subscription.dispose()
+
+    def stop(self, reason: str = "cancelled", *, error: StreamsvcError | None = None) -> None:
+        """End the generation now: the upstream request is cancelled.
+
+        Readers get ``done`` with ``reason`` as the finish reason, or ``error``
+        when one is given (``shutting_down``, ``slow_consumer``).
+        """
+        if self.state is GenerationState.RUNNING:
+            self._end(error, reason)
+
+    def arm_grace(self, seconds: float, expired: Callable[[], object] | None = None) -> None:
+        """Stop after ``seconds`` with no reader; or call ``expired`` then, to decide."""
+        self.cancel_grace()
+        self._grace = asyncio.get_running_loop().call_later(
+            seconds, expired or (lambda: self.stop("cancelled")))
+
+    def cancel_grace(self) -> None:
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def _on_next(self, chunk: Chunk) -> None:
+        if self.state is not GenerationState.RUNNING:
+            return
+        self._meter.add(chunk)
+        try:
+            made = self.sink.put(chunk)
+        except Exception as exc:  # noqa: BLE001 - journal_full, slow_consumer, or a bug of ours
+            self._on_error(exc)
+            return
+        if made and self._clock is not None:
+            self._clock.tick()
+
+    def _on_completed(self) -> None:
+        if self.state is GenerationState.RUNNING:
+            self._end(None, None)
+
+    def _on_error(self, error: Exception) -> None:
+        if self.state is GenerationState.RUNNING:
+            self._end(terminal_error(error, self.id), None)
+
+    def _end(self, error: StreamsvcError | None, reason: str | None) -> None:
+        """Cancel the upstream (if it still runs), record the stream once, tell the sink once."""
+        self.state = GenerationState.ENDED
+        self.cancel_grace()
+        if self._subscription is not None:
+            self._subscription.dispose()
+            self._subscription = None
+        context = self.context
+        observer = self._observer
+        if observer is not None:
+            if context.retried:
+                observer.retried(context.retried)
+            # Only once an upstream answered 200: one that refused (429, 5xx) bills nothing.
+            if context.upstream is not None:
+                observer.usage(context.key_id, self._meter.result(context.prompt_tokens))
+            if error is not None:
+                observer.count_error(str(error.code))
+        try:
+            if error is None:
+                self.sink.end(Ending(finish_reason=reason, upstream=context.upstream,
+                                     attempts=context.attempts))
+            else:
+                log.info("stream %s ended with %s: %s", self.id, error.code, error.message)
+                self.sink.fail(error)
+        except Exception:  # the journal was closed under us (shutdown): nothing to tell
+            log.exception("stream %s: its end could not be written", self.id)
+        if not self.ended.done():
+            self.ended.set_result(None)

@@ -1,0 +1,152 @@
+"""The one way a stream starts, for every endpoint, streamed or not.
+
+An endpoint parses its request, then asks here for a stream; what it gets
+differs only in who reads it:
+
+- :meth:`Streams.direct`: one client reads it as it comes (``POST
+  /v1/chat/completions`` streamed, ``POST /v1/chat/stream``), in that
+  client's wire format, through a bounded :class:`~streamsvc.streams.sinks.Backlog`
+  that holds the upstream back when the client is slow;
+- :meth:`Streams.journaled`: a resumable stream, written to the journal and
+  read by any number of readers from any ``Last-Event-ID``;
+- :meth:`Streams.complete`: the non-streamed answer, the same pipeline collected.
+
+Every one runs the same steps: refused while draining, routed, counted
+against the limits, its prompt's usage estimated, the pipeline built from
+``[pipeline]``, run by the registry (which drains it at shutdown), and ended
+once (:class:`~streamsvc.streams.generation.Generation`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from streamsvc.config import Config
+from streamsvc.journal.base import Journal
+from streamsvc.pipeline import StreamContext, build_pipeline
+from streamsvc.reactive.backpressure import Valve
+from streamsvc.server.requests import ChatRequest
+from streamsvc.streams.generation import Generation, StreamObserver, new_stream_id
+from streamsvc.streams.registry import StreamRegistry
+from streamsvc.streams.sinks import Backlog, Collector, JournalSink, Sink
+from streamsvc.upstream.routing import Router
+from streamsvc.usage import estimate_prompt_tokens
+from streamsvc.wire import WireEncoder
+
+__all__ = ["Slot", "Slots", "Streams"]
+
+
+class Slot(Protocol):
+    def release(self) -> None:
+        """The stream ended: its slot is free again."""
+
+
+class Slots(Protocol):
+    """The concurrency limits a stream counts against (the server's limiter)."""
+
+    async def acquire_stream(self, key_id: str | None) -> Slot:
+        """Count one open stream; raises ``LimitError`` when over a limit."""
+
+
+class Streams:
+    """Starts every stream of this process.
+
+    Args:
+        config: the whole config (``[pipeline]``, ``[server]``, ``[journal]``).
+        router: model name to upstreams.
+        registry: runs the generations and drains them at shutdown.
+        journal: where resumable streams are written.
+        limits: the concurrency limits.
+        observer: the metrics, told each stream's start, tokens, retries, usage, errors.
+        accepting: raises ``shutting_down`` once the server drains.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        router: Router,
+        registry: StreamRegistry,
+        journal: Journal,
+        limits: Slots,
+        observer: StreamObserver | None,
+        accepting: Callable[[], None],
+    ) -> None:
+        self._config = config
+        self._router = router
+        self.registry = registry
+        self._journal = journal
+        self._limits = limits
+        self._observer = observer
+        self._accepting = accepting
+
+    async def direct(
+        self, chat: ChatRequest, encoder: Callable[[str], WireEncoder], *,
+        key_id: str | None, kind: str,
+    ) -> tuple[Generation, Backlog]:
+        """A stream its one client reads as it comes, in the format ``encoder(stream_id)`` makes.
+
+        The caller is that client: it calls :meth:`done_reading` when it stops.
+        """
+        stream_id = new_stream_id()
+        valve = Valve()
+        pipeline = self._config.pipeline
+        backlog = Backlog(
+            encoder(stream_id), max_bytes=self._config.server.max_pending_bytes, valve=valve,
+            coalesce_chars=pipeline.coalesce_max_chars if pipeline.coalesce else None,
+        )
+        generation = await self._start(stream_id, chat, backlog, key_id=key_id, kind=kind,
+                                       valve=valve, resumable=False)
+        return generation, backlog
+
+    async def journaled(
+        self, chat: ChatRequest, *, key_id: str | None, meta: Mapping[str, str] | None = None,
+    ) -> Generation:
+        """A resumable stream in the journal (with ``meta`` kept beside it)."""
+        stream_id = new_stream_id()
+        await self._journal.create(stream_id, meta)
+        return await self._start(stream_id, chat, JournalSink(self._journal, stream_id),
+                                 key_id=key_id, kind="resumable", valve=None, resumable=True)
+
+    async def complete(
+        self, chat: ChatRequest, *, key_id: str | None
+    ) -> tuple[dict[str, Any], StreamContext]:
+        """The non-streamed answer: the pipeline's chunks collected into a ``chat.completion``.
+
+        Cancelling the caller (its client left) cancels the upstream.
+        """
+        collector = Collector(max_chars=self._config.journal.max_bytes)
+        generation = await self._start(new_stream_id(), chat, collector, key_id=key_id,
+                                       kind="complete", valve=None, resumable=False)
+        try:
+            answer = await collector.result
+        finally:
+            self.done_reading(generation)
+        return answer, generation.context
+
+    def done_reading(self, generation: Generation) -> None:
+        """The one client of a direct stream or answer stopped reading: stop it if it runs."""
+        self.registry.detach(generation.id)
+
+    async def _start(
+        self, stream_id: str, chat: ChatRequest, sink: Sink, *, key_id: str | None,
+        kind: str, valve: Valve | None, resumable: bool,
+    ) -> Generation:
+        self._accepting()
+        clients = self._router.clients_for(chat.model)
+        context = StreamContext(key_id=key_id, valve=valve,
+                                prompt_tokens=estimate_prompt_tokens(chat.body.get("messages")))
+        source = build_pipeline(chat.body, clients, self._config.pipeline, context,
+                                retries=chat.retries)
+        # Counted against the limits from here until the generation ends (done, error,
+        # cancelled, or stopped because its client left).
+        slot = await self._limits.acquire_stream(key_id)
+        generation = Generation(stream_id, source, context, sink, resumable=resumable,
+                                observer=self._observer)
+        generation.ended.add_done_callback(lambda _: slot.release())
+        if self._observer is not None:
+            self._observer.stream_started(kind)
+        self.registry.start(generation, readers=0 if resumable else 1)
+        return generation
+
