@@ -134,7 +134,7 @@ def configure_logging(log: LogConfig) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from streamsvc.upstream.simulator import serve_simulator
+    from streamsvc.simulator import serve_simulator
 
     config = load_config(args.config or os.environ.get("STREAMSVC_CONFIG") or None)
 

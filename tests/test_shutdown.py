@@ -17,8 +17,8 @@ import aiohttp
 
 from streamsvc.server.connections import CONNECTIONS, Connections
 from streamsvc.server.state import DRAINING
+from streamsvc.simulator import generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
-from streamsvc.upstream.simtext import generated_tokens
 from tests.conftest import RunningServer
 
 PROMPT = "tell me a story"

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamsvc.chunks import Chunk
 from streamsvc.server.auth import AUTH
 from streamsvc.server.state import METRICS
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from streamsvc.usage import Usage, UsageMeter, answer_usage, estimate_prompt_tokens
 from tests.conftest import RunningServer, StartServer, fake_upstream, relay_overrides
 

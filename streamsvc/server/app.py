@@ -37,9 +37,9 @@ from streamsvc.server.state import (
     SESSION,
 )
 from streamsvc.server.tickets import RedisTicketStore
+from streamsvc.simulator import SimulatorServer
 from streamsvc.streams import StreamRegistry
 from streamsvc.upstream.routing import Router
-from streamsvc.upstream.simulator import SimulatorServer
 
 __all__ = ["create_app"]
 
