@@ -38,7 +38,9 @@ Where this departs from a plain reading of that contract, on purpose:
 The modules, one job each::
 
     text.py       the models, and the tokens each answers (echo, generated prose)
-    request.py    the request as the simulator reads it, ``simulate`` included
+    request.py    the request as the simulator reads it: OpenAI's fields through
+                  streamsvc.validation (as the relay checks them), plus ``simulate``
+                  and the simulator's own bounds on ``n`` and token counts
     faults.py     the Fault set and what each fault sends
     encoding.py   chat.completion.chunk events and chat.completion bodies
     stats.py      the live counters

@@ -34,6 +34,7 @@ from streamsvc.simulator.faults import (
 from streamsvc.simulator.request import ChatParams, SimulateOptions, parse_chat_request
 from streamsvc.simulator.stats import SimulatorStats
 from streamsvc.simulator.text import Choice, answer_choices
+from streamsvc.validation import bad_field
 
 __all__ = ["MAX_BODY_BYTES", "SIMULATOR_STATS_KEY", "create_simulator_app"]
 
@@ -156,8 +157,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         body = msgspec.json.decode(raw)
         params = parse_chat_request(body)
     except msgspec.DecodeError as exc:
-        error = ClientError(f"the request body must be JSON: {exc}")
-        return _json_response(error.to_openai(), status=400)
+        return _json_response(bad_field(f"invalid JSON: {exc}", "body").to_openai(), status=400)
     except ClientError as exc:
         return _json_response(exc.to_openai(), status=400)
     finally:

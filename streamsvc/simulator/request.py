@@ -1,6 +1,8 @@
 """The chat request as the simulator reads it: :func:`parse_chat_request`, pure.
 
-Besides OpenAI's fields it reads its own, ``simulate`` (see
+OpenAI's fields are checked by :mod:`streamsvc.validation`, the same code
+the relay checks its requests with, so both reject a body alike and name
+the same field. The simulator adds its own field, ``simulate`` (see
 :mod:`streamsvc.simulator`), and bounds ``n`` and the token counts so that
 one request cannot ask for an answer it could not hold.
 """
@@ -14,6 +16,7 @@ from typing import Any
 from streamsvc.errors import ClientError
 from streamsvc.simulator.faults import Fault
 from streamsvc.simulator.text import DEFAULT_TOKENS, MAX_TOKENS, words_in
+from streamsvc.validation import chat_fields, content_text, integer_field
 
 __all__ = ["MAX_N", "ChatParams", "SimulateOptions", "parse_chat_request"]
 
@@ -55,11 +58,11 @@ class SimulateOptions:
         return cls(
             rate=_number(raw, "rate", 0.0),
             first_token_delay=_number(raw, "first_token_delay", 0.0),
-            tokens=_integer(raw, "tokens", DEFAULT_TOKENS, maximum=MAX_TOKENS),
+            tokens=_integer(raw, "tokens", DEFAULT_TOKENS),
             fault=_fault(raw.get("fault")),
-            fault_at=_integer(raw, "fault_at", 0, maximum=MAX_TOKENS),
+            fault_at=_integer(raw, "fault_at", 0),
             retry_after=_number(raw, "retry_after", 1.0),
-            fail_times=_integer(raw, "fail_times", 0, maximum=MAX_TOKENS),
+            fail_times=_integer(raw, "fail_times", 0),
             key=key,
         )
 
@@ -83,8 +86,12 @@ class ChatParams:
     simulate: SimulateOptions = SimulateOptions()
 
 
-def parse_chat_request(body: object) -> ChatParams:
-    """Validate a chat completion body lightly, the way OpenAI would reject it.
+def parse_chat_request(body: Any) -> ChatParams:
+    """Validate a decoded chat completion body the way the relay does, plus the simulator's own.
+
+    OpenAI's fields go through :func:`streamsvc.validation.chat_fields`, the
+    checks ``POST /v1/chat/completions`` of the relay makes; on top of them
+    come ``simulate`` and the simulator's bounds on ``n`` and the token counts.
 
     Raises:
         ClientError: with ``param`` naming the field, e.g. ``simulate.rate``.
@@ -94,78 +101,39 @@ def parse_chat_request(body: object) -> ChatParams:
         >>> parse_chat_request(body).prompt
         'hi'
     """
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object", None, body)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("model must be a non-empty string", "model", model)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("messages must be a non-empty list", "messages", messages)
+    fields = chat_fields(body)
     texts: list[str] = []
     prompt = ""
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise _bad(
-                "each message must be an object with a string role", f"messages[{i}]", message
-            )
-        text = _content_text(message.get("content"), f"messages[{i}].content")
+    for message in fields.messages:
+        text = content_text(message.get("content"))
         texts.append(text)
         if message["role"] == "user":
             prompt = text
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("stream must be a boolean", "stream", stream)
-    n = _integer(body, "n", 1, minimum=1, maximum=MAX_N, prefix="")
+    # The simulator's own bounds: an answer it can hold in memory.
+    n = integer_field(body, "n", minimum=1, maximum=MAX_N)
     max_tokens = None
-    for name in ("max_completion_tokens", "max_tokens"):
-        if body.get(name) is not None:
-            max_tokens = _integer(body, name, 0, minimum=1, maximum=MAX_TOKENS, prefix="")
+    for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins
+        max_tokens = integer_field(body, name, minimum=1, maximum=MAX_TOKENS)
+        if max_tokens is not None:
             break
-    stream_options = body.get("stream_options")
-    include_usage = False
-    if stream_options is not None:
-        if not isinstance(stream_options, dict):
-            raise _bad("stream_options must be an object", "stream_options", stream_options)
-        include_usage = stream_options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise _bad(
-                "stream_options.include_usage must be a boolean",
-                "stream_options.include_usage",
-                include_usage,
-            )
     return ChatParams(
-        model=model,
+        model=fields.model,
         prompt=prompt,
         prompt_tokens=sum(words_in(text) for text in texts),
-        stream=stream,
-        n=n,
+        stream=fields.stream,
+        n=1 if n is None else n,
         max_tokens=max_tokens,
-        include_usage=include_usage,
+        include_usage=fields.include_usage,
         simulate=SimulateOptions.from_json(body.get("simulate")),
     )
 
 
-def _content_text(content: object, param: str) -> str:
-    # OpenAI allows a string, a list of parts, or null (assistant tool calls).
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            part["text"]
-            for part in content
-            if isinstance(part, dict)
-            and part.get("type") == "text"
-            and isinstance(part.get("text"), str)
-        )
-    raise _bad("content must be a string, a list of parts or null", param, content)
+# The checks of the ``simulate`` options keep their own wording, "simulate.rate
+# must be a number, got 'fast'": test suites match on it. Unlike OpenAI's
+# fields, an option that is null is wrong, not absent.
 
 
-def _bad(message: str, param: str | None, got: object) -> ClientError:
+def _bad(message: str, param: str, got: object) -> ClientError:
     shown = repr(got)
     if len(shown) > 60:
         shown = shown[:57] + "..."
@@ -181,23 +149,13 @@ def _number(raw: dict[str, Any], name: str, default: float) -> float:
     return float(value)
 
 
-def _integer(
-    raw: dict[str, Any],
-    name: str,
-    default: int,
-    *,
-    minimum: int = 0,
-    maximum: int,
-    prefix: str = "simulate.",
-) -> int:
+def _integer(raw: dict[str, Any], name: str, default: int) -> int:
     value = raw.get(name, default)
-    if value is None and not prefix:
-        value = default
-    param = f"{prefix}{name}"
+    param = f"simulate.{name}"
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(f"{param} must be an integer", param, value)
-    if not minimum <= value <= maximum:
-        raise _bad(f"{param} must be an integer from {minimum} to {maximum}", param, value)
+    if not 0 <= value <= MAX_TOKENS:
+        raise _bad(f"{param} must be an integer from 0 to {MAX_TOKENS}", param, value)
     return value
 
 
