@@ -18,7 +18,7 @@ from streamsvc.errors import (
 )
 from streamsvc.reactive.bridge import ObservableIterator, aiter_observable, from_async_iterable
 from streamsvc.server.app import create_app
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 
 __version__ = "0.1.0"
 

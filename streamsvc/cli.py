@@ -23,15 +23,12 @@ from streamsvc.bench.options import add_arguments as add_bench_arguments
 from streamsvc.config import Config, LogConfig, load_config
 from streamsvc.errors import ConfigError, ErrorCode, StreamsvcError
 from streamsvc.eventloop import loop_factory, loop_name
+from streamsvc.listen import LISTEN_BACKLOG
 
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a service it needs (Redis) cannot be reached
-# The listen queue: aiohttp's default of 128 overflows when a thousand
-# EventSources reconnect at once (after a deploy), and each dropped SYN costs
-# its client a second or more. nginx uses 511, uvicorn and gunicorn 2048.
-LISTEN_BACKLOG = 1024
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,7 +134,7 @@ def configure_logging(log: LogConfig) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from streamsvc.upstream.simulator import serve_simulator
+    from streamsvc.simulator import serve_simulator
 
     config = load_config(args.config or os.environ.get("STREAMSVC_CONFIG") or None)
 

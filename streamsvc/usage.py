@@ -9,7 +9,8 @@ that never sends usage) still cost tokens; those are estimated:
   per non-empty message. Counted when the request comes in; only the number
   is kept, never the text.
 * completion tokens: ``ceil(characters / 4)`` of the text relayed (content,
-  reasoning, refusal and tool call names and arguments, every choice).
+  reasoning, refusal and tool call names and arguments, every choice). A
+  non-streamed answer is metered the same way: it is the streamed pipeline, collected.
 
 Four characters a token is the usual rule of thumb for English with OpenAI's
 tokenizers; it is an estimate for dashboards and alerts, not for invoices.
@@ -23,7 +24,7 @@ from typing import Any, TypeGuard
 from streamsvc.chunks import TEXT_FIELDS, Chunk
 
 __all__ = [
-    "CHARS_PER_TOKEN", "Usage", "UsageMeter", "answer_usage", "estimate_prompt_tokens",
+    "CHARS_PER_TOKEN", "Usage", "UsageMeter", "estimate_prompt_tokens",
     "estimate_tokens", "reported_usage",
 ]
 
@@ -114,21 +115,6 @@ class UsageMeter:
             return reported
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=estimate_tokens(self.chars),
                      estimated=True)
-
-
-def answer_usage(answer: dict[str, Any], prompt_tokens: int) -> Usage:
-    """The usage of a non-streamed ``chat.completion``: its own, else estimated from its text."""
-    reported = reported_usage(answer.get("usage"))
-    if reported is not None:
-        return reported
-    chars = 0
-    choices = answer.get("choices")
-    if isinstance(choices, list):
-        for choice in choices:
-            if isinstance(choice, dict) and isinstance(message := choice.get("message"), dict):
-                chars += _message_chars(message)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=estimate_tokens(chars),
-                 estimated=True)
 
 
 def _count(value: Any) -> TypeGuard[int]:

@@ -21,7 +21,7 @@ from playwright.async_api import Browser, async_playwright
 from streamsvc.config import Config, load_config
 from streamsvc.server.access_log import AccessLogger
 from streamsvc.server.app import create_app
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.redis_server import RedisServer
 
 # Debian's Chromium; Playwright never downloads a browser. When it is missing

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from streamsvc.server.state import METRICS
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, wait_until
 
 STORY = {"model": "sim-small", "messages": [{"role": "user", "content": "tell me a story"}],

@@ -17,7 +17,7 @@ import pytest
 
 from streamsvc.server.state import AUTH
 from streamsvc.server.tickets import MemoryTicketStore
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 
 KEY_A = "sk-client-a-5b1e0c3f9d2a-never-log-me"

@@ -27,7 +27,7 @@ from streamsvc.server.state import LIMITER
 from streamsvc.server.limits_redis import RedisLimiter
 from streamsvc.server.state import JOURNAL
 from streamsvc.server.tickets import IN_USE, MemoryTicketStore, RedisTicketStore, TicketStore
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 from tests.redis_server import RedisServer
 from tests.test_limits import assert_limited

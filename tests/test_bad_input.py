@@ -13,7 +13,7 @@ import aiohttp
 import openai
 import pytest
 
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides
 
 POST_PATHS = ["/v1/chat/completions", "/v1/chat/stream", "/v1/streams"]

@@ -27,7 +27,7 @@ from streamsvc.bench.options import BenchOptions
 from streamsvc.bench.report import write_outputs
 from streamsvc.bench.results import BenchReport
 from streamsvc.bench.stats import percentile, summarize
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

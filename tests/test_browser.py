@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Error, Page
 
+from streamsvc.simulator import SimulatorServer
 from streamsvc.sse import SSEDecoder
-from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer
 
 # Everything that has broken SSE relays before, in one user message.

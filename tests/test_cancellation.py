@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from streamsvc.simulator import SimulatorServer
 from streamsvc.sse import SSEDecoder
-from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer
 
 HANGUP_LIMIT_S = 1.0

@@ -35,8 +35,7 @@ import pytest
 from playwright.async_api import Browser, Dialog, Page, Request, Response, Route
 
 from streamsvc.server.routes_page import CONTENT_SECURITY_POLICY
-from streamsvc.upstream.simtext import echo_tokens, generated_tokens
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 from tests.test_browser import EVENT_ID, TORTURE, PageLog
 from tests.test_readme import FENCE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import openai
 
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.conftest import StartServer, relay_overrides
 
 BODY = {"model": "echo", "messages": [{"role": "user", "content": " slow hello"}]}

@@ -15,7 +15,7 @@ from streamsvc.config import LimitsConfig
 from streamsvc.errors import LimitError
 from streamsvc.server.limits import MemoryLimiter
 from streamsvc.server.state import AUTH, LIMITER
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 
 KEY_A = "sk-limits-a-0f9e8d7c"

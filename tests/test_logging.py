@@ -10,7 +10,7 @@ import subprocess
 import aiohttp
 import pytest
 
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, spawn_serve, wait_until
 
 

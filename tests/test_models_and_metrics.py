@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 
-from streamsvc.upstream.simulator import MODELS, SimulatorServer
+from streamsvc.simulator import MODELS, SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides
 
 

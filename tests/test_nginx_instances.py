@@ -45,8 +45,8 @@ from playwright.async_api import Browser
 from redis.asyncio import Redis
 
 from streamsvc.bench.nginx import nginx_binary, nginx_command
+from streamsvc.simulator import generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
-from streamsvc.upstream.simtext import generated_tokens
 from tests.conftest import answers_ok, free_port, spawn_serve
 from tests.redis_server import RedisServer
 from tests.test_browser import PageLog

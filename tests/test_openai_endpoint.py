@@ -18,10 +18,9 @@ import openai
 import pytest
 from aiohttp import web
 
+from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.client import MAX_EVENT_BYTES
-from streamsvc.upstream.simtext import echo_tokens, generated_tokens
-from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, fake_upstream, relay_overrides
 from tests.conftest import wait_until as _wait_until
 

@@ -17,8 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from streamsvc.upstream.simtext import echo_tokens, generated_tokens
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from tests.conftest import RunningServer, StartServer, fake_upstream, relay_overrides, wait_until
 from tests.test_openai_endpoint import _content, _raw_events
 from tests.test_streams_endpoint import Read, _read

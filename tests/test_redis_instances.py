@@ -18,9 +18,8 @@ import aiohttp
 import pytest
 
 from streamsvc.server.state import JOURNAL, REGISTRY
+from streamsvc.simulator import SimulatorServer, generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
-from streamsvc.upstream.simtext import generated_tokens
-from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import (
     RunningServer,
     Serve,

@@ -10,7 +10,7 @@ import logging
 import aiohttp
 import pytest
 
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.conftest import StartServer
 
 SECRET = "sk-test-0123456789abcdef-do-not-leak"

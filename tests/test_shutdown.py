@@ -18,8 +18,8 @@ import aiohttp
 from streamsvc.server.connections import Connections
 from streamsvc.server.state import CONNECTIONS
 from streamsvc.server.state import DRAINING
+from streamsvc.simulator import generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
-from streamsvc.upstream.simtext import generated_tokens
 from tests.conftest import RunningServer
 
 PROMPT = "tell me a story"

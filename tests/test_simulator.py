@@ -20,10 +20,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from openai import AsyncOpenAI
 
-from streamsvc.upstream.simtext import MAX_TOKEN_CHARS, echo_tokens, generated_tokens
-from streamsvc.upstream.simulator import (
+from streamsvc.simulator import (
+    MAX_TOKEN_CHARS,
     ChunkEncoder,
     SimulatorServer,
+    echo_tokens,
+    generated_tokens,
     serve_simulator,
 )
 

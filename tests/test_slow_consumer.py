@@ -23,9 +23,8 @@ import aiohttp
 import pytest
 
 from streamsvc.server.state import JOURNAL, METRICS, REGISTRY
+from streamsvc.simulator import SimulatorServer, generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
-from streamsvc.upstream.simtext import generated_tokens
-from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, spawn_serve, wait_until
 
 PROMPT = "tell me a story"

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from streamsvc.server.state import REGISTRY
-from streamsvc.upstream.simulator import SimulatorServer
+from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 from tests.redis_server import RedisServer
 

@@ -17,9 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
-from streamsvc.upstream.simtext import echo_tokens, generated_tokens
-from streamsvc.upstream.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides
 from tests.conftest import wait_until as _wait_until
 

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamsvc.chunks import Chunk
 from streamsvc.server.state import AUTH
 from streamsvc.server.state import METRICS
-from streamsvc.upstream.simulator import SimulatorServer
-from streamsvc.usage import Usage, UsageMeter, answer_usage, estimate_prompt_tokens
+from streamsvc.simulator import SimulatorServer
+from streamsvc.usage import Usage, UsageMeter, estimate_prompt_tokens
 from tests.conftest import RunningServer, StartServer, fake_upstream, relay_overrides
 
 KEY_A = "sk-usage-a-1f2e3d4c5b6a-never-log-me"
@@ -351,9 +351,3 @@ def test_completion_estimate_counts_every_kind_of_text() -> None:
     assert meter.result(5) == Usage(prompt_tokens=5, completion_tokens=5, estimated=True)
     meter.add(Chunk({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 22}}))
     assert meter.result(5) == Usage(prompt_tokens=11, completion_tokens=22, estimated=False)
-
-
-def test_non_streamed_answer_without_usage_is_estimated() -> None:
-    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x" * 10}}],
-              "usage": {"prompt_tokens": "many"}}
-    assert answer_usage(answer, 2) == Usage(prompt_tokens=2, completion_tokens=3, estimated=True)

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 from aiohttp import web
 
-from streamsvc.cli import LISTEN_BACKLOG
 from streamsvc.eventloop import EVENT_LOOPS, loop_factory, loop_name
+from streamsvc.listen import LISTEN_BACKLOG
 
 __all__ = ["create_baseline_app", "main"]
 

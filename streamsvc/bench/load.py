@@ -41,7 +41,7 @@ from streamsvc.bench.options import ENDPOINTS
 from streamsvc.bench.results import LoadResult, Progress
 from streamsvc.bench.stats import cdf, summarize
 from streamsvc.eventloop import EVENT_LOOPS, loop_factory, loop_name
-from streamsvc.upstream.simtext import generated_tokens
+from streamsvc.simulator import generated_tokens
 
 __all__ = ["PROMPT", "EventSplitter", "LoadSpec", "main", "request_body", "run_load"]
 

@@ -41,10 +41,10 @@ from streamsvc.server.state import (
     STREAMS,
 )
 from streamsvc.server.tickets import RedisTicketStore
+from streamsvc.simulator import SimulatorServer
 from streamsvc.streams.lifecycle import Streams
 from streamsvc.streams.registry import StreamRegistry
 from streamsvc.upstream.routing import Router
-from streamsvc.upstream.simulator import SimulatorServer
 
 __all__ = ["create_app"]
 

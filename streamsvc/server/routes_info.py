@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from streamsvc.server.state import CONFIG, DRAINING, JOURNAL, METRICS, ROUTER
-from streamsvc.upstream.simulator import MODELS as SIMULATOR_MODELS
+from streamsvc.simulator import MODELS as SIMULATOR_MODELS
 
 __all__ = ["routes"]
 

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import msgspec
 from aiohttp import web
 
+from streamsvc.chat_request import ChatRequest
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
 from streamsvc.server.auth import Ticket
 from streamsvc.server.middleware import note_hangup
 from streamsvc.server.requests import (
-    ChatRequest,
     is_stream_id,
     parse_chat_body,
     parse_chat_query,

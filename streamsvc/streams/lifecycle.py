@@ -22,11 +22,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from streamsvc.chat_request import ChatRequest
 from streamsvc.config import Config
 from streamsvc.journal.base import Journal
 from streamsvc.pipeline import StreamContext, build_pipeline
 from streamsvc.reactive.backpressure import Valve
-from streamsvc.server.requests import ChatRequest
 from streamsvc.streams.generation import Generation, StreamObserver, new_stream_id
 from streamsvc.streams.registry import StreamRegistry
 from streamsvc.streams.sinks import Backlog, Collector, JournalSink, Sink

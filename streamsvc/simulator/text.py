@@ -1,6 +1,7 @@
-"""Text the simulator streams: pure functions, no I/O.
+"""The simulator's models and the text each one streams: pure functions, no I/O.
 
-Two sources:
+Model ``echo`` answers with the last user message, any other model with
+generated prose. Two sources of tokens:
 
 - :func:`echo_tokens` splits a text into tokens that carry their leading
   white space, so that ``"".join(echo_tokens(text)) == text`` for every
@@ -9,6 +10,9 @@ Two sources:
 - :func:`generated_tokens` makes deterministic prose from a model name and a
   prompt, in the shape real tokenizers give (``"The"``, ``" quick"``,
   ``","``, ``"\\n\\n"``), with a few non-ASCII words mixed in.
+
+:func:`answer_choices` puts them together into the ``n`` choices of one
+answer, cut at ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,27 @@ from __future__ import annotations
 import random
 import re
 import zlib
+from dataclasses import dataclass
 
-__all__ = ["MAX_TOKEN_CHARS", "echo_tokens", "generated_tokens", "words_in"]
+__all__ = [
+    "DEFAULT_TOKENS",
+    "ECHO_MODEL",
+    "MAX_TOKENS",
+    "MAX_TOKEN_CHARS",
+    "MODELS",
+    "Choice",
+    "answer_choices",
+    "echo_tokens",
+    "generated_tokens",
+    "words_in",
+]
+
+ECHO_MODEL = "echo"
+MODELS = (ECHO_MODEL, "sim-small", "sim-large")
+# Tokens of a generated answer unless simulate.tokens says otherwise.
+DEFAULT_TOKENS = 40
+# The most tokens any count in a request may ask for.
+MAX_TOKENS = 1_000_000
 
 # Longer tokens are cut into pieces of this many characters, so that a long
 # run without white space (CJK text, a URL, base64) still streams.
@@ -109,3 +132,39 @@ def generated_tokens(model: str, prompt: str, count: int, *, choice: int = 0) ->
 def words_in(text: str) -> int:
     """A rough token count: the number of white-space separated words."""
     return len(text.split())
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One choice of an answer: its tokens and why it ends (``"stop"`` or ``"length"``)."""
+
+    tokens: list[str]
+    finish_reason: str
+
+
+def answer_choices(
+    model: str, prompt: str, *, n: int, tokens: int, max_tokens: int | None
+) -> list[Choice]:
+    """The ``n`` choices a model answers to ``prompt``.
+
+    Args:
+        model: :data:`ECHO_MODEL` echoes ``prompt``; any other generates ``tokens`` tokens.
+        prompt: the text of the last user message.
+        n: how many choices.
+        tokens: how many tokens a generated choice has.
+        max_tokens: a longer choice is cut here and ends with ``"length"``.
+
+    Example:
+        >>> [c.finish_reason for c in answer_choices("echo", "a b c", n=1, tokens=0, max_tokens=2)]
+        ['length']
+    """
+    if model == ECHO_MODEL:
+        texts = [echo_tokens(prompt)] * n
+    else:
+        texts = [generated_tokens(model, prompt, tokens, choice=i) for i in range(n)]
+    return [
+        Choice(text[:max_tokens], "length")
+        if max_tokens is not None and len(text) > max_tokens
+        else Choice(text, "stop")
+        for text in texts
+    ]
