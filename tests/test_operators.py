@@ -206,7 +206,7 @@ def test_coalesce_uses_the_subscription_scheduler_by_default(scheduler: TestSche
 
 
 def test_coalesce_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="coalesce needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             coalesce(1)
         ).subscribe()

@@ -161,7 +161,7 @@ def test_first_token_timeout_uses_the_subscription_scheduler_by_default(
 
 
 def test_first_token_timeout_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="first_token_timeout needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             first_token_timeout(1)
         ).subscribe()
@@ -268,7 +268,7 @@ def test_idle_timeout_uses_the_subscription_scheduler_by_default(
 
 
 def test_idle_timeout_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="idle_timeout needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             idle_timeout(1)
         ).subscribe()
@@ -359,7 +359,7 @@ def test_total_timeout_uses_the_subscription_scheduler_by_default(
 
 
 def test_total_timeout_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="total_timeout needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             total_timeout(1)
         ).subscribe()
