@@ -90,7 +90,7 @@ async def test_two_subscriptions_make_two_requests_through_the_session(
 ) -> None:
     answer = _answer(simulator, session=traced.session, simulate={"rate": 50})
     texts = await asyncio.gather(_text(answer), _text(answer))  # at the same time
-    assert texts == [PROMPT, PROMPT]
+    assert list(texts) == [PROMPT, PROMPT]
     assert traced.requests == [("POST", simulator.url + "/chat/completions")] * 2
     assert simulator.stats.requests == simulator.stats.completed == 2
     assert not traced.session.closed
