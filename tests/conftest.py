@@ -1,4 +1,5 @@
-"""Shared fixtures: real servers on free loopback ports, real client sessions."""
+"""Shared fixtures: real servers on free loopback ports (in-process apps on pytest-aiohttp's
+``aiohttp_server``, ``streamsvc serve`` processes, the simulator), real client sessions."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from playwright.async_api import Browser, async_playwright
+from pytest_aiohttp import AiohttpServer
 
 from streamsvc.config import Config, load_config
 from streamsvc.server.access_log import AccessLogger
@@ -127,23 +129,28 @@ async def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
-@contextlib.asynccontextmanager
-async def fake_upstream(
-    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-) -> AsyncIterator[str]:
-    """A hand-written upstream at ``POST /v1/chat/completions``; yields its base URL.
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FakeUpstream = Callable[[Handler], Awaitable[str]]
 
-    For faults the simulator does not make (garbage shapes, endless events).
+
+@pytest.fixture
+def fake_upstream(aiohttp_server: AiohttpServer) -> FakeUpstream:
+    """Factory: ``await fake_upstream(handler)`` serves a hand-written upstream's
+    ``POST /v1/chat/completions`` on ``aiohttp_server`` (stopped at teardown) and
+    returns its base URL.
+
+    For faults the simulator does not make (garbage shapes, endless events). It
+    runs with handler_cancellation, as every ``aiohttp_server`` app: the relay
+    hanging up cancels the handler.
     """
-    upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(upstream)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    finally:
-        await runner.cleanup()
+
+    async def start(handler: Handler) -> str:
+        upstream = web.Application()
+        upstream.router.add_post("/v1/chat/completions", handler)
+        server = await aiohttp_server(upstream)
+        return str(server.make_url("/v1"))
+
+    return start
 
 
 @pytest.fixture
@@ -164,27 +171,26 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
-    """Factory: ``await start_server(config)`` or ``await start_server(overrides={...})``."""
-    runners: list[web.AppRunner] = []
+def start_server(aiohttp_server: AiohttpServer) -> StartServer:
+    """Factory: ``await start_server(config)`` or ``await start_server(overrides={...})``.
+
+    Each app listens on 127.0.0.1, on a port ``aiohttp_server`` picks, and is
+    cleaned up at teardown, the last started first.
+    """
 
     async def start(config: Config | None = None, *, overrides: dict[str, Any] | None = None
                     ) -> RunningServer:
         if config is None:
             config = load_config(env={}, overrides=overrides or {})
         app = create_app(config)
-        # As `streamsvc serve` runs it: hang-ups cancel handlers, access lines without queries.
-        runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        return RunningServer(url=f"http://127.0.0.1:{port}", app=app, config=config)
+        # As `streamsvc serve` runs it: access lines without queries, and hang-ups
+        # cancel handlers (aiohttp's test server passes handler_cancellation=True
+        # itself; passing it again is a TypeError).
+        server = await aiohttp_server(app, access_log_class=AccessLogger)
+        assert server.handler.handler_cancellation
+        return RunningServer(url=str(server.make_url("")), app=app, config=config)
 
-    yield start
-    for runner in reversed(runners):
-        await runner.cleanup()
+    return start
 
 
 def relay_overrides(simulator_url: str, **more: Any) -> dict[str, Any]:

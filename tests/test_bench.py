@@ -15,10 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import pytest
-from aiohttp import web
+from pytest_aiohttp import AiohttpClient
 
 from streamsvc.bench.baseline import create_baseline_app
 from streamsvc.bench.load import LoadSpec, run_load
@@ -167,23 +166,17 @@ def test_percentile_interpolates_between_neighbours() -> None:
     assert summary.p50 == pytest.approx(50.5)
 
 
-async def test_baseline_relays_the_simulator_stream_unchanged() -> None:
-    async with SimulatorServer() as sim:
-        runner = web.AppRunner(create_baseline_app(sim.url), handler_cancellation=True)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-            result = await run_load(LoadSpec(url=url, streams=3, tokens=15, rate=200.0, ramp_s=0.0),
-                                    progress_interval=10.0)
-            async with aiohttp.ClientSession() as session:
-                body = {"model": "echo", "stream": True,
-                        "messages": [{"role": "user", "content": "a b"}]}
-                async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
-                    assert resp.status == 200 and resp.content_type == "text/event-stream"
-                    assert (await resp.read()).endswith(b"data: [DONE]\n\n")
-        finally:
-            await runner.cleanup()
+async def test_baseline_relays_the_simulator_stream_unchanged(
+    aiohttp_client: AiohttpClient, simulator: SimulatorServer,
+) -> None:
+    client = await aiohttp_client(create_baseline_app(simulator.url))
+    url = str(client.make_url(""))
+    result = await run_load(LoadSpec(url=url, streams=3, tokens=15, rate=200.0, ramp_s=0.0),
+                            progress_interval=10.0)
+    body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": "a b"}]}
+    async with client.post("/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
     assert result.completed == 3 and result.failed == 0 and result.gap_ms.count > 0
 
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.client import MAX_EVENT_BYTES
-from tests.conftest import RunningServer, StartServer, fake_upstream, relay_overrides
+from tests.conftest import FakeUpstream, RunningServer, StartServer, relay_overrides
 from tests.conftest import wait_until as _wait_until
 
 # Leading spaces, CR, LF, CRLF, blank lines, lines that look like SSE fields,
@@ -541,7 +541,7 @@ async def test_fault_before_first_token_is_retried_without_duplicates(
 
 
 async def test_an_upstream_event_without_end_is_bounded(
-    start_server: StartServer, session: aiohttp.ClientSession
+    start_server: StartServer, fake_upstream: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     """A hostile upstream that never ends its event gets an error, not unbounded memory."""
 
@@ -554,16 +554,16 @@ async def test_an_upstream_event_without_end_is_bounded(
             await response.write(block)
         return response
 
-    async with fake_upstream(endless) as url:
-        relay = await start_server(overrides=relay_overrides(url))
-        async with session.post(f"{relay.url}/v1/chat/stream", json=_body()) as r:
-            text = await r.text()
+    url = await fake_upstream(endless)
+    relay = await start_server(overrides=relay_overrides(url))
+    async with session.post(f"{relay.url}/v1/chat/stream", json=_body()) as r:
+        text = await r.text()
     assert "event: error" in text and "upstream_error" in text
     assert "without ending an event" in text
 
 
 async def test_garbage_chunk_shapes_are_upstream_errors(
-    start_server: StartServer, session: aiohttp.ClientSession
+    start_server: StartServer, fake_upstream: FakeUpstream, session: aiohttp.ClientSession
 ) -> None:
     """Valid JSON of the wrong shape is the upstream's fault: a typed upstream_error."""
     shapes = [b'{"choices": [1]}', b'{"choices": {"a": 1}}', b'{"choices": [{"delta": "x"}]}',
@@ -576,15 +576,15 @@ async def test_garbage_chunk_shapes_are_upstream_errors(
         await response.write(b"data: " + shapes[body["shape"]] + b"\n\n")
         return response
 
-    async with fake_upstream(garbage) as url:
-        relay = await start_server(overrides=relay_overrides(
-            url, pipeline={"retry_max_attempts": 1}))
-        for shape in range(len(shapes)):
-            body = _body(shape=shape)
-            async with session.post(f"{relay.url}/v1/chat/stream", json=body) as r:
-                text = await r.text()
-            assert "event: error" in text and '"code":"upstream_error"' in text, text
-            async with session.post(f"{relay.url}/v1/chat/completions",
-                                    json={**body, "stream": True}) as r:
-                assert r.status == 502
-                assert (await r.json())["error"]["code"] == "upstream_error"
+    url = await fake_upstream(garbage)
+    relay = await start_server(overrides=relay_overrides(
+        url, pipeline={"retry_max_attempts": 1}))
+    for shape in range(len(shapes)):
+        body = _body(shape=shape)
+        async with session.post(f"{relay.url}/v1/chat/stream", json=body) as r:
+            text = await r.text()
+        assert "event: error" in text and '"code":"upstream_error"' in text, text
+        async with session.post(f"{relay.url}/v1/chat/completions",
+                                json={**body, "stream": True}) as r:
+            assert r.status == 502
+            assert (await r.json())["error"]["code"] == "upstream_error"

@@ -206,7 +206,7 @@ def test_coalesce_uses_the_subscription_scheduler_by_default(scheduler: TestSche
 
 
 def test_coalesce_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="coalesce needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             coalesce(1)
         ).subscribe()
@@ -440,3 +440,60 @@ def test_retry_a_source_that_fails_during_subscribe_is_still_retried(
         retry_with_backoff(3, backoff_base=0, backoff_max=100, scheduler=scheduler)))
     assert subscribed == [200, 200, 200]
     assert results.messages == [on_error(200, retryable())]
+
+
+def test_retry_uses_the_subscription_scheduler_by_default(scheduler: TestScheduler) -> None:
+    # --#                 retry_after 30
+    #     ......--a--|    the second attempt, on the scheduler given to subscribe
+    error = retryable(retry_after=30)
+    calls = 0
+
+    def factory() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return scheduler.create_cold_observable(on_error(10, error))
+        return scheduler.create_cold_observable(on_next(5, text("a")), on_completed(10))
+
+    retries: list[Any] = []
+    results = scheduler.start(lambda: defer(lambda _: factory()).pipe(retry_with_backoff(
+        2, backoff_base=0, backoff_max=100, on_retry=lambda *a: retries.append(a))))
+    assert retries == [(0, 2, error, 30)]
+    assert results.messages == [on_next(245, text("a")), on_completed(250)]
+
+
+def test_retry_falls_back_on_the_subscription_scheduler_by_default(
+    scheduler: TestScheduler,
+) -> None:
+    primary = scheduler.create_cold_observable(on_error(10, retryable()))
+    fallback = scheduler.create_cold_observable(on_next(5, text("ok")), on_completed(6))
+    results = scheduler.start(lambda: primary.pipe(retry_with_backoff(
+        1, backoff_base=0, fallbacks=[fallback])))
+    assert primary.subscriptions == [subscribe(200, 210)]
+    assert fallback.subscriptions == [subscribe(210, 216)]
+    assert results.messages == [on_next(215, text("ok")), on_completed(216)]
+
+
+def test_retry_its_own_scheduler_runs_the_backoff(scheduler: TestScheduler) -> None:
+    spy = SpyScheduler(scheduler)
+    source = scheduler.create_cold_observable(on_error(10, retryable(retry_after=30)))
+    results = scheduler.start(lambda: source.pipe(retry_with_backoff(
+        2, backoff_base=0, backoff_max=100, scheduler=spy)))  # type: ignore[arg-type]
+    assert spy.scheduled == [240]  # the one backoff wait, on the operator's own scheduler
+    assert source.subscriptions == [subscribe(200, 210), subscribe(240, 250)]
+    assert results.messages == [on_error(250, retryable(retry_after=30))]
+
+
+def test_retry_without_any_scheduler_refuses_to_subscribe() -> None:
+    # Regression: with no scheduler anywhere it made one attempt and called it final.
+    # Now it refuses at subscribe, before the source is subscribed (no request made).
+    subscribed = 0
+
+    def source(observer: abc.ObserverBase[Chunk], _: abc.SchedulerBase | None = None) -> Any:
+        nonlocal subscribed
+        subscribed += 1
+        observer.on_completed()
+
+    with pytest.raises(ValueError, match="retry_with_backoff needs a scheduler"):
+        Observable(source).pipe(retry_with_backoff()).subscribe()
+    assert subscribed == 0

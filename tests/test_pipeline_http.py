@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -18,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
-from tests.conftest import RunningServer, StartServer, fake_upstream, relay_overrides, wait_until
+from tests.conftest import FakeUpstream, RunningServer, StartServer, relay_overrides, wait_until
 from tests.test_openai_endpoint import _content, _raw_events
 from tests.test_streams_endpoint import Read, _read
 
@@ -67,12 +66,16 @@ class StalledUpstream:
         role = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "echo",
                 "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}
         await response.write(b"data: " + json.dumps(role).encode() + b"\n\n")
-        # Comments keep the connection busy (as some upstreams do while thinking)
-        # and notice the relay hanging up.
+        # Comments keep the connection busy (as some upstreams do while thinking).
+        # The relay hanging up cancels this handler (aiohttp_server runs it with
+        # handler_cancellation), or fails the next write when that comes first.
         for _ in range(600):
-            await asyncio.sleep(0.05)
             try:
+                await asyncio.sleep(0.05)
                 await response.write(b": thinking\n\n")
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
             except ConnectionError:
                 self.cancelled += 1
                 break
@@ -80,10 +83,9 @@ class StalledUpstream:
 
 
 @pytest.fixture
-async def stalled() -> AsyncIterator[tuple[StalledUpstream, str]]:
+async def stalled(fake_upstream: FakeUpstream) -> tuple[StalledUpstream, str]:
     upstream = StalledUpstream()
-    async with fake_upstream(upstream.handler) as url:
-        yield upstream, url
+    return upstream, await fake_upstream(upstream.handler)
 
 
 async def _with_fallback(start_server: StartServer, stalled_url: str, simulator: SimulatorServer,

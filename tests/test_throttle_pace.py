@@ -193,7 +193,7 @@ def test_throttle_uses_the_subscription_scheduler_by_default(scheduler: TestSche
 
 
 def test_throttle_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="throttle needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             throttle(1)
         ).subscribe()
@@ -408,7 +408,7 @@ def test_pace_uses_the_subscription_scheduler_by_default(scheduler: TestSchedule
 
 
 def test_pace_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="pace needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             pace(10)
         ).subscribe()

@@ -161,7 +161,7 @@ def test_first_token_timeout_uses_the_subscription_scheduler_by_default(
 
 
 def test_first_token_timeout_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="first_token_timeout needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             first_token_timeout(1)
         ).subscribe()
@@ -196,6 +196,20 @@ def test_idle_timeout_starts_at_the_first_content_not_at_framing(
     assert [on_next(210, role()), on_next(300, text("a")), on_next(310, text("b")),
             on_error(330, IDLE)] == results.messages
     assert source.subscriptions == [subscribe(200, 330)]
+
+
+def test_idle_timeout_does_not_count_a_gap_the_consumer_holds(scheduler: TestScheduler) -> None:
+    # --a-----------------b---------#     held (backpressure) from 215 to 280: not idle
+    # [ idle_timeout(20, held) ]
+    # --a-----------------b---------#     idle_timeout 20 after b, once nothing holds it
+    holding = {"on": False}
+    scheduler.schedule_absolute(215, lambda *_: holding.update(on=True))
+    scheduler.schedule_absolute(280, lambda *_: holding.update(on=False))
+    source = scheduler.create_hot_observable(on_next(210, text("a")), on_next(290, text("b")))
+    results = scheduler.start(lambda: source.pipe(
+        idle_timeout(20, scheduler=scheduler, held=lambda: holding["on"])))
+    assert [on_next(210, text("a")), on_next(290, text("b")),
+            on_error(310, IDLE)] == results.messages
 
 
 def test_idle_timeout_schedules_no_timer_before_content(scheduler: TestScheduler) -> None:
@@ -268,7 +282,7 @@ def test_idle_timeout_uses_the_subscription_scheduler_by_default(
 
 
 def test_idle_timeout_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="idle_timeout needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             idle_timeout(1)
         ).subscribe()
@@ -359,7 +373,7 @@ def test_total_timeout_uses_the_subscription_scheduler_by_default(
 
 
 def test_total_timeout_without_any_scheduler_refuses_to_subscribe() -> None:
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="total_timeout needs a scheduler"):
         Observable(lambda observer, scheduler=None: observer.on_completed()).pipe(
             total_timeout(1)
         ).subscribe()

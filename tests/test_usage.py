@@ -22,7 +22,7 @@ from streamsvc.server.state import AUTH
 from streamsvc.server.state import METRICS
 from streamsvc.simulator import SimulatorServer
 from streamsvc.usage import Usage, UsageMeter, estimate_prompt_tokens
-from tests.conftest import RunningServer, StartServer, fake_upstream, relay_overrides
+from tests.conftest import FakeUpstream, RunningServer, StartServer, relay_overrides
 
 KEY_A = "sk-usage-a-1f2e3d4c5b6a-never-log-me"
 KEY_B = "sk-usage-b-9a8b7c6d5e4f-never-log-me"
@@ -217,7 +217,7 @@ async def test_a_client_that_leaves_early_gets_an_estimated_partial_usage(
 
 
 async def test_an_upstream_that_sends_no_usage_is_estimated(
-    start_server: StartServer, session: aiohttp.ClientSession,
+    start_server: StartServer, fake_upstream: FakeUpstream, session: aiohttp.ClientSession,
 ) -> None:
     pieces = ["Hello", " world", ", and good", " night!"]  # 27 characters: 7 tokens
 
@@ -232,14 +232,14 @@ async def test_an_upstream_that_sends_no_usage_is_estimated(
         await response.write(b"data: [DONE]\n\n")
         return response
 
-    async with fake_upstream(no_usage) as upstream:
-        relay = await start_server(overrides=relay_overrides(upstream))
-        async with session.post(relay.url + "/v1/chat/stream", json=ECHO) as response:
-            assert done_usage(await response.text()) is None
-        async with session.post(relay.url + "/v1/chat/completions",
-                                json={**ECHO, "stream": True}) as response:
-            assert (await response.text()).endswith("data: [DONE]\n\n")
-        found = await wait_for_answers(session, relay.url, "anonymous", 2)
+    upstream = await fake_upstream(no_usage)
+    relay = await start_server(overrides=relay_overrides(upstream))
+    async with session.post(relay.url + "/v1/chat/stream", json=ECHO) as response:
+        assert done_usage(await response.text()) is None
+    async with session.post(relay.url + "/v1/chat/completions",
+                            json={**ECHO, "stream": True}) as response:
+        assert (await response.text()).endswith("data: [DONE]\n\n")
+    found = await wait_for_answers(session, relay.url, "anonymous", 2)
     assert answers(found, "anonymous", "estimated") == 2
     assert tokens(found, "anonymous", "completion") == 2 * 7
     assert tokens(found, "anonymous", "prompt") == 2 * estimate_prompt_tokens(ECHO["messages"])

@@ -1,6 +1,7 @@
 """OpenAI-compatible upstream client: one request, its chunks, its errors classified.
 
-Runs on the app's one shared ``aiohttp.ClientSession``. The response body is
+Runs on one shared ``aiohttp.ClientSession`` (the app's, or an embedded
+caller's), else on a session of its own per request. The response body is
 read with ``iter_any()`` into streamsvc's own SSE decoder (aiohttp's line
 reader splits on LF only and fails on long lines). Faults that look like
 success are raised as faults: an ``error`` object inside a 200 stream, a body

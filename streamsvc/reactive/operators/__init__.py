@@ -1,8 +1,10 @@
 """Lossless operators for streams of :class:`~streamsvc.Chunk`, for ``Observable.pipe``.
 
 Each is a curried function: ``source.pipe(coalesce(0.02), retry_with_backoff(3))``.
-Nothing here drops or reorders text; time-based operators take an explicit
-scheduler or use the one the subscription was made with.
+Nothing here drops or reorders text. Every operator here has a timer (a
+deadline, a flush, a tick, a backoff): it takes an explicit scheduler or uses
+the one the subscription was made with, and subscribing with neither raises
+``ValueError`` naming the operator.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from reactivex.disposable import SerialDisposable
 
 from streamsvc.chunks import Chunk
 from streamsvc.errors import StreamsvcError
+from streamsvc.reactive.operators._common import scheduler_of
 
 RetryListener = Callable[[int, int, Exception, float], None]
 """Called as (source index, attempt, error, delay) before each new attempt."""
@@ -77,7 +78,9 @@ def retry_with_backoff_(
         def subscribe(
             observer: abc.ObserverBase[Chunk], scheduler_: abc.SchedulerBase | None = None
         ) -> abc.DisposableBase:
-            timer_scheduler = scheduler or scheduler_
+            # At subscribe, as every timed operator: without a scheduler the first
+            # retryable error would have nowhere to wait its backoff.
+            timer_scheduler = scheduler_of(scheduler, scheduler_, "retry_with_backoff")
             current = SerialDisposable()
             index = 0
             attempt = 1
@@ -121,7 +124,7 @@ def retry_with_backoff_(
                 if not started:
                     plan = next_attempt(error, index, attempt, len(sources), max_attempts,
                                         backoff_base, backoff_max)
-                if plan is None or timer_scheduler is None:
+                if plan is None:
                     # Framing of an attempt that failed before content is no part of
                     # any answer; holding it back keeps the error first (an HTTP status).
                     if not started:

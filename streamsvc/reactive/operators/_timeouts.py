@@ -73,7 +73,7 @@ def first_token_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) ->
             code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True, fallback_only=True,
         )
 
-    return _deadline(seconds, scheduler, error, until_content=True)
+    return _deadline("first_token_timeout", seconds, scheduler, error, until_content=True)
 
 
 def total_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operator:
@@ -83,10 +83,11 @@ def total_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Opera
             code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True,
         )
 
-    return _deadline(seconds, scheduler, error, until_content=False)
+    return _deadline("total_timeout", seconds, scheduler, error, until_content=False)
 
 
 def _deadline(
+    name: str,
     seconds: float,
     scheduler: abc.SchedulerBase | None,
     make_error: Callable[[], Exception],
@@ -99,7 +100,7 @@ def _deadline(
         def subscribe(
             observer: abc.ObserverBase[Chunk], scheduler_: abc.SchedulerBase | None = None
         ) -> abc.DisposableBase:
-            timer_scheduler = scheduler_of(scheduler, scheduler_, "timeout")
+            timer_scheduler = scheduler_of(scheduler, scheduler_, name)
             watch = _Watch(observer)
 
             def on_next(chunk: Chunk) -> None:
