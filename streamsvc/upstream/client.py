@@ -2,7 +2,7 @@
 
 Runs on one shared ``aiohttp.ClientSession`` (the app's, or an embedded
 caller's), else on a session of its own per request. The response body is
-read with ``iter_any()`` into streamsvc's own SSE decoder (aiohttp's line
+read in pieces of at most ``READ_BYTES`` into streamsvc's own SSE decoder (aiohttp's line
 reader splits on LF only and fails on long lines). Faults that look like
 success are raised as faults: an ``error`` object inside a 200 stream, a body
 that ends without ``[DONE]`` or a finish reason, and a body left open after
@@ -33,6 +33,10 @@ _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _MAX_ERROR_BODY = 16_384
 # The largest upstream event accepted (a big tool-call chunk is well below it).
 MAX_EVENT_BYTES = 8 * 1024 * 1024
+# The most bytes taken from the upstream's buffered body at once: whatever has
+# arrived, up to this (like iter_any), so that a stream whose client is slow
+# never decodes hundreds of kilobytes in one step (the memory peak of a read).
+READ_BYTES = 16_384
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -306,7 +310,7 @@ class UpstreamClient:
         try:
             if on_open is not None:
                 on_open()
-            async for data in response.content.iter_any():
+            async for data in response.content.iter_chunked(READ_BYTES):
                 silence.last = time.monotonic()
                 events = decoder.feed(data)
                 undelivered = 0 if events else undelivered + len(data)
