@@ -14,7 +14,7 @@ import pytest
 from streamsvc.config import LimitsConfig
 from streamsvc.errors import LimitError
 from streamsvc.server.limits import MemoryLimiter
-from streamsvc.server.state import AUTH, LIMITER
+from streamsvc.server.state import AUTH, JOURNAL, LIMITER
 from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 
@@ -177,3 +177,23 @@ async def test_memory_limiter_refills_and_zero_turns_limits_off() -> None:
         slot.release()
         slot.release()  # idempotent
     assert off.open_streams() == 0 and off.open_streams("k") == 0
+
+
+async def test_a_refused_resumable_stream_leaves_nothing_in_the_journal(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: the journal entry was made before the limits were checked (never ended)."""
+    monkeypatch.delenv("STREAMSVC_API_KEYS", raising=False)
+    relay = await start_server(overrides=relay_overrides(simulator.url,
+                                                         limits={"max_streams": 1}))
+    async with session.post(relay.url + "/v1/streams", json=SLOW) as response:
+        assert response.status == 201
+    journal = relay.app[JOURNAL]
+    assert len(journal) == 1  # type: ignore[arg-type]
+    for path in ("/v1/streams", "/v1/chat/stream?model=echo&q=hi"):
+        method = session.post if path == "/v1/streams" else session.get
+        async with method(relay.url + path, json=FAST if path == "/v1/streams" else None
+                          ) as response:
+            await assert_limited(response, "limits.max_streams (1)")
+    assert len(journal) == 1  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ once (:class:`~streamsvc.streams.generation.Generation`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from streamsvc.chat_request import ChatRequest
@@ -105,9 +105,11 @@ class Streams:
     ) -> Generation:
         """A resumable stream in the journal (with ``meta`` kept beside it)."""
         stream_id = new_stream_id()
-        await self._journal.create(stream_id, meta)
-        return await self._start(stream_id, chat, JournalSink(self._journal, stream_id),
-                                 key_id=key_id, kind="resumable", valve=None, resumable=True)
+        return await self._start(
+            stream_id, chat, JournalSink(self._journal, stream_id), key_id=key_id,
+            kind="resumable", valve=None, resumable=True,
+            admitted=lambda: self._journal.create(stream_id, meta),
+        )
 
     async def complete(
         self, chat: ChatRequest, *, key_id: str | None
@@ -132,7 +134,13 @@ class Streams:
     async def _start(
         self, stream_id: str, chat: ChatRequest, sink: Sink, *, key_id: str | None,
         kind: str, valve: Valve | None, resumable: bool,
+        admitted: Callable[[], Awaitable[None]] | None = None,
     ) -> Generation:
+        """Admit the request (drain, route, limits), then run it.
+
+        ``admitted`` runs once the request is admitted (the journal's ``create``):
+        a request refused before it leaves nothing behind.
+        """
         self._accepting()
         clients = self._router.clients_for(chat.model)
         context = StreamContext(key_id=key_id, valve=valve,
@@ -142,6 +150,12 @@ class Streams:
         # Counted against the limits from here until the generation ends (done, error,
         # cancelled, or stopped because its client left).
         slot = await self._limits.acquire_stream(key_id)
+        if admitted is not None:
+            try:
+                await admitted()
+            except BaseException:
+                slot.release()
+                raise
         generation = Generation(stream_id, source, context, sink, resumable=resumable,
                                 observer=self._observer)
         generation.ended.add_done_callback(lambda _: slot.release())
