@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from streamsvc.server.state import METRICS
 from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from tests.conftest import FakeUpstream, RunningServer, StartServer, relay_overrides, wait_until
 from tests.test_openai_endpoint import _content, _raw_events
@@ -223,6 +224,28 @@ async def test_total_timeout_bounds_a_non_streaming_answer(
                             json=_story(5, first_token_delay=5)) as response:
         assert response.status == 504
         assert (await response.json())["error"]["code"] == "upstream_timeout"
+
+
+async def test_a_non_streamed_answer_runs_the_streamed_pipeline(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+) -> None:
+    """The non-streamed answer is the same Observable collected: the first-token and idle
+    timeouts apply to it too (before the one stream lifecycle only total_timeout did)."""
+    relay = await _relay(start_server, simulator, first_token_timeout_s=0.3)
+    async with session.post(relay.url + "/v1/chat/completions",
+                            json=_story(5, first_token_delay=5)) as response:
+        assert response.status == 504
+        error = (await response.json())["error"]
+        assert error["code"] == "upstream_timeout" and "first_token_timeout" in error["message"]
+    assert await wait_until(lambda: simulator.stats.active == 0), "upstream not cancelled"
+    relay = await _relay(start_server, simulator, idle_timeout_s=0.3)
+    async with session.post(relay.url + "/v1/chat/completions",
+                            json=_story(20, fault="hang", fault_at=3)) as response:
+        assert response.status == 504
+        assert (await response.json())["error"]["code"] == "idle_timeout"
+    metrics = relay.app[METRICS].render().decode()
+    assert 'streamsvc_streams_started_total{kind="complete"} 1.0' in metrics
+    assert "streamsvc_time_to_first_token_seconds_count 1.0" in metrics
 
 
 # -- retry info ---------------------------------------------------------------------------------
