@@ -7,7 +7,21 @@ from typing import NamedTuple, Protocol
 
 from streamsvc.errors import ErrorCode, StreamError
 
-__all__ = ["Event", "Journal", "Listener", "check_bounds", "encode_frame"]
+__all__ = ["FINAL_KINDS", "Event", "Journal", "Listener", "check_bounds", "encode_frame", "is_final"]
+
+FINAL_KINDS = frozenset({
+    "done", "error",  # the streamsvc event format
+    "response.completed", "response.failed", "response.incomplete",  # the Responses API
+})
+"""The kinds of event that end a stream; every other kind continues it."""
+
+RESPONSES_PREFIX = "response."
+"""Kinds of the Responses API's events (``response.output_text.delta``, ...)."""
+
+
+def is_final(kind: str) -> bool:
+    """Whether an event of this kind is a stream's last."""
+    return kind in FINAL_KINDS
 
 
 def check_bounds(stream_id: str, events: int, size: int, max_events: int, max_bytes: int) -> None:
@@ -29,8 +43,12 @@ def encode_frame(stream_id: str, seq: int, kind: str, data: bytes) -> bytes:
     """The SSE frame of one event, ready to write.
 
     ``data`` is compact JSON, which never holds a raw CR or LF, so one
-    ``data:`` line carries it whole.
+    ``data:`` line carries it whole. A Responses API event is framed as
+    OpenAI frames it: ``event: <type>`` and its data, which carries its own
+    ``sequence_number`` (resumed by ``starting_after``, not ``Last-Event-ID``).
     """
+    if kind.startswith(RESPONSES_PREFIX):
+        return b"".join((b"event: ", kind.encode(), b"\ndata: ", data, b"\n\n"))
     head = f"id: {stream_id}:{seq}\n" if kind == "message" else (
         f"id: {stream_id}:{seq}\nevent: {kind}\n"
     )
@@ -52,7 +70,7 @@ class Event(NamedTuple):
 
     @property
     def final(self) -> bool:
-        return self.kind != "message"
+        return self.kind in FINAL_KINDS
 
     @property
     def start(self) -> int:

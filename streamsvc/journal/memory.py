@@ -7,7 +7,7 @@ import bisect
 from collections.abc import Callable, Mapping
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError
-from streamsvc.journal.base import Event, Listener, check_bounds, encode_frame
+from streamsvc.journal.base import Event, Listener, check_bounds, encode_frame, is_final
 from streamsvc.journal.followers import Followers
 
 __all__ = ["MemoryJournal"]
@@ -82,7 +82,7 @@ class MemoryJournal:
         items = log.events
         first = len(items)
         for kind, data in events:
-            final = kind != "message"
+            final = is_final(kind)
             seq = len(items) + 1
             frame = encode_frame(stream_id, seq, kind, data)
             if not final:

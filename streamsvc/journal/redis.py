@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
-from streamsvc.journal.base import Event, Listener, check_bounds, encode_frame
+from streamsvc.journal.base import Event, Listener, check_bounds, encode_frame, is_final
 from streamsvc.journal.followers import Followers
 from streamsvc.journal.redis_client import journal_unavailable
 from streamsvc.journal.redis_tail import Tailer
@@ -226,7 +226,7 @@ class RedisJournal:
         batch: list[Event] = []
         try:
             for kind, data in events:
-                final = kind != "message"
+                final = is_final(kind)
                 frame = encode_frame(stream_id, writer.seq + 1, kind, data)
                 if not final:
                     check_bounds(stream_id, writer.seq, writer.size + len(frame),
@@ -436,7 +436,7 @@ class RedisJournal:
             elif max_bytes is not None and end - first_start > max_bytes:
                 break
             events.append(Event(seq, kind, data, frame, end))
-            if kind != "message":
+            if is_final(kind):
                 break
         return events
 
@@ -479,4 +479,4 @@ def _head(entry: Any) -> tuple[int, bool]:
     seq = int(entry_id.split(b"-", 1)[0])
     if seq == 0:
         return 0, False
-    return seq, fields[_KIND] != b"message"
+    return seq, is_final(fields[_KIND].decode())

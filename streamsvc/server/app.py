@@ -16,7 +16,13 @@ from streamsvc.journal.memory import MemoryJournal
 from streamsvc.journal.peers import RedisPeers
 from streamsvc.journal.redis import RedisJournal
 from streamsvc.journal.redis_client import connect_redis
-from streamsvc.server import routes_info, routes_openai, routes_page, routes_streams
+from streamsvc.server import (
+    routes_info,
+    routes_openai,
+    routes_page,
+    routes_responses,
+    routes_streams,
+)
 from streamsvc.server.auth import Auth, auth_middleware
 from streamsvc.server.connections import Connections, connection_middleware
 from streamsvc.server.limits import MemoryLimiter
@@ -230,6 +236,7 @@ def create_app(config: Config | None = None) -> web.Application:
     app.on_response_prepare.append(_close_when_draining)
     app.add_routes(routes_openai.routes)
     app.add_routes(routes_streams.routes)
+    app.add_routes(routes_responses.routes)
     app.add_routes(routes_info.routes)
     app.add_routes(routes_page.routes)
     _cors(app, config)

@@ -24,19 +24,25 @@ OWN_FIELD = "streamsvc"
 _STREAM_ID = re.compile(r"st_[0-9a-f]{24}")
 
 
+def own_options(body: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """streamsvc's own options (``{"streamsvc": {"retries": false}}``): whether retries are on,
+    and the body without them."""
+    own = body.get(OWN_FIELD)
+    if own is None:
+        return True, body
+    check_type(own, dict, OWN_FIELD, "an object")
+    unknown = set(own) - {"retries"}
+    if unknown:
+        raise bad_field("unknown option", f"{OWN_FIELD}.{min(unknown)}")
+    retries = own.get("retries", True)
+    check_type(retries, bool, f"{OWN_FIELD}.retries", "a boolean")
+    return retries, {k: v for k, v in body.items() if k != OWN_FIELD}
+
+
 def validate_chat(body: Any, *, stream_default: bool = False) -> ChatRequest:
     """Check a decoded request body; returns the request with the upstream body split out."""
     fields = chat_fields(body, stream_default=stream_default)
-    retries = True
-    own = body.get(OWN_FIELD)
-    if own is not None:
-        check_type(own, dict, OWN_FIELD, "an object")
-        unknown = set(own) - {"retries"}
-        if unknown:
-            raise bad_field("unknown option", f"{OWN_FIELD}.{min(unknown)}")
-        retries = own.get("retries", True)
-        check_type(retries, bool, f"{OWN_FIELD}.retries", "a boolean")
-        body = {k: v for k, v in body.items() if k != OWN_FIELD}
+    retries, body = own_options(body)
     return ChatRequest(
         body=body,
         model=fields.model,

@@ -109,6 +109,7 @@ class Generation:
         context: filled in by the pipeline as it runs (upstream, attempts, retries).
         sink: where the chunks and the end go.
         resumable: whether the stream outlives its readers (``resume_grace_s``).
+        background: whether it runs to its end whoever reads it (no grace period).
         observer: told the token times, retries, usage and error code.
     """
 
@@ -120,10 +121,12 @@ class Generation:
         sink: Sink,
         *,
         resumable: bool,
+        background: bool = False,
         observer: StreamObserver | None = None,
     ) -> None:
         self.id = stream_id
-        self.resumable = resumable
+        self.resumable = resumable or background
+        self.background = background
         self.context = context
         self.sink = sink
         self.state = GenerationState.RUNNING

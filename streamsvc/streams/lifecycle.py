@@ -32,7 +32,7 @@ from streamsvc.streams.registry import StreamRegistry
 from streamsvc.streams.sinks import Backlog, Collector, JournalSink, Sink
 from streamsvc.upstream.routing import Router
 from streamsvc.usage import estimate_prompt_tokens
-from streamsvc.wire import WireEncoder
+from streamsvc.wire import EntryEncoder, WireEncoder
 
 __all__ = ["Slot", "Slots", "Streams"]
 
@@ -102,13 +102,29 @@ class Streams:
 
     async def journaled(
         self, chat: ChatRequest, *, key_id: str | None, meta: Mapping[str, str] | None = None,
+        stream_id: str | None = None, entries: EntryEncoder | None = None,
+        kind: str = "resumable", resumable: bool = True, background: bool = False,
     ) -> Generation:
-        """A resumable stream in the journal (with ``meta`` kept beside it)."""
-        stream_id = new_stream_id()
+        """A stream in the journal (with ``meta`` kept beside it), read by any number of readers.
+
+        Args:
+            stream_id: its id (default: a new ``st_...`` id).
+            entries: its format (default: the streamsvc event format).
+            kind: its label in ``streamsvc_streams_started_total``.
+            resumable: False: its one reader is the caller, who calls
+                :meth:`done_reading` when it stops (the stream stops then).
+            background: it runs to its end whoever reads it (no ``resume_grace_s``).
+        """
+        stream_id = stream_id or new_stream_id()
+        sink = JournalSink(self._journal, stream_id, entries)
+
+        async def admitted() -> None:
+            await self._journal.create(stream_id, meta)
+            sink.opened()
+
         return await self._start(
-            stream_id, chat, JournalSink(self._journal, stream_id), key_id=key_id,
-            kind="resumable", valve=None, resumable=True,
-            admitted=lambda: self._journal.create(stream_id, meta),
+            stream_id, chat, sink, key_id=key_id, kind=kind, valve=None,
+            resumable=resumable, background=background, admitted=admitted,
         )
 
     async def complete(
@@ -133,7 +149,7 @@ class Streams:
 
     async def _start(
         self, stream_id: str, chat: ChatRequest, sink: Sink, *, key_id: str | None,
-        kind: str, valve: Valve | None, resumable: bool,
+        kind: str, valve: Valve | None, resumable: bool, background: bool = False,
         admitted: Callable[[], Awaitable[None]] | None = None,
     ) -> Generation:
         """Admit the request (drain, route, limits), then run it.
@@ -157,7 +173,7 @@ class Streams:
                 slot.release()
                 raise
         generation = Generation(stream_id, source, context, sink, resumable=resumable,
-                                observer=self._observer)
+                                background=background, observer=self._observer)
         generation.ended.add_done_callback(lambda _: slot.release())
         if self._observer is not None:
             self._observer.stream_started(kind)

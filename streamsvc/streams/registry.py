@@ -104,6 +104,8 @@ class StreamRegistry:
             generation.stop("cancelled")
 
     def _arm_grace(self, generation: Generation) -> None:
+        if generation.background:
+            return  # it runs to its end, read or not
         if self.peers is None:
             generation.arm_grace(self._grace_s)
         else:

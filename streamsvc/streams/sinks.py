@@ -16,8 +16,8 @@ from streamsvc.chunks import Chunk, ChunkBuffer
 from streamsvc.errors import ErrorCode, StreamError, StreamsvcError
 from streamsvc.journal.base import Journal
 from streamsvc.reactive.backpressure import Valve
-from streamsvc.wire import Ending, WireEncoder
-from streamsvc.wire.events import DELTA, DONE, ERROR, EventBuilder, error_data
+from streamsvc.wire import Ending, EntryEncoder, WireEncoder
+from streamsvc.wire.events import EventEntries
 from streamsvc.wire.openai_completion import CompletionBuilder
 
 __all__ = ["WRITE_SLICE", "Backlog", "Collector", "JournalSink", "Sink"]
@@ -43,27 +43,36 @@ class Sink(Protocol):
 
 
 class JournalSink:
-    """A resumable stream's events, in the streamsvc format, numbered by the journal."""
+    """A resumable stream's entries in its format (default: streamsvc events), numbered and
+    kept by the journal for every reader."""
 
-    __slots__ = ("_builder", "_journal", "_stream_id")
+    __slots__ = ("_entries", "_journal", "_stream_id")
 
-    def __init__(self, journal: Journal, stream_id: str) -> None:
+    def __init__(
+        self, journal: Journal, stream_id: str, entries: EntryEncoder | None = None
+    ) -> None:
         self._journal = journal
         self._stream_id = stream_id
-        self._builder = EventBuilder()
+        self._entries: EntryEncoder = entries if entries is not None else EventEntries()
+
+    def opened(self) -> None:
+        """The stream's journal entry exists: write what the format begins with."""
+        first = self._entries.start()
+        if first:
+            self._journal.append_nowait(self._stream_id, first)
 
     def put(self, chunk: Chunk) -> bool:
-        datas = self._builder.deltas(chunk)
-        if not datas:
+        entries = self._entries.chunk(chunk)
+        if not entries:
             return False
-        self._journal.append_nowait(self._stream_id, [(DELTA, data) for data in datas])
+        self._journal.append_nowait(self._stream_id, entries)
         return True
 
     def end(self, ending: Ending) -> None:
-        self._journal.append_nowait(self._stream_id, [(DONE, self._builder.done(ending))])
+        self._journal.append_nowait(self._stream_id, self._entries.done(ending))
 
     def fail(self, error: StreamsvcError) -> None:
-        self._journal.append_nowait(self._stream_id, [(ERROR, error_data(error))])
+        self._journal.append_nowait(self._stream_id, self._entries.error(error))
 
 
 class Backlog:

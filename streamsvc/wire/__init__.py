@@ -7,6 +7,10 @@ the encoder of its format, and a new format is a new module here:
 - :mod:`streamsvc.wire.openai_chat`: OpenAI ``chat.completion.chunk`` frames and ``[DONE]``
 - :mod:`streamsvc.wire.events`: the streamsvc event format (``id``, ``event: done|error``)
 - :mod:`streamsvc.wire.openai_completion`: the non-streamed ``chat.completion`` object
+- :mod:`streamsvc.wire.responses`: the OpenAI Responses API's events and response object
+
+A journaled (resumable) stream's format is an :class:`EntryEncoder`: the
+journal numbers and frames its entries, and replays them to any reader.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from typing import Protocol
 from streamsvc.chunks import Chunk
 from streamsvc.errors import StreamsvcError
 
-__all__ = ["Ending", "WireEncoder"]
+__all__ = ["Ending", "Entries", "EntryEncoder", "WireEncoder"]
+
+Entries = list[tuple[str, bytes]]
+"""Journal entries: (kind, JSON data) pairs, numbered and framed by the journal."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -46,3 +53,19 @@ class WireEncoder(Protocol):
 
     def error(self, error: StreamsvcError) -> bytes:
         """The final frames of a stream that ended with ``error``."""
+
+
+class EntryEncoder(Protocol):
+    """The journal entries of one stream in one format, in order."""
+
+    def start(self) -> Entries:
+        """What the stream begins with, once its journal entry exists."""
+
+    def chunk(self, chunk: Chunk) -> Entries:
+        """The entries of one chunk (often one, sometimes none)."""
+
+    def done(self, ending: Ending) -> Entries:
+        """The entries of a normal end; the last is final."""
+
+    def error(self, error: StreamsvcError) -> Entries:
+        """The entries of an end by ``error``; the last is final."""

@@ -21,9 +21,9 @@ from streamsvc.chunks import Chunk
 from streamsvc.errors import StreamsvcError
 from streamsvc.journal.base import encode_frame
 from streamsvc.sse import encode_retry
-from streamsvc.wire import Ending
+from streamsvc.wire import Ending, Entries
 
-__all__ = ["DELTA", "DONE", "ERROR", "EventBuilder", "EventsEncoder", "error_data"]
+__all__ = ["DELTA", "DONE", "ERROR", "EventBuilder", "EventEntries", "EventsEncoder", "error_data"]
 
 DELTA = "message"
 DONE = "done"
@@ -144,3 +144,24 @@ class EventsEncoder:
     def _frame(self, kind: str, data: bytes) -> bytes:
         self._seq += 1
         return encode_frame(self._stream_id, self._seq, kind, data)
+
+
+class EventEntries:
+    """The streamsvc event format as journal entries (an :class:`~streamsvc.wire.EntryEncoder`)."""
+
+    __slots__ = ("_builder",)
+
+    def __init__(self) -> None:
+        self._builder = EventBuilder()
+
+    def start(self) -> Entries:
+        return []
+
+    def chunk(self, chunk: Chunk) -> Entries:
+        return [(DELTA, data) for data in self._builder.deltas(chunk)]
+
+    def done(self, ending: Ending) -> Entries:
+        return [(DONE, self._builder.done(ending))]
+
+    def error(self, error: StreamsvcError) -> Entries:
+        return [(ERROR, error_data(error))]
