@@ -66,8 +66,13 @@ class LoadSpec:
     seed: int = 4
 
 
-def request_body(model: str, tokens: int, rate: float) -> dict[str, Any]:
-    """The chat request every stream sends: the simulator's pace is set from the client."""
+def request_body(
+    model: str, tokens: int, rate: float, endpoint: str = "openai"
+) -> dict[str, Any]:
+    """The request every stream sends: the simulator's pace is set from the client."""
+    if endpoint == "responses":
+        return {"model": model, "input": PROMPT, "stream": True,
+                "simulate": {"rate": rate, "tokens": tokens}}
     return {
         "model": model,
         "messages": [{"role": "user", "content": PROMPT}],
@@ -94,8 +99,13 @@ class _Failed(Exception):
     """A stream that did not deliver the expected text; the message is the reason."""
 
 
+class _TextDelta(msgspec.Struct):
+    delta: str = ""
+
+
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _decode_delta = msgspec.json.Decoder(_Delta).decode
+_decode_text_delta = msgspec.json.Decoder(_TextDelta).decode
 
 
 class EventSplitter:
@@ -158,6 +168,20 @@ def _streamsvc_event(event: bytes, data: bytes) -> tuple[str, bool]:
     return "", False
 
 
+def _responses_event(event: bytes, data: bytes) -> tuple[str, bool]:
+    """(content text, whether the stream ended) of a Responses API event."""
+    if event == b"response.output_text.delta":
+        return _decode_text_delta(data).delta, False
+    if event == b"response.completed":
+        return "", True
+    if event in (b"response.failed", b"response.incomplete", b"error"):
+        raise _Failed(f"{event.decode()} event")
+    return "", False
+
+
+_PARSERS = {"openai": _openai_event, "events": _streamsvc_event, "responses": _responses_event}
+
+
 class _Load:
     """The running measurement: counters for progress, sample arrays for the result."""
 
@@ -168,14 +192,15 @@ class _Load:
         self.port = split.port or 80
         path = split.path.rstrip("/") + ENDPOINTS[spec.endpoint]
         self.url = f"{spec.url.rstrip('/')}{ENDPOINTS[spec.endpoint]}"
-        body = msgspec.json.encode(request_body(spec.model, spec.tokens, spec.rate))
+        body = msgspec.json.encode(
+            request_body(spec.model, spec.tokens, spec.rate, spec.endpoint))
         self.request = (
             f"POST {path} HTTP/1.1\r\nHost: {split.netloc}\r\n"
             "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode("ascii") + body
         self.expected = "".join(generated_tokens(spec.model, PROMPT, spec.tokens))
-        self.parse = _openai_event if spec.endpoint == "openai" else _streamsvc_event
+        self.parse = _PARSERS[spec.endpoint]
         pace_s = spec.tokens / spec.rate if spec.rate > 0 else 0.0
         self.timeout = 4 * pace_s + TIMEOUT_SLACK_S
         self.ttft = array("d")

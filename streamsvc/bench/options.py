@@ -23,10 +23,11 @@ __all__ = [
     "options_from_args",
 ]
 
-Endpoint = Literal["openai", "events"]
+Endpoint = Literal["openai", "events", "responses"]
 ENDPOINTS: dict[str, str] = {
     "openai": "/v1/chat/completions",  # the OpenAI wire format, byte-comparable to the baseline
     "events": "/v1/chat/stream",  # the streamsvc event format
+    "responses": "/v1/responses",  # the OpenAI Responses API's events (journaled)
 }
 
 
@@ -84,6 +85,8 @@ def _endpoints(text: str) -> tuple[Endpoint, ...]:
             chosen.append("openai")
         elif name == "events":
             chosen.append("events")
+        elif name == "responses":
+            chosen.append("responses")
         else:
             raise argparse.ArgumentTypeError(
                 f"unknown endpoint {name!r}; choose from {', '.join(ENDPOINTS)}"
@@ -117,8 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f" (default {d.slow_ramp_s:g})")
     parser.add_argument("--endpoints", type=_endpoints, metavar="LIST",
                         help="streamsvc endpoints to measure, comma-separated: openai"
-                             " (POST /v1/chat/completions), events (POST /v1/chat/stream)"
-                             " (default openai,events)")
+                             " (POST /v1/chat/completions), events (POST /v1/chat/stream),"
+                             " responses (POST /v1/responses) (default openai,events)")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"),
                         help="event loop of the relays under test (streamsvc and the"
                              " baseline; default auto: uvloop when installed)")

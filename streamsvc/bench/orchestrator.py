@@ -6,6 +6,7 @@ Main phase, once per path, all against the same simulator process::
     baseline          load client -> baseline relay -> simulator
     streamsvc-openai  load client -> streamsvc serve -> simulator   POST /v1/chat/completions
     streamsvc-events  load client -> streamsvc serve -> simulator   POST /v1/chat/stream
+    streamsvc-responses  (with --endpoints ...,responses)           POST /v1/responses
     nginx             load client -> nginx -> simulator       (when nginx is installed)
 
 Open-streams phase: M slow streams at once, direct, through the baseline and
@@ -70,6 +71,7 @@ _LABELS = {
     "baseline": "baseline aiohttp byte relay",
     "streamsvc-openai": "streamsvc POST /v1/chat/completions",
     "streamsvc-events": "streamsvc POST /v1/chat/stream",
+    "streamsvc-responses": "streamsvc POST /v1/responses",
     "nginx": "nginx proxy_pass, buffering off",
 }
 
@@ -167,7 +169,7 @@ class _Run:
 
     async def warm_up(self, url: str, endpoint: str) -> None:
         """A few fast streams, so that the measured run pays no first-call costs."""
-        body = request_body(self.options.model, WARM_UP_TOKENS, 1000.0)
+        body = request_body(self.options.model, WARM_UP_TOKENS, 1000.0, endpoint)
 
         async def one(session: aiohttp.ClientSession) -> None:
             async with session.post(url + ENDPOINTS[endpoint], json=body) as resp:

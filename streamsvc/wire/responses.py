@@ -1,9 +1,9 @@
 """The OpenAI Responses API's streamed events, made from chat-completion chunks.
 
 Pure: it is told the chunks of one answer and how it ended, and gives back
-the events OpenAI's API reference defines, each a ``(type, data)`` pair
-whose data carries the same ``type`` and a ``sequence_number`` one more than
-the event before (from 0). Every output item is opened
+the events OpenAI's API reference defines, each a ``(type, JSON data)`` pair
+(a journal entry) whose data carries the same ``type`` and a
+``sequence_number`` one more than the event before (from 0). Every output item is opened
 (``response.output_item.added``, then its content part) before its deltas and
 closed (its ``.done`` events) before the next item or the end, because the
 SDKs' stream helpers fail without them:
@@ -41,7 +41,9 @@ __all__ = ["FINAL_TYPES", "ResponseEntries", "ResponseEvents", "usage_object"]
 
 FINAL_TYPES = ("response.completed", "response.failed", "response.incomplete")
 
-Event = tuple[str, dict[str, Any]]
+_encode = msgspec.json.encode
+_DELTA_TYPES = {"message": "response.output_text.delta",
+                "reasoning": "response.reasoning_text.delta"}
 
 
 def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
@@ -58,7 +60,8 @@ def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
 class _Item:
     """One output item being streamed: a message, a reasoning item or a function call."""
 
-    __slots__ = ("call_id", "id", "index", "kind", "name", "parts", "status")
+    __slots__ = ("call_id", "delta_head", "delta_tail", "delta_type", "id", "index", "kind",
+                 "name", "parts", "status")
 
     def __init__(self, kind: str, item_id: str, index: int) -> None:
         self.kind = kind  # "message" | "reasoning" | "function_call"
@@ -68,6 +71,12 @@ class _Item:
         self.call_id = ""
         self.name = ""
         self.status = "in_progress"  # until closed: "completed" or "incomplete"
+        # A text delta is most of a response's events: its JSON around the two values
+        # that change (sequence_number, delta) is encoded once per item.
+        self.delta_type = _DELTA_TYPES.get(kind, "")
+        self.delta_head = b'{"type":"%s","sequence_number":' % self.delta_type.encode()
+        self.delta_tail = (b',"item_id":' + _encode(item_id) + b',"output_index":%d'
+                           b',"content_index":0,"delta":' % index)
 
     @property
     def text(self) -> str:
@@ -121,16 +130,16 @@ class ResponseEvents:
         """Whether any output item was begun."""
         return bool(self._items)
 
-    def start(self) -> list[Event]:
+    def start(self) -> Entries:
         """``response.created`` and ``response.in_progress``."""
         snapshot = self.snapshot("in_progress")
         return [self._event("response.created", response=snapshot),
                 self._event("response.in_progress", response=snapshot)]
 
-    def chunk(self, chunk: Chunk) -> list[Event]:
+    def chunk(self, chunk: Chunk) -> Entries:
         """The events one chunk makes (often one ``output_text.delta``)."""
         self._meter.add(chunk)
-        events: list[Event] = []
+        events: Entries = []
         for choice in chunk.choices:
             if choice.get("index", 0) != 0:
                 continue  # the Responses API has one answer (no n)
@@ -152,7 +161,7 @@ class ResponseEvents:
                         events += self._call(call)
         return events
 
-    def done(self, ending: Ending) -> list[Event]:
+    def done(self, ending: Ending) -> Entries:
         """The events of a normal end: every open item closed, then the final event."""
         if ending.finish_reason == "cancelled":
             return self.failed("cancelled", "the response was cancelled", status="cancelled")
@@ -166,11 +175,11 @@ class ResponseEvents:
         self.ended = True
         return events
 
-    def error(self, error: StreamsvcError) -> list[Event]:
+    def error(self, error: StreamsvcError) -> Entries:
         """The events of an end by ``error``: open items closed incomplete, ``response.failed``."""
         return self.failed(str(error.code), error.message)
 
-    def failed(self, code: str, message: str, *, status: str = "failed") -> list[Event]:
+    def failed(self, code: str, message: str, *, status: str = "failed") -> Entries:
         events = self._close("incomplete")
         final = self.snapshot(status)
         final["error"] = {"code": code, "message": message}
@@ -188,12 +197,19 @@ class ResponseEvents:
             response["usage"] = usage_object(usage.prompt_tokens, usage.completion_tokens)
         return response
 
-    def _event(self, kind: str, **data: Any) -> Event:
+    def _event(self, kind: str, **data: Any) -> tuple[str, bytes]:
         self._seq += 1
-        return kind, {"type": kind, "sequence_number": self._seq, **data}
+        return kind, _encode({"type": kind, "sequence_number": self._seq, **data})
 
-    def _text(self, kind: str, text: str) -> list[Event]:
-        events: list[Event] = []
+    def _delta(self, item: _Item, text: str) -> tuple[str, bytes]:
+        self._seq += 1
+        logprobs = b',"logprobs":[]}' if item.kind == "message" else b"}"
+        data = b"%s%d%s%s%s" % (item.delta_head, self._seq, item.delta_tail, _encode(text),
+                                logprobs)
+        return item.delta_type, data
+
+    def _text(self, kind: str, text: str) -> Entries:
+        events: Entries = []
         item = self._open
         if item is None or item.kind != kind:
             events += self._close()
@@ -204,17 +220,11 @@ class ResponseEvents:
             events.append(self._event("response.content_part.added", item_id=item.id,
                                       output_index=item.index, content_index=0, part=part))
         item.parts.append(text)
-        if kind == "reasoning":
-            events.append(self._event("response.reasoning_text.delta", item_id=item.id,
-                                      output_index=item.index, content_index=0, delta=text))
-        else:
-            events.append(self._event("response.output_text.delta", item_id=item.id,
-                                      output_index=item.index, content_index=0, delta=text,
-                                      logprobs=[]))
+        events.append(self._delta(item, text))
         return events
 
-    def _call(self, call: dict[str, Any]) -> list[Event]:
-        events: list[Event] = []
+    def _call(self, call: dict[str, Any]) -> Entries:
+        events: Entries = []
         index = call.get("index", 0)
         index = index if isinstance(index, int) else 0
         item = self._calls.get(index)
@@ -243,13 +253,13 @@ class ResponseEvents:
         self._open = item
         return item
 
-    def _close(self, status: str = "completed") -> list[Event]:
+    def _close(self, status: str = "completed") -> Entries:
         """The ``.done`` events of the open item, if any."""
         item, self._open = self._open, None
         if item is None:
             return []
         item.status = status
-        events: list[Event] = []
+        events: Entries = []
         at = {"item_id": item.id, "output_index": item.index}
         if item.kind == "function_call":
             events.append(self._event("response.function_call_arguments.done", **at,
@@ -281,21 +291,14 @@ class ResponseEntries:
         """The error the response ended with, if it did."""
 
     def start(self) -> Entries:
-        return _entries(self.events.start())
+        return self.events.start()
 
     def chunk(self, chunk: Chunk) -> Entries:
-        return _entries(self.events.chunk(chunk))
+        return self.events.chunk(chunk)
 
     def done(self, ending: Ending) -> Entries:
-        return _entries(self.events.done(ending))
+        return self.events.done(ending)
 
     def error(self, error: StreamsvcError) -> Entries:
         self.failure = error
-        return _entries(self.events.error(error))
-
-
-_encode = msgspec.json.encode
-
-
-def _entries(events: list[Event]) -> Entries:
-    return [(kind, _encode(data)) for kind, data in events]
+        return self.events.error(error)
