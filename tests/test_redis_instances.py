@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
 from streamsvc.server.state import JOURNAL, REGISTRY
@@ -316,3 +317,43 @@ async def test_the_journal_in_use_is_the_redis_one(
     one, two = pair
     assert type(one.app[JOURNAL]).__name__ == "RedisJournal"
     assert one.app[JOURNAL].instance != two.app[JOURNAL].instance  # type: ignore[attr-defined]
+
+
+async def test_a_background_response_started_on_one_instance_is_resumed_and_cancelled_on_another(
+    pair: tuple[RunningServer, RunningServer], simulator: SimulatorServer,
+) -> None:
+    """The Responses API on the Redis journal: events, state and cancel cross instances."""
+    a, b = pair
+    on_a = openai.AsyncOpenAI(base_url=a.url + "/v1", api_key="x", max_retries=0)
+    on_b = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0)
+    async with on_a, on_b:
+        stream = await on_a.responses.create(
+            model="sim-small", input=PROMPT, stream=True, background=True,
+            extra_body={"simulate": {"tokens": 60, "rate": 200}})
+        seen = []
+        async for event in stream:
+            seen.append(event)
+            if len(seen) == 6:
+                break
+        await stream.close()
+        rest = [e async for e in await on_b.responses.retrieve(
+            seen[0].response.id, stream=True, starting_after=seen[-1].sequence_number)]
+        numbers = [e.sequence_number for e in seen + rest]
+        assert numbers == list(range(len(numbers)))
+        text = "".join(e.delta for e in seen + rest if e.type == "response.output_text.delta")
+        assert text == _expected(60) and rest[-1].type == "response.completed"
+        assert (await on_b.responses.retrieve(seen[0].response.id)).status == "completed"
+
+        long = await on_a.responses.create(
+            model="sim-small", input=PROMPT, background=True,
+            extra_body={"simulate": {"tokens": 5000, "rate": 20}})
+        assert await wait_until(lambda: simulator.stats.active == 1)
+        await on_b.responses.cancel(long.id)  # the writer is A: the cancel goes there
+        assert await wait_until(lambda: simulator.stats.disconnected == 1, timeout=5)
+        for _ in range(50):
+            state = await on_b.responses.retrieve(long.id)
+            if state.status != "in_progress":
+                break
+            await asyncio.sleep(0.05)
+        assert state.status == "cancelled"
+    assert simulator.stats.requests == 2
