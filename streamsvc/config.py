@@ -156,6 +156,7 @@ class UpstreamConfig(_Section, frozen=True):
     """``[upstreams.NAME]``: one OpenAI-compatible server (or the built-in simulator)."""
 
     base_url: str
+    api: Literal["chat", "responses"] = "chat"
     api_key_env: str | None = None
     headers: dict[str, str] = {}
     query: dict[str, str] = {}

@@ -26,6 +26,7 @@ from streamsvc.config import UpstreamConfig
 from streamsvc.errors import ErrorCode, UpstreamError
 from streamsvc.reactive.backpressure import Valve
 from streamsvc.sse import SSEDecoder
+from streamsvc.upstream.responses_api import ResponsesStream, responses_body
 
 __all__ = ["UpstreamClient", "classify_status", "parse_retry_after"]
 
@@ -178,7 +179,8 @@ class UpstreamClient:
         self.config = config
         self._session = session
         self._base = (base_url or config.base_url).rstrip("/")
-        self._url = self._base + "/chat/completions"
+        self._responses = config.api == "responses"
+        self._url = self._base + ("/responses" if self._responses else "/chat/completions")
         headers = {"Content-Type": "application/json", **config.headers}
         key = api_key or config.api_key()
         if key:
@@ -284,6 +286,13 @@ class UpstreamClient:
         socket (backpressure: its TCP window closes and the upstream waits).
         Closing the generator (or cancelling its task) closes the connection.
         """
+        if self._responses:
+            async with self._session_for_request() as session:
+                async for chunk in self._stream_responses(
+                    responses_body(body), session, on_open, valve
+                ):
+                    yield chunk
+            return
         options = body.get("stream_options")
         body = {
             **body,
@@ -294,6 +303,59 @@ class UpstreamClient:
         async with self._session_for_request() as session:
             async for chunk in self._stream(body, session, on_open, valve):
                 yield chunk
+
+    async def _stream_responses(
+        self,
+        body: dict[str, Any],
+        session: aiohttp.ClientSession,
+        on_open: Callable[[], None] | None,
+        valve: Valve | None,
+    ) -> AsyncIterator[Chunk]:
+        """A Responses API upstream's events, as chunks (``upstream/responses_api.py``)."""
+        response = await self._post(body, session, streaming=True)
+        decoder = SSEDecoder()
+        translated = ResponsesStream(self.name)
+        silence = _SilenceWatch(self.config.read_timeout_s, response.close, valve)
+        try:
+            if on_open is not None:
+                on_open()
+            async for data in response.content.iter_chunked(READ_BYTES):
+                silence.last = time.monotonic()
+                for event in decoder.feed(data):
+                    try:
+                        payload = msgspec.json.decode(event.data)
+                    except msgspec.DecodeError as exc:
+                        raise UpstreamError(
+                            f"upstream {self.name!r} sent a malformed event:"
+                            f" {event.data[:80]!r}", code=ErrorCode.UPSTREAM_ERROR,
+                            retryable=True,
+                        ) from exc
+                    kind = payload.get("type") if isinstance(payload, dict) else None
+                    if not isinstance(kind, str):
+                        continue
+                    for chunk in translated.event(kind, payload):
+                        yield chunk
+                    if translated.ended:
+                        return
+                if valve is not None and not valve.is_open:
+                    await valve.wait_open()
+                    silence.last = time.monotonic()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if silence.fired or isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+                raise self._silent() from exc
+            raise UpstreamError(
+                f"upstream {self.name!r} connection broke mid-stream: {type(exc).__name__}",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            ) from exc
+        finally:
+            silence.cancel()
+            response.close()
+        if silence.fired:
+            raise self._silent()
+        raise UpstreamError(
+            f"upstream {self.name!r} ended the stream without a final event (truncated)",
+            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+        )
 
     async def _stream(
         self,
