@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 
 __all__ = [
-    "TEXT_FIELDS", "Chunk", "ChunkBuffer", "coalesce_batch", "merge", "split_text", "text_size",
+    "TEXT_FIELDS", "Chunk", "ChunkBuffer", "Seam", "coalesce_batch", "merge", "split_text",
+    "text_size",
 ]
 
 # Delta fields that carry text and concatenate losslessly. Upstreams name the
@@ -95,6 +96,27 @@ class Chunk:
         return isinstance(other, Chunk) and self.data == other.data
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class Seam(Chunk):
+    """Not an upstream chunk: the answer goes on from another attempt after a failure.
+
+    Continuation (``pipeline.continue_on_failure``) puts one between the text
+    of the attempt that failed and the continuation's. It carries no choices;
+    ``info`` says ``from`` (the upstream that failed), ``to``, the error
+    ``code``, ``delivered_chars`` (text before the seam) and
+    ``overlap_removed``. The streamsvc format shows it as ``event: failover``;
+    the OpenAI formats leave it out.
+    """
+
+    __slots__ = ("info",)
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        super().__init__({"choices": []})
+        self.info = info
+
+    def __repr__(self) -> str:
+        return f"Seam({self.info!r})"
 
 
 def _only_choice(chunk: Chunk) -> dict[str, Any] | None:

@@ -117,6 +117,7 @@ class PipelineConfig(_Section, frozen=True):
     first_token_timeout_s: NonNegFloat = 120.0
     idle_timeout_s: NonNegFloat = 60.0
     total_timeout_s: NonNegFloat = 0.0
+    continue_on_failure: bool = False
 
 
 class LogConfig(_Section, frozen=True):
@@ -162,6 +163,7 @@ class UpstreamConfig(_Section, frozen=True):
     query: dict[str, str] = {}
     connect_timeout_s: PosFloat = 10.0
     read_timeout_s: PosFloat = 300.0
+    continuation_body: dict[str, Any] = {}
 
     def __post_init__(self) -> None:
         if self.base_url != BUILTIN_SIMULATOR and not re.match(r"https?://[^/]", self.base_url):
@@ -180,6 +182,8 @@ class RouteConfig(_Section, frozen=True):
 
     model: str
     upstreams: Annotated[list[str], msgspec.Meta(min_length=1)]
+    continue_on_failure: bool | None = None
+    """Overrides ``pipeline.continue_on_failure`` for this route."""
 
     def matches(self, model: str) -> bool:
         """Whether this route serves ``model`` (glob, case-sensitive)."""

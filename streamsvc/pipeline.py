@@ -12,6 +12,7 @@ from streamsvc.chunks import Chunk
 from streamsvc.config import PipelineConfig
 from streamsvc.reactive.backpressure import Valve
 from streamsvc.reactive.bridge import from_async_iterable
+from streamsvc.reactive.operators._continue import continue_on_failure_
 from streamsvc.reactive.operators import (
     coalesce,
     first_token_timeout,
@@ -71,6 +72,7 @@ def build_pipeline(
     context: StreamContext,
     *,
     retries: bool = True,
+    continuation: bool = False,
 ) -> Observable[Chunk]:
     """The chunks of one chat request, through the operators ``[pipeline]`` turns on.
 
@@ -85,6 +87,8 @@ def build_pipeline(
         config: ``[pipeline]``.
         context: filled in as the pipeline runs.
         retries: False turns retries and fallbacks off for this request.
+        continuation: continue an answer whose upstream fails after content
+            (``continue_on_failure``; never with retries off, tool calls or ``n > 1``).
     """
     sources = [_attempt(upstream_source(c, body, context), config, context.valve)
                for c in clients]
@@ -101,6 +105,25 @@ def build_pipeline(
             ),
         )
     )
+    n = body.get("n")
+    if continuation and retries and (n is None or n == 1):
+        names = [c.name for c in clients]
+
+        def continued(index: int, delivered: str) -> Observable[Chunk]:
+            client = clients[index]
+            messages = [*body.get("messages", []), {"role": "assistant", "content": delivered}]
+            again = {**body, **client.config.continuation_body, "messages": messages}
+            return _attempt(upstream_source(client, again, context), config, context.valve)
+
+        stream = stream.pipe(continue_on_failure_(
+            continued, sources=len(clients), names=names,
+            answering=lambda: names.index(context.upstream) if context.upstream in names else 0,
+            max_attempts=config.retry_max_attempts,
+            backoff_base=config.retry_backoff_base_ms / 1000,
+            backoff_max=config.retry_backoff_max_ms / 1000, scheduler=None,
+            on_continue=lambda error: context.retried.append(
+                str(getattr(error, "code", "internal_error"))),
+        ))
     if config.total_timeout_s > 0:
         stream = stream.pipe(total_timeout(config.total_timeout_s))
     if config.coalesce and config.coalesce_max_delay_ms > 0:

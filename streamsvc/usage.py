@@ -79,11 +79,15 @@ class UsageMeter:
     characters seen, so :meth:`result` can estimate when no usage came.
     """
 
-    __slots__ = ("chars", "reported")
+    __slots__ = ("carried", "chars", "extra_prompt", "reported")
 
     def __init__(self) -> None:
         self.chars = 0
         self.reported: dict[str, Any] | None = None
+        self.carried: Usage | None = None
+        """What the attempts before a continuation used (``seam``)."""
+        self.extra_prompt = 0
+        """Prompt tokens a continuation adds: the delivered text it is sent back."""
 
     def add(self, chunk: Chunk) -> None:
         """A chunk was relayed (journaled, or handed to the client's socket)."""
@@ -108,13 +112,30 @@ class UsageMeter:
                 if isinstance(delta, dict):
                     self.chars += _message_chars(delta)
 
+    def seam(self, prompt_tokens: int) -> None:
+        """The answer goes on from another attempt (continuation): both attempts count.
+
+        What this attempt used is carried; the next one's prompt is the original
+        one plus the text delivered so far, which it is sent back.
+        """
+        delivered = self.chars
+        self.carried = self.result(prompt_tokens)
+        self.extra_prompt += estimate_tokens(delivered)
+        self.chars = 0
+        self.reported = None
+
     def result(self, prompt_tokens: int) -> Usage:
-        """The upstream's usage if it sent one, else the estimate (``prompt_tokens`` estimated)."""
-        reported = reported_usage(self.reported)
-        if reported is not None:
-            return reported
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=estimate_tokens(self.chars),
-                     estimated=True)
+        """The upstream's usage if it sent one, else the estimate (``prompt_tokens`` estimated);
+        with the attempts before a continuation added."""
+        usage = reported_usage(self.reported) or Usage(
+            prompt_tokens=prompt_tokens + self.extra_prompt,
+            completion_tokens=estimate_tokens(self.chars), estimated=True)
+        carried = self.carried
+        if carried is None:
+            return usage
+        return Usage(prompt_tokens=carried.prompt_tokens + usage.prompt_tokens,
+                     completion_tokens=carried.completion_tokens + usage.completion_tokens,
+                     estimated=carried.estimated or usage.estimated)
 
 
 def _count(value: Any) -> TypeGuard[int]:

@@ -952,3 +952,25 @@ async def test_sse_parser_of_the_fetch_reader_follows_the_whatwg_rules(blank: De
         for fed in results[name]:
             assert fed["events"] == expected, name
         assert results[name][0]["retry"] == (1000 if "retry:" in text else None), name
+
+
+async def test_a_continued_answer_is_whole_and_its_seam_is_marked(
+    browser: Browser, start_server: StartServer, simulator: SimulatorServer,
+) -> None:
+    relay = await start_server(overrides=relay_overrides(simulator.url, pipeline={
+        "continue_on_failure": True, "retry_backoff_base_ms": 1}))
+    page, context = await open_page(browser, relay.url + "/")
+    try:
+        await page.page.wait_for_selector("#model:not([disabled])")
+        prompt = "one two three four five six seven eight nine"
+        await send(page.page, prompt, extra={"simulate": {
+            "fault": "drop", "fault_at": 3, "fail_times": 1, "key": "demo-seam"}})
+        assert await wait_answer(page.page, "done", "error") == "done"
+        answer = await last_answer(page.page)
+        assert answer["text"] == prompt  # nothing lost, nothing repeated
+        title = await page.page.get_attribute(".turn.assistant .seam", "title")
+        assert title == "continued on sim after sim failed (upstream_error)"
+        assert simulator.stats.requests == 2
+        assert page.log.errors == []
+    finally:
+        await context.close()

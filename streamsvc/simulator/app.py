@@ -126,6 +126,7 @@ def _choices(params: ChatParams) -> list[Choice]:
         n=params.n,
         tokens=params.simulate.tokens,
         max_tokens=params.max_tokens,
+        continues=params.continues,
     )
 
 

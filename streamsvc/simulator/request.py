@@ -84,6 +84,7 @@ class ChatParams:
     max_tokens: int | None = None
     include_usage: bool = False
     simulate: SimulateOptions = SimulateOptions()
+    continues: str | None = None  # the last message's text when it is the assistant's
 
 
 def parse_chat_request(body: Any) -> ChatParams:
@@ -109,6 +110,8 @@ def parse_chat_request(body: Any) -> ChatParams:
         texts.append(text)
         if message["role"] == "user":
             prompt = text
+    last = fields.messages[-1]
+    continues = content_text(last.get("content")) if last["role"] == "assistant" else None
     # The simulator's own bounds: an answer it can hold in memory.
     n = integer_field(body, "n", minimum=1, maximum=MAX_N)
     max_tokens = None
@@ -125,6 +128,7 @@ def parse_chat_request(body: Any) -> ChatParams:
         max_tokens=max_tokens,
         include_usage=fields.include_usage,
         simulate=SimulateOptions.from_json(body.get("simulate")),
+        continues=continues,
     )
 
 

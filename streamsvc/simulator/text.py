@@ -129,6 +129,18 @@ def generated_tokens(model: str, prompt: str, count: int, *, choice: int = 0) ->
     return tokens[:count]
 
 
+def _rest(tokens: list[str], prefix: str) -> list[str]:
+    """The tokens after ``prefix``, when the tokens' text begins with it; else all of them."""
+    if not "".join(tokens).startswith(prefix):
+        return tokens
+    at = 0
+    for i, token in enumerate(tokens):
+        if at + len(token) > len(prefix):
+            return [token[len(prefix) - at:], *tokens[i + 1:]]
+        at += len(token)
+    return []
+
+
 def words_in(text: str) -> int:
     """A rough token count: the number of white-space separated words."""
     return len(text.split())
@@ -143,7 +155,8 @@ class Choice:
 
 
 def answer_choices(
-    model: str, prompt: str, *, n: int, tokens: int, max_tokens: int | None
+    model: str, prompt: str, *, n: int, tokens: int, max_tokens: int | None,
+    continues: str | None = None,
 ) -> list[Choice]:
     """The ``n`` choices a model answers to ``prompt``.
 
@@ -153,6 +166,8 @@ def answer_choices(
         n: how many choices.
         tokens: how many tokens a generated choice has.
         max_tokens: a longer choice is cut here and ends with ``"length"``.
+        continues: a final assistant message: when the answer begins with it, only the
+            rest is answered (a continuation), from inside a token if it ends there.
 
     Example:
         >>> [c.finish_reason for c in answer_choices("echo", "a b c", n=1, tokens=0, max_tokens=2)]
@@ -162,6 +177,8 @@ def answer_choices(
         texts = [echo_tokens(prompt)] * n
     else:
         texts = [generated_tokens(model, prompt, tokens, choice=i) for i in range(n)]
+    if continues:
+        texts = [_rest(text, continues) for text in texts]
     return [
         Choice(text[:max_tokens], "length")
         if max_tokens is not None and len(text) > max_tokens

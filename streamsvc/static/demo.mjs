@@ -181,6 +181,15 @@ async function ask(prompt) {
         answer.text.appendData(delta.content);
         scrollToEnd();
       },
+      onFailover: (info) => {
+        // The upstream failed mid-answer and another attempt goes on from here: mark the seam.
+        const seam = document.createElement("span");
+        seam.className = "seam";
+        seam.title = `continued on ${info.to} after ${info.from} failed (${info.code})`;
+        answer.text.after(seam);
+        answer.text = document.createTextNode("");
+        seam.after(answer.text);
+      },
       onReconnect: (lastEventId) => {
         setStatus("reconnecting", `connection lost, resuming after ${lastEventId || "the start"}…`);
       },

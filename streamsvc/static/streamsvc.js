@@ -147,6 +147,16 @@
       if (this.options.onDelta) this.options.onDelta(delta, eventId);
     }
 
+    /** A failover event: the answer goes on from another attempt (continuation). */
+    failover(data, eventId) {
+      this.seen(eventId);
+      let info = {};
+      try {
+        info = JSON.parse(data);
+      } catch (_) { /* a seam without details is still a seam */ }
+      if (this.options.onFailover) this.options.onFailover(info, eventId);
+    }
+
     seen(eventId) {
       if (eventId) {
         this.lastEventId = eventId;
@@ -302,7 +312,8 @@
    *
    * @param {string} eventsUrl events_url of a stream, or a one-shot
    *   /v1/chat/stream?q=... URL
-   * @param {object} [options] onDelta(delta, eventId), onReconnect(lastEventId),
+   * @param {object} [options] onDelta(delta, eventId), onFailover(info, eventId),
+   *   onReconnect(lastEventId),
    *   onResume(lastEventId), signal (closes the reader only: chat() also
    *   stops the generation), EventSource (a constructor, e.g. a polyfill),
    *   eventSourceInit (its second argument)
@@ -346,6 +357,9 @@
         if (options.onResume) options.onResume(collector.lastEventId);
       });
       source.onmessage = guard((event) => collector.delta(event.data, event.lastEventId));
+      source.addEventListener("failover", guard((event) => {
+        collector.failover(event.data, event.lastEventId);
+      }));
       source.addEventListener("done", guard((event) => {
         finish(resolve, collector.result(event.data, event.lastEventId));
       }));
@@ -421,7 +435,7 @@
    *
    * @param {object} body an OpenAI chat body
    * @param {object} [options] baseUrl, headers, credentials, fetch, signal,
-   *   onDelta(delta, eventId), onStream({id})
+   *   onDelta(delta, eventId), onFailover(info, eventId), onStream({id})
    * @returns {Promise<object>} as readEvents() (reconnects is always 0)
    */
   async function chatFetch(body, options = {}) {
@@ -461,6 +475,7 @@
         const text = chunk.done ? decoder.decode() : decoder.decode(chunk.value, { stream: true });
         for (const event of parser.feed(text, chunk.done)) {
           if (event.type === "message") collector.delta(event.data, event.lastEventId);
+          else if (event.type === "failover") collector.failover(event.data, event.lastEventId);
           else if (event.type === "done") return collector.result(event.data, event.lastEventId);
           else if (event.type === "error") throw errorFromEvent(event.data, event.lastEventId);
         }

@@ -20,7 +20,7 @@ from typing import Protocol
 from reactivex import Observable, abc
 from reactivex.scheduler.eventloop import AsyncIOScheduler
 
-from streamsvc.chunks import Chunk
+from streamsvc.chunks import Chunk, Seam
 from streamsvc.errors import ErrorCode, StreamsvcError
 from streamsvc.pipeline import StreamContext
 from streamsvc.streams.sinks import Sink
@@ -178,7 +178,10 @@ class Generation:
     def _on_next(self, chunk: Chunk) -> None:
         if self.state is not GenerationState.RUNNING:
             return
-        self._meter.add(chunk)
+        if isinstance(chunk, Seam):
+            self._meter.seam(self.context.prompt_tokens)
+        else:
+            self._meter.add(chunk)
         try:
             made = self.sink.put(chunk)
         except Exception as exc:  # noqa: BLE001 - journal_full, slow_consumer, or a bug of ours

@@ -162,7 +162,8 @@ class Streams:
         context = StreamContext(key_id=key_id, valve=valve,
                                 prompt_tokens=estimate_prompt_tokens(chat.body.get("messages")))
         source = build_pipeline(chat.body, clients, self._config.pipeline, context,
-                                retries=chat.retries)
+                                retries=chat.retries,
+                                continuation=self._router.continues(chat.model))
         # Counted against the limits from here until the generation ends (done, error,
         # cancelled, or stopped because its client left).
         slot = await self._limits.acquire_stream(key_id)

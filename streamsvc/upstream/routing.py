@@ -64,3 +64,11 @@ class Router:
                 code=ErrorCode.MODEL_NOT_FOUND, param="model",
             )
         return [self.clients[name] for name in route.upstreams]
+
+    def continues(self, model: str) -> bool:
+        """Whether answers for ``model`` are continued after a mid-stream failure: the
+        route's ``continue_on_failure``, else ``pipeline.continue_on_failure``."""
+        route = self._config.route(model)
+        if route is not None and route.continue_on_failure is not None:
+            return route.continue_on_failure
+        return self._config.pipeline.continue_on_failure

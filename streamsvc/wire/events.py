@@ -17,17 +17,22 @@ from typing import Any
 
 import msgspec
 
-from streamsvc.chunks import Chunk
+from streamsvc.chunks import Chunk, Seam
 from streamsvc.errors import StreamsvcError
 from streamsvc.journal.base import encode_frame
 from streamsvc.sse import encode_retry
 from streamsvc.wire import Ending, Entries
 
-__all__ = ["DELTA", "DONE", "ERROR", "EventBuilder", "EventEntries", "EventsEncoder", "error_data"]
+__all__ = [
+    "DELTA", "DONE", "ERROR", "FAILOVER", "EventBuilder", "EventEntries", "EventsEncoder",
+    "error_data",
+]
 
 DELTA = "message"
 DONE = "done"
 ERROR = "error"
+FAILOVER = "failover"
+"""Between the text of an upstream that failed and its continuation (``chunks.Seam``)."""
 
 _encode = msgspec.json.encode
 _CONTENT = b'{"content":'
@@ -128,6 +133,8 @@ class EventsEncoder:
         return encode_retry(self._retry_ms)
 
     def chunk(self, chunk: Chunk) -> bytes:
+        if isinstance(chunk, Seam):
+            return self._frame(FAILOVER, _encode(chunk.info))
         datas = self._builder.deltas(chunk)
         if not datas:
             return b""
@@ -158,6 +165,8 @@ class EventEntries:
         return []
 
     def chunk(self, chunk: Chunk) -> Entries:
+        if isinstance(chunk, Seam):
+            return [(FAILOVER, _encode(chunk.info))]
         return [(DELTA, data) for data in self._builder.deltas(chunk)]
 
     def done(self, ending: Ending) -> Entries:

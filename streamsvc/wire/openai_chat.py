@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from streamsvc.chunks import Chunk
+from streamsvc.chunks import Chunk, Seam
 from streamsvc.errors import StreamsvcError
 from streamsvc.wire import Ending
 
@@ -39,6 +39,8 @@ class OpenAIChatEncoder:
         return b""
 
     def chunk(self, chunk: Chunk) -> bytes:
+        if isinstance(chunk, Seam):
+            return b""  # the OpenAI format has no place for it: the text simply goes on
         if not self._include_usage and "usage" in chunk.data:
             if chunk.data["usage"] is not None and not chunk.choices:
                 return b""  # the usage chunk itself
