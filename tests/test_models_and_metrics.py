@@ -133,3 +133,24 @@ async def test_metrics_cover_the_openai_endpoint_too(
     assert samples[("streamsvc_tokens_relayed_total", ())] >= 2
     assert sum(v for (name, _), v in samples.items()
                if name == "streamsvc_upstream_retries_total") == 1
+
+
+def test_local_histogram_counts_as_prometheus_does() -> None:
+    """The lock-free token histograms: a value on a bound falls in that bound's bucket (le)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from streamsvc.server.metrics import LocalHistogram
+
+    bounds = (0.01, 0.1, 1.0)
+    ours = LocalHistogram(bounds)
+    registry = CollectorRegistry()
+    theirs = Histogram("h", "h", buckets=bounds, registry=registry)
+    for value in (0.0, 0.01, 0.05, 0.1, 0.5, 1.0, 7.0):
+        ours.observe(value)
+        theirs.observe(value)
+    expected = [line for line in generate_latest(registry).decode().splitlines()
+                if line.startswith(("h_bucket", "h_count", "h_sum"))]
+    family = ours.family("h", "h")
+    got = [f'{s.name}{{le="{s.labels["le"]}"}} {float(s.value)}' if "le" in s.labels
+           else f"{s.name} {float(s.value)}" for s in family.samples]
+    assert got == expected

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from streamsvc.usage import Usage
 
@@ -12,6 +15,57 @@ __all__ = ["ANONYMOUS", "Metrics"]
 
 ANONYMOUS = "anonymous"
 """The ``key`` label of usage with auth off (key ids are hex, so no key is named this)."""
+
+
+class LocalHistogram:
+    """A histogram's bucket counts and sum, updated with no lock.
+
+    prometheus_client's ``Histogram.observe`` takes a lock per call: per
+    token, on the relay's hot path. streamsvc observes and renders on the
+    event loop's one thread, so plain counters are safe, and ``collect``
+    reports them in the same shape.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, map(float, self.bounds)), "+Inf"), self.counts,
+                                strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+
+
+class TokenTimes(Collector):
+    """Time to the first output of each stream, the gaps after it, and the outputs counted."""
+
+    def __init__(self) -> None:
+        self.first = LocalHistogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.gaps = LocalHistogram(
+            (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30))
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.first.family("streamsvc_time_to_first_token_seconds",
+                                "From the start of a stream to its first output")
+        yield self.gaps.family("streamsvc_inter_token_gap_seconds",
+                               "Between two outputs of a stream")
+        yield CounterMetricFamily("streamsvc_tokens_relayed",
+                                  "Outputs of streams (events, frames: about one per token)",
+                                  value=self.first.count + self.gaps.count)
 
 
 class Metrics:
@@ -45,22 +99,8 @@ class Metrics:
             "Streams ended or connections closed because the client fell behind",
             registry=self.registry,
         )
-        self.time_to_first_token = Histogram(
-            "streamsvc_time_to_first_token_seconds",
-            "From the start of a generation to its first journaled event",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=self.registry,
-        )
-        self.inter_token_gap = Histogram(
-            "streamsvc_inter_token_gap_seconds",
-            "Between two journaled events of a generation",
-            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30),
-            registry=self.registry,
-        )
-        self.tokens = Counter(
-            "streamsvc_tokens_relayed", "Events journaled by generations (about one per token)",
-            registry=self.registry,
-        )
+        self.token_times = TokenTimes()
+        self.registry.register(self.token_times)
         self.upstream_retries = Counter(
             "streamsvc_upstream_retries",
             "Upstream errors a stream's pipeline retried or fell back after, by code",
@@ -105,12 +145,10 @@ class Metrics:
             self.slow_consumers.inc()
 
     def first_token(self, seconds: float) -> None:
-        self.time_to_first_token.observe(seconds)
-        self.tokens.inc()
+        self.token_times.first.observe(seconds)
 
     def gap(self, seconds: float) -> None:
-        self.inter_token_gap.observe(seconds)
-        self.tokens.inc()
+        self.token_times.gaps.observe(seconds)
 
     def retried(self, codes: list[str]) -> None:
         for code in codes:
