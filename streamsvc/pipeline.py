@@ -12,13 +12,13 @@ from streamsvc.chunks import Chunk
 from streamsvc.config import PipelineConfig
 from streamsvc.reactive.backpressure import Valve
 from streamsvc.reactive.bridge import from_async_iterable
+from streamsvc.reactive.operators._attempts import attempts_
 from streamsvc.reactive.operators._continue import continue_on_failure_
 from streamsvc.reactive.operators import (
     coalesce,
     first_token_timeout,
     idle_timeout,
     pace,
-    retry_with_backoff,
     throttle,
     total_timeout,
 )
@@ -77,9 +77,10 @@ def build_pipeline(
     """The chunks of one chat request, through the operators ``[pipeline]`` turns on.
 
     Per upstream attempt: ``first_token_timeout`` and ``idle_timeout``; across
-    attempts: ``retry_with_backoff`` with the route's fallbacks; then
-    ``total_timeout`` over the whole answer, ``coalesce``, ``throttle`` and
-    ``pace``. A setting of 0 leaves its operator out.
+    attempts: ``retry_with_backoff`` with the route's fallbacks (the three as one
+    fused operator); then continuation (when on), ``total_timeout`` over the
+    whole answer, ``coalesce``, ``throttle`` and ``pace``. A setting of 0
+    leaves its operator out.
 
     Args:
         body: the chat request as the upstream gets it.
@@ -90,20 +91,20 @@ def build_pipeline(
         continuation: continue an answer whose upstream fails after content
             (``continue_on_failure``; never with retries off, tool calls or ``n > 1``).
     """
-    sources = [_attempt(upstream_source(c, body, context), config, context.valve)
-               for c in clients]
+    valve = context.valve
+    # The per-attempt timeouts and the retries as one operator (``_attempts.py``): the
+    # same rules as the public operators composed, with one observer per attempt.
     # With retries off it still runs, once: it holds framing until the first
     # content, so an error before content keeps its HTTP status.
-    stream = sources[0].pipe(
-        retry_with_backoff(
-            config.retry_max_attempts if retries else 1,
-            backoff_base=config.retry_backoff_base_ms / 1000,
-            backoff_max=config.retry_backoff_max_ms / 1000,
-            fallbacks=sources[1:] if retries else (),
-            on_retry=lambda _source, _attempt, error, _delay: context.retried.append(
-                str(getattr(error, "code", "internal_error"))
-            ),
-        )
+    stream = attempts_(
+        [upstream_source(c, body, context) for c in (clients if retries else clients[:1])],
+        first_token_s=config.first_token_timeout_s, idle_s=config.idle_timeout_s,
+        max_attempts=config.retry_max_attempts if retries else 1,
+        backoff_base=config.retry_backoff_base_ms / 1000,
+        backoff_max=config.retry_backoff_max_ms / 1000,
+        held=None if valve is None else (lambda: not valve.is_open),
+        on_retry=lambda _source, _attempt, error, _delay: context.retried.append(
+            str(getattr(error, "code", "internal_error"))),
     )
     n = body.get("n")
     if continuation and retries and (n is None or n == 1):

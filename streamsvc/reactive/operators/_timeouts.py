@@ -66,14 +66,25 @@ class _Watch:
             self.observer.on_completed()
 
 
-def first_token_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operator:
-    def error() -> Exception:
-        return UpstreamError(
-            f"no content from the upstream within {seconds:g} s (first_token_timeout)",
-            code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True, fallback_only=True,
-        )
+def first_token_error(seconds: float) -> UpstreamError:
+    """What ``first_token_timeout`` fails with: try the next upstream, not this one again."""
+    return UpstreamError(
+        f"no content from the upstream within {seconds:g} s (first_token_timeout)",
+        code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True, fallback_only=True,
+    )
 
-    return _deadline("first_token_timeout", seconds, scheduler, error, until_content=True)
+
+def idle_error(seconds: float) -> UpstreamError:
+    """What ``idle_timeout`` fails with."""
+    return UpstreamError(
+        f"the upstream sent nothing for {seconds:g} s mid-stream (idle_timeout)",
+        code=ErrorCode.IDLE_TIMEOUT, retryable=True,
+    )
+
+
+def first_token_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operator:
+    return _deadline("first_token_timeout", seconds, scheduler,
+                     lambda: first_token_error(seconds), until_content=True)
 
 
 def total_timeout_(seconds: float, scheduler: abc.SchedulerBase | None) -> Operator:
@@ -120,7 +131,7 @@ def _deadline(
     return operator
 
 
-def _seconds_clock(scheduler: abc.SchedulerBase) -> Callable[[], float]:
+def seconds_clock(scheduler: abc.SchedulerBase) -> Callable[[], float]:
     """A cheap clock in seconds that agrees with the scheduler's relative timers.
 
     ``scheduler.now`` builds a datetime (about a microsecond, once per chunk);
@@ -140,7 +151,7 @@ def idle_timeout_(
             observer: abc.ObserverBase[Chunk], scheduler_: abc.SchedulerBase | None = None
         ) -> abc.DisposableBase:
             timer_scheduler = scheduler_of(scheduler, scheduler_, "idle_timeout")
-            clock = _seconds_clock(timer_scheduler)
+            clock = seconds_clock(timer_scheduler)
             watch = _Watch(observer)
             last: float | None = None
 
@@ -156,10 +167,7 @@ def idle_timeout_(
                         seconds - waited, check
                     )
                     return
-                watch.fail(UpstreamError(
-                    f"the upstream sent nothing for {seconds:g} s mid-stream (idle_timeout)",
-                    code=ErrorCode.IDLE_TIMEOUT, retryable=True,
-                ))
+                watch.fail(idle_error(seconds))
 
             def on_next(chunk: Chunk) -> None:
                 nonlocal last
