@@ -279,3 +279,116 @@ async def test_one_shot_get_default_model_fills_in(
         raw = await r.read()
     assert b"event: done" in raw
     assert simulator.stats.recent[-1]["body"]["model"] == "echo"
+
+
+# -- issue 12: inputs a fuzz run found handled wrongly ------------------------------------------
+
+DEEP = b"[" * 100_000  # far past any JSON decoder's stack
+NESTED_PAST_LIMIT = json.dumps({"model": "echo", "messages": USER,
+                                "x": json.loads("[" * 200 + "]" * 200)}).encode()
+
+
+@pytest.mark.parametrize("path", [*POST_PATHS, "/v1/tickets"])
+@pytest.mark.parametrize("raw", [DEEP, NESTED_PAST_LIMIT], ids=["100k-brackets", "200-levels"])
+async def test_deeply_nested_json_body_is_a_400_naming_body(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    path: str, raw: bytes,
+) -> None:
+    async with session.post(f"{relay.url}{path}", data=raw,
+                            headers={"Content-Type": "application/json"}) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=400, param="body", code="bad_request")
+    assert "nested" in body["error"]["message"]
+    assert simulator.stats.requests == 0
+    await _still_serving(relay, session)
+
+
+@pytest.mark.parametrize("name", ["extra", "messages"])
+@pytest.mark.parametrize("depth", [1_200, 200])
+async def test_deeply_nested_json_in_the_query_is_a_400_naming_the_parameter(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    name: str, depth: int,
+) -> None:
+    params = {"model": "echo", "q": "hi", name: "[" * depth + "]" * depth}
+    async with session.get(f"{relay.url}/v1/chat/stream", params=params) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=400, param=name, code="bad_request")
+    assert simulator.stats.requests == 0
+
+
+async def test_simulator_deeply_nested_json_body_is_a_400_naming_body(
+    simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(f"{simulator.url}/chat/completions", data=DEEP) as r:
+        status, body = r.status, await r.json()
+    assert status == 400 and body["error"]["param"] == "body", body
+
+
+@pytest.mark.parametrize("seq", ["²", "٣", "３", "1²", "₁"])
+async def test_last_event_id_with_non_ascii_digits_is_a_400_naming_the_parameter_sent(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer, seq: str,
+) -> None:
+    value = f"st_{'a' * 24}:{seq}"
+    for target in (f"{relay.url}/v1/chat/stream", f"{relay.url}/v1/streams/st_{'a' * 24}/events"):
+        # Sent as UTF-8 bytes on the wire, as the fuzz run did.
+        async with session.get(target, headers={"Last-Event-ID": value.encode().decode("latin-1")}
+                               ) as r:
+            status, body = r.status, await r.json()
+        _check_error(status, body, expected_status=400, param="Last-Event-ID", code="bad_request")
+        for name in ("lastEventId", "Last-Event-ID"):
+            async with session.get(target, params={name: value}) as r:
+                status, body = r.status, await r.json()
+            _check_error(status, body, expected_status=400, param=name, code="bad_request")
+    assert simulator.stats.requests == 0
+    await _still_serving(relay, session)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("temperature", "nan"), ("temperature", "inf"), ("temperature", "-inf"),
+    ("temperature", "Infinity"), ("top_p", "1e999"), ("top_p", "NaN"),
+    ("temperature", "１"), ("temperature", "1_0"), ("temperature", " 1"),
+    ("max_tokens", "٣"), ("max_tokens", "1_000"), ("n", "９"), ("max_tokens", "9" * 5000),
+])
+async def test_non_finite_or_non_ascii_query_numbers_are_a_400_naming_the_field(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    name: str, value: str,
+) -> None:
+    params = {"model": "echo", "q": "hi", name: value}
+    async with session.get(f"{relay.url}/v1/chat/stream", params=params) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=400, param=name, code="bad_request")
+    assert simulator.stats.requests == 0
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+     "temperature"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}], "top_p": -1e400}',
+     "top_p"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}],'
+     b' "simulate": {"rate": 1e999}}', "simulate.rate"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "hi", "x": [1, 2e308]}]}',
+     "messages[0].x[1]"),
+], ids=["temperature", "top_p", "nested", "in-array"])
+async def test_non_finite_numbers_in_the_body_are_a_400_naming_the_field(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    raw: bytes, param: str,
+) -> None:
+    for path in POST_PATHS:
+        async with session.post(f"{relay.url}{path}", data=raw,
+                                headers={"Content-Type": "application/json"}) as r:
+            status, body = r.status, await r.json()
+        _check_error(status, body, expected_status=400, param=param, code="bad_request")
+    assert simulator.stats.requests == 0
+
+
+async def test_query_numbers_in_ascii_decimals_still_pass(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    params = {"model": "echo", "q": " hi", "temperature": "0.5", "top_p": "1e-1",
+              "max_tokens": "16", "n": "1"}
+    async with session.get(f"{relay.url}/v1/chat/stream", params=params) as r:
+        assert r.status == 200
+        assert b"event: done" in await r.read()
+    sent = simulator.stats.recent[-1]["body"]
+    assert (sent["temperature"], sent["top_p"], sent["max_tokens"]) == (0.5, 0.1, 16)

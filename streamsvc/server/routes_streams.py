@@ -44,6 +44,7 @@ from streamsvc.server.state import (
 from streamsvc.sse import encode_event, encode_retry
 from streamsvc.streams.generation import Generation
 from streamsvc.streams.readers import read_backlog, read_journal
+from streamsvc.validation import decode_json
 from streamsvc.wire.events import EventsEncoder
 
 __all__ = ["routes"]
@@ -272,10 +273,7 @@ async def create_ticket(request: web.Request) -> web.Response:
     body = await request.read()
     stream_id: str | None = None
     if body.strip():
-        try:
-            data = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise ClientError("body: not valid JSON", param="body") from exc
+        data = decode_json(body, "body")
         if not isinstance(data, dict) or set(data) - {"stream_id"}:
             raise ClientError("body: expected {} or {\"stream_id\": \"st_...\"}", param="body")
         if "stream_id" in data:
