@@ -6,15 +6,22 @@ followed by a valid request that must still be answered.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
+from streamsvc.config import load_config
+from streamsvc.server.app import create_app
+from streamsvc.server.runner import AppRunner
 from streamsvc.simulator import SimulatorServer
-from tests.conftest import RunningServer, StartServer, relay_overrides
+from tests.conftest import RunningServer, Serve, StartServer, relay_overrides
 
 POST_PATHS = ["/v1/chat/completions", "/v1/chat/stream", "/v1/streams"]
 USER = [{"role": "user", "content": "hi"}]
@@ -392,3 +399,82 @@ async def test_query_numbers_in_ascii_decimals_still_pass(
         assert b"event: done" in await r.read()
     sent = simulator.stats.recent[-1]["body"]
     assert (sent["temperature"], sent["top_p"], sent["max_tokens"]) == (0.5, 0.1, 16)
+
+
+# (case id, raw request bytes, the status, the param the JSON error must name)
+UNREADABLE: list[tuple[str, bytes, str]] = [
+    ("nul-in-header", b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Trace: a\x00b\r\n\r\n", "X-Trace"),
+    ("cr-in-header", b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Trace: a\rb\r\n\r\n", "X-Trace"),
+    ("nul-in-authorization",
+     b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-sec\x00ret\r\n\r\n",
+     "Authorization"),
+    ("request-line-over-8190", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "url"),
+    ("header-over-8190", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
+     "headers"),
+    ("bad-method", b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n", "method"),
+    ("bad-version", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", "request line"),
+    ("tls-on-http", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", "method"),
+    ("content-length-letters",
+     b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", "Content-Length"),
+    ("bad-chunk-size",
+     b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+     "body"),
+]
+
+
+async def _raw_exchange(url: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` on a new connection; the status, headers and body of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        body = await asyncio.wait_for(reader.readexactly(int(headers["Content-Length"])), 5)
+    finally:
+        writer.close()
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.fixture
+async def served(simulator: SimulatorServer) -> AsyncIterator[str]:
+    """The relay on streamsvc's own runner (as ``streamsvc serve`` runs it), on a free port."""
+    runner = AppRunner(create_app(load_config(env={}, overrides=relay_overrides(simulator.url))),
+                       handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(("raw", "param"), [pytest.param(raw, param, id=case)
+                                            for case, raw, param in UNREADABLE])
+async def test_aiohttp_own_400s_are_openai_json_naming_the_part(
+    served: str, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+    raw: bytes, param: str,
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        status, headers, body = await _raw_exchange(served, raw)
+    assert headers["Content-Type"].startswith("application/json")
+    assert "X-Request-ID" in headers
+    error = json.loads(body)
+    _check_error(status, error, expected_status=400, param=param, code="bad_request")
+    assert error["error"]["type"] == "invalid_request_error"
+    # Neither the answer nor the logs repeat what was sent (a key, say): only a header's name.
+    for secret in (b"sk-sec", b"a\x00b", b"aaaaaaaaaa"):
+        assert secret not in body
+        assert secret.decode() not in caplog.text
+    async with session.get(f"{served}/v1/models") as r:  # the server goes on
+        assert r.status == 200
+
+
+async def test_streamsvc_serve_answers_aiohttp_own_400s_in_json(serve: Serve) -> None:
+    _, url = await serve()
+    status, headers, body = await _raw_exchange(url, UNREADABLE[0][1])
+    assert status == 400 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body)["error"]["param"] == "X-Trace"
