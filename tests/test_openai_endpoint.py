@@ -674,3 +674,28 @@ async def test_a_stream_that_ends_with_no_finish_reason_is_never_done(
     async with session.post(f"{relay.url}/v1/chat/completions", json=_body(stream=True)) as r:
         raw, _ = await _raw_events(r)
     assert raw.endswith(b"data: [DONE]\n\n") is normal
+
+
+async def test_an_emoji_split_across_chunks_as_lone_surrogates_reaches_every_client_whole(
+    start_server: StartServer, fake_upstream: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    def frame(delta: str, finish: str = "null") -> bytes:
+        return (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"echo",'
+                b'"choices":[{"index":0,"delta":%s,"finish_reason":%s}]}\n\n'
+                % (delta.encode(), finish.encode()))
+
+    frames = [frame('{"role":"assistant","content":"ok "}'), frame('{"content":"\\ud83d"}'),
+              frame('{"content":"\\ude42 done"}'), frame("{}", '"stop"'), b"data: [DONE]\n\n"]
+    relay = await start_server(overrides=relay_overrides(await fake_upstream(_scripted(frames))))
+    async with session.post(f"{relay.url}/v1/chat/stream", json=_body()) as r:
+        _, events = await _raw_events(r)
+    assert events[-1].event == "done", events[-1]
+    assert "".join(json.loads(e.data).get("content", "") for e in events[:-1]) == "ok 🙂 done"
+    async with _sdk(relay) as client:
+        stream = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "x"}], stream=True)
+        texts, _ = await _sdk_stream_text(stream)
+        answer = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "x"}])
+    assert texts[0] == "ok 🙂 done"
+    assert answer.choices[0].message.content == "ok 🙂 done"

@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from streamsvc.chunks import Chunk
+from streamsvc.chunks import Chunk, SurrogateJoiner
 from streamsvc.config import UpstreamConfig
 from streamsvc.errors import ErrorCode, UpstreamError
 from streamsvc.reactive.backpressure import Valve
@@ -305,6 +305,7 @@ class UpstreamClient:
     ) -> AsyncIterator[Chunk]:
         response = await self._post(body, session, streaming=True)
         decoder = SSEDecoder()
+        halves = SurrogateJoiner()  # an emoji split into "\ud83d" and "\ude42" chunks
         started: set[int] = set()  # the choices seen, and those of them that finished
         finished: set[int] = set()
         undelivered = 0  # bytes read since the last whole event: bounds the decoder's buffer
@@ -338,7 +339,7 @@ class UpstreamClient:
                         self._check_finished(started, finished, "[DONE]")
                         return
                     try:
-                        chunk = Chunk.from_json(text.encode())
+                        chunk = halves.join(Chunk.from_json(text.encode()))
                     except msgspec.DecodeError as exc:
                         raise UpstreamError(
                             f"upstream {self.name!r} sent a malformed chunk: {text[:80]!r}",
