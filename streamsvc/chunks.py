@@ -272,8 +272,10 @@ def merge(first: Chunk, second: Chunk) -> Chunk | None:
 
     Two chunks merge when each has one choice of the same index with no finish
     reason, no usage and no logprobs, and ``second`` only continues what
-    ``first`` holds: the same text fields, or more argument text for the same
-    tool call. The merged chunk keeps ``first``'s envelope (id, model, ...).
+    ``first`` holds: the same text fields with text in at most one of them (the
+    kind of text does not change: content stays content, reasoning reasoning),
+    or more argument text for the same tool call. The merged chunk keeps
+    ``first``'s envelope (id, model, ...).
 
     >>> a = Chunk({"choices": [{"index": 0, "delta": {"content": " Hel"}}]})
     >>> b = Chunk({"choices": [{"index": 0, "delta": {"content": "lo"}}]})
@@ -292,6 +294,11 @@ def merge(first: Chunk, second: Chunk) -> Chunk | None:
     if tail_keys is not None:
         head_text = {k: v for k, v in head_delta.items() if k != "role"}
         if _text_keys(head_text) != tail_keys:
+            return None
+        # Only while the kind of text stays the same: reasoning, content, reasoning,
+        # content is four blocks to a client, never one of each (fields may be "").
+        kinds = {k for k in tail_keys if head_delta[k] or tail_delta[k]}
+        if len(kinds) > 1:
             return None
         delta = dict(head_delta)
         for key in tail_keys:

@@ -107,11 +107,24 @@ def test_merge_role_and_content_head_with_content() -> None:
     assert delta_of(merged) == {"role": "assistant", "content": "Hi there"}
 
 
-def test_merge_two_text_fields_when_both_carry_the_same_pair() -> None:
-    both = {"content": "a", "reasoning_content": "b"}
-    merged = merge(chunk(dict(both)), chunk({"content": "c", "reasoning_content": "d"}))
+def test_merge_keeps_a_text_kind_when_the_other_field_is_empty() -> None:
+    # OpenRouter-style deltas carry both fields, one of them "".
+    merged = merge(chunk({"content": "", "reasoning": "a"}),
+                   chunk({"content": "", "reasoning": "b"}))
     assert merged is not None
-    assert delta_of(merged) == {"content": "ac", "reasoning_content": "bd"}
+    assert delta_of(merged) == {"content": "", "reasoning": "ab"}
+
+
+def test_coalescing_keeps_reasoning_content_alternation_as_separate_blocks() -> None:
+    # Every delta carries both fields, one empty: reasoning, content, reasoning, content.
+    kinds = [("r1", ""), ("r2", ""), ("", "c1"), ("", "c2"), ("r3", ""), ("", "c3")]
+    chunks = [chunk({"reasoning": r, "content": c}) for r, c in kinds]
+    out = coalesce_batch(chunks, max_chars=100)
+    assert [(delta_of(c)["reasoning"], delta_of(c)["content"]) for c in out] == [
+        ("r1r2", ""), ("", "c1c2"), ("r3", ""), ("", "c3")]
+    # Two kinds in one delta are never merged: their order in time is not known.
+    assert merge(chunk({"content": "a", "reasoning_content": "b"}),
+                 chunk({"content": "c", "reasoning_content": "d"})) is None
 
 
 def test_merge_tool_call_argument_fragments_of_the_same_call() -> None:

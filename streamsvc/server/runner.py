@@ -1,4 +1,4 @@
-"""Running the app: aiohttp's runner, with streamsvc's answer to the requests aiohttp refuses itself.
+"""Running the app: aiohttp's runner, with streamsvc's answer to requests aiohttp refuses itself.
 
 aiohttp answers a request it cannot parse (a NUL or CR in a header, a line
 longer than 8,190 bytes, a bad method or chunk size) from inside its
