@@ -143,7 +143,8 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
             prefix=config.journal.redis_prefix, lease_s=config.journal.writer_lease_s,
         )
         await redis_journal.start()
-    registry = StreamRegistry(resume_grace_s=config.journal.resume_grace_s)
+    registry = StreamRegistry(resume_grace_s=config.journal.resume_grace_s,
+                              retention_s=config.journal.retention_s)
     app[JOURNAL] = journal
     app[JOURNAL_SHARED] = redis is not None
     app[REGISTRY] = registry
