@@ -8,13 +8,14 @@ encoded again when written.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
 
 __all__ = [
-    "TEXT_FIELDS", "Chunk", "ChunkBuffer", "Seam", "coalesce_batch", "merge", "split_text",
-    "text_size",
+    "TEXT_FIELDS", "Chunk", "ChunkBuffer", "Seam", "SurrogateJoiner", "coalesce_batch", "merge",
+    "split_text", "text_size",
 ]
 
 # Delta fields that carry text and concatenate losslessly. Upstreams name the
@@ -40,11 +41,28 @@ class Chunk:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Chunk:
-        """Parse upstream bytes once; raises ``msgspec.DecodeError`` on bad JSON."""
-        data = msgspec.json.decode(raw)
+        """Parse upstream bytes once; raises ``msgspec.DecodeError`` on bad JSON.
+
+        A string may hold a lone UTF-16 surrogate escape (``"\\ud83d"``): some
+        upstreams split an emoji into two chunks that way, and JavaScript joins
+        the halves. msgspec refuses it; such a chunk is read with the standard
+        library, keeps its lone surrogates, and has ``raw = None`` until a
+        :class:`SurrogateJoiner` has made its text whole.
+        """
+        kept: bytes | None = raw
+        try:
+            data = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            if b"\\u" not in raw:
+                raise
+            try:
+                data = json.loads(raw)  # keeps "\ud83d" as the one code point U+D83D
+            except (ValueError, RecursionError):
+                raise msgspec.DecodeError("JSON is malformed") from None
+            kept = None
         if not isinstance(data, dict):
             raise msgspec.DecodeError(f"expected a JSON object, got {type(data).__name__}")
-        return cls(data, raw)
+        return cls(data, kept)
 
     def to_json(self) -> bytes:
         """The chunk's JSON: the upstream's bytes when nothing changed them."""
@@ -119,6 +137,97 @@ class Seam(Chunk):
         return f"Seam({self.info!r})"
 
 
+def _is_high_surrogate(char: str) -> bool:
+    return "\ud800" <= char <= "\udbff"
+
+
+def _whole(text: str) -> str:
+    """``text`` with each surrogate pair made one character and each lone one U+FFFD."""
+    try:
+        text.encode("utf-8")  # fails exactly when a surrogate code point is in it
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
+def _whole_strings(node: Any) -> Any:
+    """Every string in a decoded JSON value made whole (lone surrogates: U+FFFD)."""
+    if isinstance(node, str):
+        return _whole(node)
+    if isinstance(node, list):
+        return [_whole_strings(item) for item in node]
+    if isinstance(node, dict):
+        return {_whole(key): _whole_strings(value) for key, value in node.items()}
+    return node
+
+
+class SurrogateJoiner:
+    """Joins the halves of a character that an upstream split across two chunks.
+
+    One per upstream stream, fed its chunks in order. When a text field of a
+    choice (or a tool call's argument text) ends with a lone high surrogate,
+    that half is held back and put in front of the same field's next text,
+    where its low half starts: ``"\\ud83d"`` then ``"\\ude42"`` become ``""``
+    then ``"🙂"``, so the text is what a JavaScript client reading the upstream
+    shows. A half that has no partner becomes U+FFFD, as it does there; one
+    still held when its choice finishes is sent as U+FFFD in that last chunk.
+    Costs nothing on a chunk that msgspec read (``raw`` set) while nothing is held.
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, str | int], str] = {}
+
+    def join(self, chunk: Chunk) -> Chunk:
+        if chunk.raw is not None and not self._held:
+            return chunk
+        changed = chunk.raw is None
+        for choice in chunk.choices:
+            delta = choice.get("delta")
+            index = choice.get("index", 0)
+            if not isinstance(delta, dict) or not isinstance(index, int):
+                continue
+            for field in TEXT_FIELDS:
+                text = delta.get(field)
+                if isinstance(text, str):
+                    joined = self._text((index, field), text)
+                    changed = changed or joined != text
+                    delta[field] = joined
+                elif choice.get("finish_reason") is not None and (index, field) in self._held:
+                    del self._held[(index, field)]
+                    delta[field] = "\ufffd"
+                    changed = True
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    key = (index, call.get("index", 0))
+                    joined = self._text(key, function["arguments"])
+                    changed = changed or joined != function["arguments"]
+                    function["arguments"] = joined
+        if not changed:
+            return chunk
+        data = chunk.data
+        try:
+            raw = _encode(data)
+        except UnicodeEncodeError:  # a lone surrogate outside the text (an id, a name)
+            try:
+                data = _whole_strings(data)
+            except RecursionError:
+                raise msgspec.DecodeError("JSON is nested too deep") from None
+            raw = _encode(data)
+        return Chunk(data, raw)
+
+    def _text(self, key: tuple[int, str | int], text: str) -> str:
+        held = self._held.pop(key, None)
+        if held is not None:
+            text = held + text
+        if text and _is_high_surrogate(text[-1]):
+            self._held[key] = text[-1]
+            text = text[:-1]
+        return _whole(text) if held is not None or not text.isascii() else text
+
+
 def _only_choice(chunk: Chunk) -> dict[str, Any] | None:
     """The single choice of a chunk that has no usage, no finish and no logprobs."""
     data = chunk.data
@@ -184,8 +293,10 @@ def merge(first: Chunk, second: Chunk) -> Chunk | None:
 
     Two chunks merge when each has one choice of the same index with no finish
     reason, no usage and no logprobs, and ``second`` only continues what
-    ``first`` holds: the same text fields, or more argument text for the same
-    tool call. The merged chunk keeps ``first``'s envelope (id, model, ...).
+    ``first`` holds: the same text fields with text in at most one of them (the
+    kind of text does not change: content stays content, reasoning reasoning),
+    or more argument text for the same tool call. The merged chunk keeps
+    ``first``'s envelope (id, model, ...).
 
     >>> a = Chunk({"choices": [{"index": 0, "delta": {"content": " Hel"}}]})
     >>> b = Chunk({"choices": [{"index": 0, "delta": {"content": "lo"}}]})
@@ -204,6 +315,11 @@ def merge(first: Chunk, second: Chunk) -> Chunk | None:
     if tail_keys is not None:
         head_text = {k: v for k, v in head_delta.items() if k != "role"}
         if _text_keys(head_text) != tail_keys:
+            return None
+        # Only while the kind of text stays the same: reasoning, content, reasoning,
+        # content is four blocks to a client, never one of each (fields may be "").
+        kinds = {k for k in tail_keys if head_delta[k] or tail_delta[k]}
+        if len(kinds) > 1:
             return None
         delta = dict(head_delta)
         for key in tail_keys:

@@ -16,7 +16,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aiohttp import web
 from pythonjsonlogger.json import JsonFormatter
 
 from streamsvc.bench.options import add_arguments as add_bench_arguments
@@ -90,6 +89,7 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _serve(args: argparse.Namespace) -> int:
     from streamsvc.server.access_log import AccessLogger
     from streamsvc.server.app import create_app
+    from streamsvc.server.runner import run_app
 
     config_path = args.config or os.environ.get("STREAMSVC_CONFIG") or None
     config: Config = load_config(config_path, overrides=_flag_overrides(args))
@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         "config: %s", config_path or "built-in defaults (config/streamsvc.toml)"
     )
     loop = loop_factory(config.server.event_loop)()
-    web.run_app(
+    run_app(
         create_app(config),
         loop=loop,
         host=config.server.host,

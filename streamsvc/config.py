@@ -62,6 +62,8 @@ class ServerConfig(_Section, frozen=True):
     port: Port = 8080
     default_model: str = ""
     max_body_bytes: PosInt = 1_048_576
+    body_timeout_s: PosFloat = 30.0
+    keepalive_timeout_s: PosFloat = 75.0
     heartbeat_s: PosFloat = 15.0
     sse_retry_ms: Annotated[int, msgspec.Meta(ge=0)] = 1000
     max_pending_bytes: PosInt = 1_048_576

@@ -4,7 +4,8 @@
 
     StreamsvcError                     (code, message, retryable, status)
     ├── ConfigError                    config_invalid: names the file and the key
-    ├── ClientError                    the request was wrong: bad_request, not_found, ...
+    ├── ClientError                    the request was wrong: bad_request, not_found,
+    │                                  request_timeout (its body was too slow), ...
     │   └── LimitError                 rate_limited by one of our own limits (retry_after)
     ├── UpstreamError                  the upstream failed: upstream_unavailable,
     │                                  upstream_error, upstream_timeout, idle_timeout,
@@ -41,6 +42,7 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    REQUEST_TIMEOUT = "request_timeout"
     MODEL_NOT_FOUND = "model_not_found"
     RATE_LIMITED = "rate_limited"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
@@ -65,6 +67,7 @@ _STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.MODEL_NOT_FOUND: 404,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.REQUEST_TIMEOUT: 408,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.UPSTREAM_UNAVAILABLE: 502,
     ErrorCode.UPSTREAM_ERROR: 502,
@@ -86,6 +89,7 @@ _OPENAI_TYPE: dict[ErrorCode, str] = {
     ErrorCode.NOT_FOUND: "invalid_request_error",
     ErrorCode.MODEL_NOT_FOUND: "invalid_request_error",
     ErrorCode.PAYLOAD_TOO_LARGE: "invalid_request_error",
+    ErrorCode.REQUEST_TIMEOUT: "invalid_request_error",
     ErrorCode.UNAUTHORIZED: "authentication_error",
     ErrorCode.FORBIDDEN: "permission_error",
     ErrorCode.RATE_LIMITED: "rate_limit_error",

@@ -27,6 +27,7 @@ __all__ = [
     "encode_comment",
     "encode_event",
     "encode_retry",
+    "retry_field",
 ]
 
 
@@ -295,3 +296,21 @@ def encode_retry(ms: int) -> bytes:
     if ms < 0:
         raise ValueError(f"SSE retry must be a non-negative number of ms, got {ms}")
     return f"retry: {ms}\n\n".encode()
+
+
+def retry_field(ms: int) -> bytes:
+    """The ``retry`` field line alone, to start the block of an event that has data.
+
+    A block of its own (:func:`encode_retry`) dispatches nothing in a
+    browser, but clients that dispatch at every blank line (fetch-event-source)
+    hand it on as an empty message; sent in front of an event's ``id`` and
+    ``data`` lines it is one block with them.
+
+    Example::
+
+        >>> retry_field(1000) + b"data: a\\n\\n"
+        b'retry: 1000\\ndata: a\\n\\n'
+    """
+    if ms < 0:
+        raise ValueError(f"SSE retry must be a non-negative number of ms, got {ms}")
+    return f"retry: {ms}\n".encode()

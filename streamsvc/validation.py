@@ -14,22 +14,33 @@ error log line must not repeat the prompt.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from streamsvc.errors import ClientError, ErrorCode
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "ChatFields",
     "bad_field",
     "chat_fields",
     "check_type",
     "content_text",
+    "decode_json",
     "integer_field",
     "kind_of",
     "number_field",
 ]
+
+# The deepest nesting of arrays and objects a request may hold. A chat body
+# needs a few levels (tool schemas a few dozen); a deeper one is refused
+# before anything walks it, so no later step can run out of stack.
+MAX_JSON_DEPTH = 128
 
 # Roles whose content may not be null (an assistant message with tool calls may).
 _CONTENT_REQUIRED = frozenset({"user", "system", "developer"})
@@ -57,6 +68,69 @@ def check_type(value: Any, kinds: type | tuple[type, ...], param: str, what: str
         raise bad_field(f"expected {what}, got a boolean", param)
     if not isinstance(value, kinds):
         raise bad_field(f"expected {what}, got {kind_of(value)}", param)
+
+
+def decode_json(raw: bytes | str, param: str) -> Any:
+    """Decode JSON from a client: any failure is a ``bad_request`` naming ``param``.
+
+    Nesting deeper than :data:`MAX_JSON_DEPTH` is refused, and a number too
+    large for a float (``1e999``) is named by its path, like any wrong field.
+
+    Example:
+        >>> decode_json(b'{"n": 1}', "body")
+        {'n': 1}
+    """
+    try:
+        value = msgspec.json.decode(raw)
+    except RecursionError:
+        raise bad_field(_TOO_DEEP, param) from None
+    except msgspec.DecodeError as exc:
+        # msgspec names no key in its path ("$[...]"): find the number again.
+        where = _out_of_range(raw, param) if "out of range" in str(exc) else None
+        if where is not None:
+            raise bad_field("expected a finite number, got one out of range", where) from exc
+        raise bad_field(f"invalid JSON: {exc}", param) from exc
+    if isinstance(raw, str):
+        raw = raw.encode()
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:  # else it cannot be that deep
+        _check_depth(value, param)
+    return value
+
+
+_TOO_DEEP = f"expected JSON nested at most {MAX_JSON_DEPTH} levels deep, got deeper"
+
+
+def _check_depth(value: Any, param: str) -> None:
+    # A loop over a stack, not a recursion: the value may be ~1,000 levels deep.
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_field(_TOO_DEEP, param)
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values()
+                         if isinstance(child, dict | list))
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node if isinstance(child, dict | list))
+
+
+def _out_of_range(raw: bytes | str, param: str) -> str | None:
+    """The path of the first number that is not finite once decoded (``temperature``)."""
+    try:
+        value = json.loads(raw)  # the stdlib reads 1e999 as inf, where msgspec refuses it
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[Any, str]] = [(value, "" if param == "body" else param)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            return path or param
+        if isinstance(node, dict):
+            stack.extend((child, f"{path}.{key}" if path else str(key))
+                         for key, child in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in reversed(list(enumerate(node))))
+    return None
 
 
 def _validate_messages(value: Any) -> list[dict[str, Any]]:
@@ -110,6 +184,8 @@ def _number(
     if value is None:  # absent and null both mean "the default"
         return None
     check_type(value, kinds, name, what)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise bad_field(f"expected a finite number, got {value}", name)
     if value < minimum:
         raise bad_field(f"expected at least {minimum:g}, got {value}", name)
     if maximum is not None and value > maximum:

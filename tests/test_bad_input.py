@@ -6,15 +6,22 @@ followed by a valid request that must still be answered.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
+from streamsvc.config import load_config
+from streamsvc.server.app import create_app
+from streamsvc.server.runner import AppRunner
 from streamsvc.simulator import SimulatorServer
-from tests.conftest import RunningServer, StartServer, relay_overrides
+from tests.conftest import RunningServer, Serve, StartServer, relay_overrides
 
 POST_PATHS = ["/v1/chat/completions", "/v1/chat/stream", "/v1/streams"]
 USER = [{"role": "user", "content": "hi"}]
@@ -279,3 +286,195 @@ async def test_one_shot_get_default_model_fills_in(
         raw = await r.read()
     assert b"event: done" in raw
     assert simulator.stats.recent[-1]["body"]["model"] == "echo"
+
+
+# -- issue 12: inputs a fuzz run found handled wrongly ------------------------------------------
+
+DEEP = b"[" * 100_000  # far past any JSON decoder's stack
+NESTED_PAST_LIMIT = json.dumps({"model": "echo", "messages": USER,
+                                "x": json.loads("[" * 200 + "]" * 200)}).encode()
+
+
+@pytest.mark.parametrize("path", [*POST_PATHS, "/v1/tickets"])
+@pytest.mark.parametrize("raw", [DEEP, NESTED_PAST_LIMIT], ids=["100k-brackets", "200-levels"])
+async def test_deeply_nested_json_body_is_a_400_naming_body(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    path: str, raw: bytes,
+) -> None:
+    async with session.post(f"{relay.url}{path}", data=raw,
+                            headers={"Content-Type": "application/json"}) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=400, param="body", code="bad_request")
+    assert "nested" in body["error"]["message"]
+    assert simulator.stats.requests == 0
+    await _still_serving(relay, session)
+
+
+@pytest.mark.parametrize("name", ["extra", "messages"])
+@pytest.mark.parametrize("depth", [1_200, 200])
+async def test_deeply_nested_json_in_the_query_is_a_400_naming_the_parameter(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    name: str, depth: int,
+) -> None:
+    params = {"model": "echo", "q": "hi", name: "[" * depth + "]" * depth}
+    async with session.get(f"{relay.url}/v1/chat/stream", params=params) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=400, param=name, code="bad_request")
+    assert simulator.stats.requests == 0
+
+
+async def test_simulator_deeply_nested_json_body_is_a_400_naming_body(
+    simulator: SimulatorServer, session: aiohttp.ClientSession
+) -> None:
+    async with session.post(f"{simulator.url}/chat/completions", data=DEEP) as r:
+        status, body = r.status, await r.json()
+    assert status == 400 and body["error"]["param"] == "body", body
+
+
+@pytest.mark.parametrize("seq", ["²", "٣", "３", "1²", "₁"])
+async def test_last_event_id_with_non_ascii_digits_is_a_400_naming_the_parameter_sent(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer, seq: str,
+) -> None:
+    value = f"st_{'a' * 24}:{seq}"
+    for target in (f"{relay.url}/v1/chat/stream", f"{relay.url}/v1/streams/st_{'a' * 24}/events"):
+        # Sent as UTF-8 bytes on the wire, as the fuzz run did.
+        async with session.get(target, headers={"Last-Event-ID": value.encode().decode("latin-1")}
+                               ) as r:
+            status, body = r.status, await r.json()
+        _check_error(status, body, expected_status=400, param="Last-Event-ID", code="bad_request")
+        for name in ("lastEventId", "Last-Event-ID"):
+            async with session.get(target, params={name: value}) as r:
+                status, body = r.status, await r.json()
+            _check_error(status, body, expected_status=400, param=name, code="bad_request")
+    assert simulator.stats.requests == 0
+    await _still_serving(relay, session)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("temperature", "nan"), ("temperature", "inf"), ("temperature", "-inf"),
+    ("temperature", "Infinity"), ("top_p", "1e999"), ("top_p", "NaN"),
+    ("temperature", "１"), ("temperature", "1_0"), ("temperature", " 1"),
+    ("max_tokens", "٣"), ("max_tokens", "1_000"), ("n", "９"), ("max_tokens", "9" * 5000),
+])
+async def test_non_finite_or_non_ascii_query_numbers_are_a_400_naming_the_field(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    name: str, value: str,
+) -> None:
+    params = {"model": "echo", "q": "hi", name: value}
+    async with session.get(f"{relay.url}/v1/chat/stream", params=params) as r:
+        status, body = r.status, await r.json()
+    _check_error(status, body, expected_status=400, param=name, code="bad_request")
+    assert simulator.stats.requests == 0
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+     "temperature"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}], "top_p": -1e400}',
+     "top_p"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}],'
+     b' "simulate": {"rate": 1e999}}', "simulate.rate"),
+    (b'{"model": "echo", "messages": [{"role": "user", "content": "hi", "x": [1, 2e308]}]}',
+     "messages[0].x[1]"),
+], ids=["temperature", "top_p", "nested", "in-array"])
+async def test_non_finite_numbers_in_the_body_are_a_400_naming_the_field(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer,
+    raw: bytes, param: str,
+) -> None:
+    for path in POST_PATHS:
+        async with session.post(f"{relay.url}{path}", data=raw,
+                                headers={"Content-Type": "application/json"}) as r:
+            status, body = r.status, await r.json()
+        _check_error(status, body, expected_status=400, param=param, code="bad_request")
+    assert simulator.stats.requests == 0
+
+
+async def test_query_numbers_in_ascii_decimals_still_pass(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    params = {"model": "echo", "q": " hi", "temperature": "0.5", "top_p": "1e-1",
+              "max_tokens": "16", "n": "1"}
+    async with session.get(f"{relay.url}/v1/chat/stream", params=params) as r:
+        assert r.status == 200
+        assert b"event: done" in await r.read()
+    sent = simulator.stats.recent[-1]["body"]
+    assert (sent["temperature"], sent["top_p"], sent["max_tokens"]) == (0.5, 0.1, 16)
+
+
+# (case id, raw request bytes, the status, the param the JSON error must name)
+UNREADABLE: list[tuple[str, bytes, str]] = [
+    ("nul-in-header", b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Trace: a\x00b\r\n\r\n", "X-Trace"),
+    ("cr-in-header", b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Trace: a\rb\r\n\r\n", "X-Trace"),
+    ("nul-in-authorization",
+     b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-sec\x00ret\r\n\r\n",
+     "Authorization"),
+    ("request-line-over-8190", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "url"),
+    ("header-over-8190", b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
+     "headers"),
+    ("bad-method", b"G\x01T / HTTP/1.1\r\nHost: x\r\n\r\n", "method"),
+    ("bad-version", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", "request line"),
+    ("tls-on-http", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n", "method"),
+    ("content-length-letters",
+     b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", "Content-Length"),
+    ("bad-chunk-size",
+     b"POST /v1/chat/stream HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+     "body"),
+]
+
+
+async def _raw_exchange(url: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``data`` on a new connection; the status, headers and body of the answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+        body = await asyncio.wait_for(reader.readexactly(int(headers["Content-Length"])), 5)
+    finally:
+        writer.close()
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.fixture
+async def served(simulator: SimulatorServer) -> AsyncIterator[str]:
+    """The relay on streamsvc's own runner (as ``streamsvc serve`` runs it), on a free port."""
+    runner = AppRunner(create_app(load_config(env={}, overrides=relay_overrides(simulator.url))),
+                       handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(("raw", "param"), [pytest.param(raw, param, id=case)
+                                            for case, raw, param in UNREADABLE])
+async def test_aiohttp_own_400s_are_openai_json_naming_the_part(
+    served: str, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+    raw: bytes, param: str,
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        status, headers, body = await _raw_exchange(served, raw)
+    assert headers["Content-Type"].startswith("application/json")
+    assert "X-Request-ID" in headers
+    error = json.loads(body)
+    _check_error(status, error, expected_status=400, param=param, code="bad_request")
+    assert error["error"]["type"] == "invalid_request_error"
+    # Neither the answer nor the logs repeat what was sent (a key, say): only a header's name.
+    for secret in (b"sk-sec", b"a\x00b", b"aaaaaaaaaa"):
+        assert secret not in body
+        assert secret.decode() not in caplog.text
+    async with session.get(f"{served}/v1/models") as r:  # the server goes on
+        assert r.status == 200
+
+
+async def test_streamsvc_serve_answers_aiohttp_own_400s_in_json(serve: Serve) -> None:
+    _, url = await serve()
+    status, headers, body = await _raw_exchange(url, UNREADABLE[0][1])
+    assert status == 400 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body)["error"]["param"] == "X-Trace"

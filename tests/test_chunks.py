@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamsvc.chunks import Chunk, coalesce_batch, merge, text_size
+from streamsvc.chunks import Chunk, SurrogateJoiner, coalesce_batch, merge, text_size
 
 ENVELOPE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 
@@ -107,11 +107,24 @@ def test_merge_role_and_content_head_with_content() -> None:
     assert delta_of(merged) == {"role": "assistant", "content": "Hi there"}
 
 
-def test_merge_two_text_fields_when_both_carry_the_same_pair() -> None:
-    both = {"content": "a", "reasoning_content": "b"}
-    merged = merge(chunk(dict(both)), chunk({"content": "c", "reasoning_content": "d"}))
+def test_merge_keeps_a_text_kind_when_the_other_field_is_empty() -> None:
+    # OpenRouter-style deltas carry both fields, one of them "".
+    merged = merge(chunk({"content": "", "reasoning": "a"}),
+                   chunk({"content": "", "reasoning": "b"}))
     assert merged is not None
-    assert delta_of(merged) == {"content": "ac", "reasoning_content": "bd"}
+    assert delta_of(merged) == {"content": "", "reasoning": "ab"}
+
+
+def test_coalescing_keeps_reasoning_content_alternation_as_separate_blocks() -> None:
+    # Every delta carries both fields, one empty: reasoning, content, reasoning, content.
+    kinds = [("r1", ""), ("r2", ""), ("", "c1"), ("", "c2"), ("r3", ""), ("", "c3")]
+    chunks = [chunk({"reasoning": r, "content": c}) for r, c in kinds]
+    out = coalesce_batch(chunks, max_chars=100)
+    assert [(delta_of(c)["reasoning"], delta_of(c)["content"]) for c in out] == [
+        ("r1r2", ""), ("", "c1c2"), ("r3", ""), ("", "c3")]
+    # Two kinds in one delta are never merged: their order in time is not known.
+    assert merge(chunk({"content": "a", "reasoning_content": "b"}),
+                 chunk({"content": "c", "reasoning_content": "d"})) is None
 
 
 def test_merge_tool_call_argument_fragments_of_the_same_call() -> None:
@@ -309,3 +322,62 @@ def test_tool_call_arguments_reassemble_identically(
     assert assembled == arguments
     assert out[0].choices[0]["delta"]["tool_calls"][0]["function"]["name"] == "f"
     assert out[-1] is chunks[-1]
+
+
+# -- issue 12, item 7: an emoji split across chunks as lone surrogate escapes ---------------------
+
+def _raw(delta: str, *, index: int = 0, finish: str | None = None, head: str = "") -> bytes:
+    """A chunk's JSON bytes with ``delta`` written as-is (escapes and all)."""
+    return ('{"id":"c%s","choices":[{"index":%d,"delta":%s,"finish_reason":%s}]}' % (
+        head, index, delta, "null" if finish is None else f'"{finish}"')).encode()
+
+
+def _joined(*raws: bytes) -> list[Chunk]:
+    joiner = SurrogateJoiner()
+    return [joiner.join(Chunk.from_json(raw)) for raw in raws]
+
+
+def _texts(chunks: list[Chunk], field: str = "content") -> str:
+    return "".join(c.choices[0]["delta"].get(field) or "" for c in chunks)
+
+
+def test_an_emoji_split_into_lone_surrogate_escapes_is_joined_across_chunks() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        msgspec.json.decode(_raw('{"content":"x\\ud83d"}'))  # what failed the stream
+    chunks = _joined(_raw('{"content":"x\\ud83d"}'), _raw('{"content":"\\ude42y"}'),
+                     _raw("{}", finish="stop"))
+    assert [c.content for c in chunks] == ["x", "\U0001f642y", ""]
+    for c in chunks:  # every chunk encodes (a lone surrogate cannot go out as UTF-8)
+        assert msgspec.json.decode(c.to_json()) == c.data
+
+
+def test_split_surrogates_are_joined_per_choice_field_and_tool_call() -> None:
+    chunks = _joined(
+        _raw('{"reasoning_content":"\\ud83e"}'), _raw('{"content":"\\ud83d"}', index=1),
+        _raw('{"reasoning_content":"\\udd14!"}'), _raw('{"content":"\\ude00"}', index=1),
+        _raw('{"tool_calls":[{"index":0,"function":{"arguments":"{\\"e\\":\\"\\ud83d"}}]}'),
+        _raw('{"tool_calls":[{"index":0,"function":{"arguments":"\\udc4d\\"}"}}]}'),
+    )
+    assert _texts([chunks[0], chunks[2]], "reasoning_content") == "\U0001f914!"
+    assert _texts([chunks[1], chunks[3]]) == "\U0001f600"
+    arguments = "".join(c.choices[0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                        for c in chunks[4:])
+    assert arguments == '{"e":"\U0001f44d"}'
+
+
+def test_a_lone_surrogate_with_no_partner_becomes_u_fffd_and_never_fails() -> None:
+    chunks = _joined(_raw('{"content":"a\\ude42b"}'),  # a low half with nothing before it
+                     _raw('{"content":"c\\ud83d"}'), _raw('{"content":"d"}'),  # high, no low
+                     _raw('{"content":"e\\ud83d"}'), _raw("{}", finish="stop"),  # high at the end
+                     _raw('{"content":"f"}', head="\\ud800"))  # outside the text
+    assert _texts(chunks) == "a\ufffdbc\ufffdde\ufffdf"
+    assert chunks[-1].data["id"] == "c\ufffd"
+    for c in chunks:
+        msgspec.json.decode(c.to_json())
+
+
+def test_chunks_without_split_surrogates_keep_their_upstream_bytes() -> None:
+    raws = [_raw('{"content":"\\u00e9t\\u00e9 \\ud83d\\ude42"}'), _raw('{"content":"plain"}')]
+    chunks = _joined(*raws)
+    assert [c.raw for c in chunks] == raws
+    assert chunks[0].content == "\u00e9t\u00e9 \U0001f642"

@@ -29,8 +29,10 @@ async def test_pings_before_first_token_on_streamsvc_format(
     async with session.post(f"{relay.url}/v1/chat/stream", json={**BODY, **SLOW}) as response:
         assert response.status == 200
         before, body = await _read_all(response)
-    assert before.startswith(b"retry: 1000\n\n")  # written with the headers
+    assert before.startswith(b": ping\n\n")  # pings from the headers on
     assert before.count(b": ping\n\n") >= 2
+    assert b"\n\nretry: 1000\nid: " in before  # in the first event's block, not alone
+    assert b"retry: 1000\n\n" not in before
     assert b"event: done" in body
 
 

@@ -6,6 +6,9 @@ given back when it ends, is stopped, or its client leaves.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from typing import Any
 
 import aiohttp
@@ -197,3 +200,61 @@ async def test_a_refused_resumable_stream_leaves_nothing_in_the_journal(
                           ) as response:
             await assert_limited(response, "limits.max_streams (1)")
     assert len(journal) == 1  # type: ignore[arg-type]
+
+
+# -- issue 12, item 4: stalled uploads and trickled headers ------------------------------------
+
+async def _stall(url: str, path: str, head: bytes = b""
+                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a connection that sends 8 bytes of a 1,000-byte body (or ``head`` alone), then waits.
+
+    The caller keeps the writer: a collected StreamWriter closes its connection.
+    """
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(head or (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                          "\r\nContent-Length: 1000\r\n\r\n").encode() + b'{"model"')
+    await writer.drain()
+    return reader, writer
+
+
+async def test_stalled_uploads_take_no_stream_slot_and_get_408(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+) -> None:
+    relay = await start_server(overrides=relay_overrides(
+        simulator.url, limits={"max_streams": 2}, server={"body_timeout_s": 1.0}))
+    paths = ["/v1/chat/completions", "/v1/chat/stream", "/v1/streams"]
+    stalled = [await _stall(relay.url, path) for path in paths * 2]  # 6 > max_streams
+    await asyncio.sleep(0.2)
+    # Every endpoint still starts streams while the uploads stall.
+    for path in paths:
+        async with session.post(relay.url + path, json=FAST) as response:
+            assert response.status in (200, 201), await response.text()
+            await response.read()
+    assert open_streams(relay) <= 2
+    for reader, writer in stalled:  # each stalled upload: 408, OpenAI-shaped, naming the body
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert b"Connection: close" in head
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        error = json.loads(await reader.readexactly(length))["error"]
+        writer.close()
+        assert error["code"] == "request_timeout" and error["param"] == "body", error
+        assert "server.body_timeout_s" in error["message"]
+    assert simulator.stats.requests == len(paths)  # the stalled ones never went upstream
+
+
+async def test_slowloris_connections_are_closed_after_keepalive_timeout(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+) -> None:
+    relay = await start_server(overrides=relay_overrides(
+        simulator.url, server={"keepalive_timeout_s": 1.0}))
+    head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: "
+    trickling = [await _stall(relay.url, "", head) for _ in range(64)]
+    started = time.monotonic()
+    async with session.get(relay.url + "/v1/models") as response:  # others are served meanwhile
+        assert response.status == 200
+    for reader, writer in trickling:  # closed by the server, with nothing sent
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    assert time.monotonic() - started < 5

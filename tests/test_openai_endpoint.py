@@ -588,3 +588,114 @@ async def test_garbage_chunk_shapes_are_upstream_errors(
                                 json={**body, "stream": True}) as r:
             assert r.status == 502
             assert (await r.json())["error"]["code"] == "upstream_error"
+
+
+# -- issue 12, item 6: failures that look like a normal end ---------------------------------------
+
+def _chunk_frame(index: int = 0, content: str | None = None, finish: str | None = None) -> bytes:
+    delta = {} if content is None else {"content": content}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "echo",
+             "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def _scripted(frames: list[bytes]) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for frame in frames:
+            await response.write(frame)
+        return response
+
+    return handler
+
+
+ERROR_EVENT_FRAMES = [
+    _chunk_frame(content="Hel"), _chunk_frame(content="lo"),
+    b'event: error\ndata: {"error": {"message": "model overloaded", "type": "server_error"}}\n\n',
+    b"data: [DONE]\n\n",
+]
+
+
+async def test_upstream_error_event_is_a_typed_upstream_error_carrying_its_message(
+    start_server: StartServer, fake_upstream: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    relay = await start_server(overrides=relay_overrides(await fake_upstream(
+        _scripted(ERROR_EVENT_FRAMES))))
+    for path in ("/v1/chat/stream", "/v1/chat/completions"):
+        async with session.post(f"{relay.url}{path}", json=_body(stream=True)) as r:
+            raw, events = await _raw_events(r)
+        assert b"event: done" not in raw and b"[DONE]" not in raw
+        last = json.loads(events[-1].data)
+        error = last if path == "/v1/chat/stream" else last["error"]
+        assert error["code"] == "upstream_error" and "model overloaded" in error["message"]
+        if path == "/v1/chat/stream":
+            assert events[-1].event == "error"
+            assert "".join(json.loads(e.data).get("content", "") for e in events[:-1]) == "Hello"
+        else:
+            assert _content(events[:-1]) == "Hello"
+    async with _sdk(relay) as client:  # the SDK raises instead of ending normally
+        stream = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "x"}], stream=True)
+        with pytest.raises(openai.APIError, match="model overloaded"):
+            async for _ in stream:
+                pass
+    async with session.post(f"{relay.url}/v1/chat/completions", json=_body()) as r:
+        assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_error"
+
+
+@pytest.mark.parametrize(("frames", "normal"), [
+    ([_chunk_frame(content="Hi"), b"data: [DONE]\n\n"], False),
+    ([_chunk_frame(content="Hi")], False),
+    ([_chunk_frame(0, "a"), _chunk_frame(1, "b"), _chunk_frame(0, finish="stop"),
+      b"data: [DONE]\n\n"], False),
+    ([_chunk_frame(content="Hi"), _chunk_frame(finish="stop")], True),
+    ([_chunk_frame(content="Hi"), _chunk_frame(finish="length"), b"data: [DONE]\n\n"], True),
+], ids=["done-no-finish", "eof-no-finish", "choice-1-unfinished", "eof-after-finish",
+        "done-after-finish"])
+async def test_a_stream_that_ends_with_no_finish_reason_is_never_done(
+    start_server: StartServer, fake_upstream: FakeUpstream, session: aiohttp.ClientSession,
+    frames: list[bytes], normal: bool,
+) -> None:
+    relay = await start_server(overrides=relay_overrides(await fake_upstream(_scripted(frames))))
+    async with session.post(f"{relay.url}/v1/chat/stream", json=_body()) as r:
+        _, events = await _raw_events(r)
+    final = json.loads(events[-1].data)
+    if normal:
+        assert events[-1].event == "done" and final["finish_reason"] in ("stop", "length")
+    else:
+        assert events[-1].event == "error" and final["code"] == "upstream_error", final
+        assert "without a finish reason" in final["message"]
+    async with session.post(f"{relay.url}/v1/streams", json=_body()) as r:
+        events_url = (await r.json())["events_url"]
+    async with session.get(relay.url + events_url) as r:
+        _, events = await _raw_events(r)
+    assert events[-1].event == ("done" if normal else "error")
+    async with session.post(f"{relay.url}/v1/chat/completions", json=_body(stream=True)) as r:
+        raw, _ = await _raw_events(r)
+    assert raw.endswith(b"data: [DONE]\n\n") is normal
+
+
+async def test_an_emoji_split_across_chunks_as_lone_surrogates_reaches_every_client_whole(
+    start_server: StartServer, fake_upstream: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    def frame(delta: str, finish: str = "null") -> bytes:
+        return (b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"echo",'
+                b'"choices":[{"index":0,"delta":%s,"finish_reason":%s}]}\n\n'
+                % (delta.encode(), finish.encode()))
+
+    frames = [frame('{"role":"assistant","content":"ok "}'), frame('{"content":"\\ud83d"}'),
+              frame('{"content":"\\ude42 done"}'), frame("{}", '"stop"'), b"data: [DONE]\n\n"]
+    relay = await start_server(overrides=relay_overrides(await fake_upstream(_scripted(frames))))
+    async with session.post(f"{relay.url}/v1/chat/stream", json=_body()) as r:
+        _, events = await _raw_events(r)
+    assert events[-1].event == "done", events[-1]
+    assert "".join(json.loads(e.data).get("content", "") for e in events[:-1]) == "ok 🙂 done"
+    async with _sdk(relay) as client:
+        stream = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "x"}], stream=True)
+        texts, _ = await _sdk_stream_text(stream)
+        answer = await client.chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "x"}])
+    assert texts[0] == "ok 🙂 done"
+    assert answer.choices[0].message.content == "ok 🙂 done"

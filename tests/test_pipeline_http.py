@@ -326,3 +326,39 @@ async def test_upstream_read_timeout_ends_a_silent_stream_without_pipeline_timeo
     assert read.final()["code"] == "idle_timeout"
     assert "sent nothing for 0.3 s" in read.final()["message"]
     assert await wait_until(lambda: simulator.stats.active == 0), "upstream not cancelled"
+
+
+async def test_coalescing_never_merges_reasoning_and_content_into_one_block(
+    start_server: StartServer, fake_upstream: FakeUpstream, session: aiohttp.ClientSession
+) -> None:
+    """Reasoning, content, reasoning, content (each delta carrying both fields, one empty, as
+    OpenRouter sends them) reaches the client as four blocks, however much is merged."""
+    kinds = [("r1", ""), ("r2", ""), ("", "c1"), ("", "c2"), ("r3", ""), ("", "c3")]
+
+    async def alternating(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        frames = [{"choices": [{"index": 0, "delta": {"reasoning": r, "content": c}}]}
+                  for r, c in kinds]
+        frames.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        await response.write(b"".join(b"data: " + json.dumps(f).encode() + b"\n\n"
+                                      for f in frames) + b"data: [DONE]\n\n")  # all at once
+        return response
+
+    relay = await start_server(overrides=relay_overrides(
+        await fake_upstream(alternating), pipeline={"coalesce_max_delay_ms": 300}))
+    async with session.post(relay.url + "/v1/chat/completions",
+                            json={**_body(), "stream": True}) as response:
+        _, events = await _raw_events(response)
+    blocks: list[tuple[str, str]] = []
+    for event in events[:-1]:
+        (choice,) = json.loads(event.data)["choices"]
+        for field in ("reasoning", "content"):
+            if piece := choice["delta"].get(field):
+                if blocks and blocks[-1][0] == field:
+                    blocks[-1] = (field, blocks[-1][1] + piece)
+                else:
+                    blocks.append((field, piece))
+    assert blocks == [("reasoning", "r1r2"), ("content", "c1c2"), ("reasoning", "r3"),
+                      ("content", "c3")]
+    assert len(events) < len(kinds) + 2  # merging did happen, within each block

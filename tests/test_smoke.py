@@ -12,5 +12,5 @@ async def test_one_shot_get_streams_echo(relay: RunningServer, session: aiohttp.
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
         text = await r.text()
-    assert text.startswith("retry: 1000\n\n")
+    assert text.startswith("retry: 1000\nid: ")  # in the first event's block
     assert "event: done" in text

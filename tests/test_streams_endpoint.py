@@ -1,6 +1,6 @@
 """The streamsvc event format over real sockets: ``/v1/chat/stream`` and ``/v1/streams``.
 
-Covers the framing (``retry`` first, ``id: <stream>:<seq>`` on every event,
+Covers the framing (``retry`` in the first event's block, ``id: <stream>:<seq>`` on every event,
 deltas, ``done``), resuming by ``Last-Event-ID`` without a second upstream
 request, ``204`` after the end, ``DELETE``, the resume grace period and the
 retention window.
@@ -16,9 +16,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+import reactivex
 
+from streamsvc.pipeline import StreamContext
 from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
+from streamsvc.streams.generation import Generation
+from streamsvc.streams.registry import StreamRegistry
 from tests.conftest import RunningServer, StartServer, relay_overrides
 from tests.conftest import wait_until as _wait_until
 
@@ -109,7 +113,10 @@ def _check_framing(read: Read, stream_id: str, *, first_seq: int = 1) -> None:
     assert read.status == 200
     assert read.headers["Content-Type"].startswith("text/event-stream")
     assert read.headers["X-Stream-ID"] == stream_id
-    assert read.raw.startswith(b"retry: 1000\n\n")
+    # The retry field goes out in the first event's block, never in a block of its own.
+    first = next(block for block in read.raw.split(b"\n\n") if not block.startswith(b":"))
+    assert first.startswith(b"retry: 1000\nid: ") and b"\ndata: " in first, first
+    assert read.raw.count(b"retry: ") == 1
     assert read.retry == 1000
     assert read.events, "no events"
     assert read.seqs == list(range(first_seq, first_seq + len(read.events)))
@@ -529,3 +536,161 @@ async def test_retention_then_404(
     async with session.delete(f"{relay.url}/v1/streams/{stream_id}") as r:
         assert r.status == 404
 
+
+
+# ---------------------------------------------------------------------------
+# issue 12, item 9: naive clients that loop
+
+
+def _dispatched_blocks(raw: bytes) -> list[bytes]:
+    """The blocks a client that dispatches at every blank line (fetch-event-source) hands on,
+    minus comment-only ones (pings)."""
+    blocks = raw.replace(b"\r\n", b"\n").split(b"\n\n")[:-1]
+    return [b for b in blocks if not all(line.startswith(b":") for line in b.split(b"\n"))]
+
+
+async def test_retry_goes_out_with_the_first_event_never_alone(
+    relay: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    reads = []
+    async with session.post(f"{relay.url}/v1/chat/stream", json=_body(" hi")) as r:
+        reads.append(await _read(r))
+    reads.append(await _get(session, f"{relay.url}/v1/chat/stream",
+                            params={"q": " hi", "model": "echo"}))
+    async with session.post(f"{relay.url}/v1/streams", json=_body(" hi")) as r:
+        created = await r.json()
+    reads.append(await _get(session, relay.url + created["events_url"]))
+    failing = _body(" hi", simulate={"fault": "429"}, streamsvc={"retries": False})
+    async with session.post(f"{relay.url}/v1/chat/stream", json=failing) as r:
+        reads.append(await _read(r))  # the first event is the error
+    assert reads[-1].events[-1].event == "error"
+    for read in reads:
+        blocks = _dispatched_blocks(read.raw)
+        assert blocks[0].startswith(b"retry: 1000\nid: "), blocks[0]
+        for block in blocks:  # each one JSON.parse can take
+            (data,) = [line for line in block.split(b"\n") if line.startswith(b"data: ")]
+            json.loads(data[6:])
+
+
+async def test_a_post_with_the_last_event_id_of_an_ended_stream_gets_204_not_a_new_generation(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    body = _body(" hello")
+    async with session.post(f"{relay.url}/v1/chat/stream", json=body) as r:
+        direct = await _read(r)
+    async with session.post(f"{relay.url}/v1/streams", json=body) as r:
+        created = await r.json()
+    journaled = await _get(session, relay.url + created["events_url"])
+    assert simulator.stats.requests == 2
+    for last_id in (direct.last_id, journaled.last_id):
+        # aiohttp-sse-client re-POSTs with Last-Event-ID after each end: three times here.
+        for path in ("/v1/chat/stream", "/v1/streams", "/v1/chat/stream"):
+            async with session.post(f"{relay.url}{path}", json=body,
+                                    headers={"Last-Event-ID": last_id}) as r:
+                assert r.status == 204, await r.text()
+                assert r.headers["X-Stream-ID"] == last_id.rpartition(":")[0]
+        async with session.post(f"{relay.url}/v1/chat/stream", json=body,
+                                params={"lastEventId": last_id}) as r:
+            assert r.status == 204
+    assert simulator.stats.requests == 2  # no generation started again
+
+
+async def test_a_post_with_the_last_event_id_of_a_running_stream_never_starts_a_generation(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
+) -> None:
+    slow = _body(PROMPT, model="sim-small", simulate={"rate": 40, "tokens": 30})
+    async with session.post(f"{relay.url}/v1/streams", json=slow) as r:
+        created = await r.json()
+    stream_id = created["id"]
+    # A journaled stream: POST /v1/chat/stream resumes it; POST /v1/streams names it again.
+    async with session.post(f"{relay.url}/v1/streams", json=slow,
+                            headers={"Last-Event-ID": f"{stream_id}:0"}) as r:
+        assert r.status == 200
+        again = await r.json()
+    assert again["id"] == stream_id and again["events_url"] == created["events_url"]
+    async with session.post(f"{relay.url}/v1/chat/stream", json=slow,
+                            headers={"Last-Event-ID": f"{stream_id}:1"}) as r:
+        resumed = await _read(r)
+    _check_framing(resumed, stream_id, first_seq=2)
+    assert resumed.final()["finish_reason"] == "stop"
+    # A direct stream that its one client is reading: 409, and it goes on.
+    async with session.post(f"{relay.url}/v1/chat/stream", json=slow) as r:
+        first = await _read(r, stop_after=1)  # hangs up: the stream is cancelled, ended here
+        direct_id = first.headers["X-Stream-ID"]
+    async with session.post(f"{relay.url}/v1/chat/stream", json=slow) as reading:
+        decoder = SSEDecoder()
+        event_id = None
+        async for data in reading.content.iter_any():
+            events = decoder.feed(data)
+            if events:
+                event_id = events[0].id
+                break
+        assert event_id is not None
+        async with session.post(f"{relay.url}/v1/chat/stream", json=slow,
+                                headers={"Last-Event-ID": event_id}) as r:
+            assert r.status == 409
+            error = (await r.json())["error"]
+        assert error["param"] == "Last-Event-ID" and "POST /v1/streams" in error["message"]
+        rest = await _read(reading)
+    assert rest.final()["finish_reason"] == "stop"
+    async with session.post(f"{relay.url}/v1/chat/stream", json=slow,
+                            headers={"Last-Event-ID": f"{direct_id}:1"}) as r:
+        assert r.status == 204  # cancelled when its client left: ended, nothing to replay
+    assert simulator.stats.requests == 3
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/stream", "/v1/streams"])
+async def test_a_post_with_an_unknown_or_malformed_last_event_id_starts_nothing(
+    relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer, path: str,
+) -> None:
+    for value, status, code in ((f"st_{'a' * 24}:3", 404, "not_found"),
+                                (f"st_{'a' * 24}:²", 400, "bad_request"),
+                                ("garbage", 400, "bad_request")):
+        async with session.post(f"{relay.url}{path}", json=_body(),
+                                headers={"Last-Event-ID": value.encode().decode("latin-1")}) as r:
+            assert r.status == status
+            error = (await r.json())["error"]
+        assert error["code"] == code and error["param"] == "Last-Event-ID", error
+    assert simulator.stats.requests == 0
+
+
+class _NoSink:
+    def put(self, chunk: Any) -> bool:
+        return False
+
+    def end(self, ending: Any) -> None:
+        pass
+
+    def fail(self, error: Any) -> None:
+        pass
+
+
+async def test_registry_remembers_ended_direct_streams_for_retention_and_up_to_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry = StreamRegistry(resume_grace_s=10, retention_s=0.2)
+    monkeypatch.setattr(StreamRegistry, "MAX_ENDED", 3)
+
+    def run(stream_id: str, *, resumable: bool = False) -> None:
+        context = StreamContext(key_id="k")
+        registry.start(Generation(stream_id, reactivex.never(), context, _NoSink(),
+                                  resumable=resumable), readers=1)
+
+    run("st_live")
+    assert registry.direct("st_live") == (True, "k")
+    registry.cancel_here("st_live")
+    await asyncio.sleep(0)  # the end's callbacks
+    assert registry.direct("st_live") == (False, "k")
+    for i in range(4):
+        run(f"st_{i}")
+        registry.cancel_here(f"st_{i}")
+        await asyncio.sleep(0)
+    assert [registry.direct(f"st_{i}") for i in range(4)] == [None, (False, "k"), (False, "k"),
+                                                              (False, "k")]  # the oldest went
+    assert registry.direct("st_live") is None
+    run("st_resumable", resumable=True)
+    registry.cancel_here("st_resumable")
+    await asyncio.sleep(0)
+    assert registry.direct("st_resumable") is None  # the journal keeps those
+    await asyncio.sleep(0.25)
+    assert registry.direct("st_3") is None  # past retention_s

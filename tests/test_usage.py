@@ -229,7 +229,8 @@ async def test_an_upstream_that_sends_no_usage_is_estimated(
         for piece in pieces:
             chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
             await response.write(b"data: " + Chunk(chunk).to_json() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+        end = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}  # no usage
+        await response.write(b"data: " + Chunk(end).to_json() + b"\n\ndata: [DONE]\n\n")
         return response
 
     upstream = await fake_upstream(no_usage)

@@ -28,7 +28,7 @@ from streamsvc.server.connections import Connections, connection_middleware
 from streamsvc.server.limits import MemoryLimiter
 from streamsvc.server.limits_redis import RedisLimiter
 from streamsvc.server.metrics import Metrics
-from streamsvc.server.middleware import error_middleware, set_request_id_header
+from streamsvc.server.middleware import body_middleware, error_middleware, set_request_id_header
 from streamsvc.server.middleware import ensure_accepting
 from streamsvc.server.state import (
     AUTH,
@@ -149,7 +149,8 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
             prefix=config.journal.redis_prefix, lease_s=config.journal.writer_lease_s,
         )
         await redis_journal.start()
-    registry = StreamRegistry(resume_grace_s=config.journal.resume_grace_s)
+    registry = StreamRegistry(resume_grace_s=config.journal.resume_grace_s,
+                              retention_s=config.journal.retention_s)
     app[JOURNAL] = journal
     app[JOURNAL_SHARED] = redis is not None
     app[REGISTRY] = registry
@@ -218,7 +219,9 @@ def create_app(config: Config | None = None) -> web.Application:
     config = config or Config()
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[connection_middleware, error_middleware, auth_middleware],
+        middlewares=[connection_middleware, error_middleware, auth_middleware, body_middleware],
+        # Every runner's connections: a request head must come within this (slowloris).
+        handler_args={"keepalive_timeout": config.server.keepalive_timeout_s},
     )
     app[CONFIG] = config
     app[AUTH] = Auth(config.auth, retention_s=config.journal.retention_s)

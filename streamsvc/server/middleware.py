@@ -15,7 +15,7 @@ from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
 from streamsvc.server.sse_response import response_bytes
 from streamsvc.server.state import CONFIG, HUNG_UP, METRICS, REQUEST_ID
 
-__all__ = ["error_middleware", "set_request_id_header"]
+__all__ = ["body_middleware", "error_middleware", "set_request_id_header"]
 
 log = logging.getLogger("streamsvc.http")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -66,8 +66,32 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     )
     request.app[METRICS].count_error(str(failure.code))
     response = error_response(failure)
+    if failure.code is ErrorCode.REQUEST_TIMEOUT:
+        response.force_close()  # RFC 9110: a 408 means the server stops waiting on this connection
     _count(request, failure.status, response)
     return response
+
+
+@web.middleware
+async def body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read the whole body, within ``server.body_timeout_s``, before the handler runs.
+
+    So an upload that stalls holds nothing but its connection (no stream slot,
+    no upstream request) and gets ``408 request_timeout``; aiohttp keeps what
+    was read, and the handler's own ``read()`` returns it at once.
+    """
+    if request.body_exists:
+        server = request.app[CONFIG].server
+        try:
+            async with asyncio.timeout(server.body_timeout_s):
+                await request.read()
+        except TimeoutError:
+            raise ClientError(
+                f"body: the request body did not arrive within server.body_timeout_s"
+                f" ({server.body_timeout_s:g} s)",
+                code=ErrorCode.REQUEST_TIMEOUT, param="body",
+            ) from None
+    return await handler(request)
 
 
 def _count(request: web.Request, status: int, response: web.StreamResponse | None = None) -> None:

@@ -8,20 +8,24 @@ and ``Last-Event-ID``.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-import msgspec
-
 from streamsvc.chat_request import ChatRequest
-from streamsvc.validation import bad_field, chat_fields, check_type
+from streamsvc.validation import bad_field, chat_fields, check_type, decode_json
 
 __all__ = ["parse_chat_body", "parse_chat_query", "parse_last_event_id"]
 
 # streamsvc's own request options; removed before the body goes upstream.
 OWN_FIELD = "streamsvc"
 _STREAM_ID = re.compile(r"st_[0-9a-f]{24}")
+# Numbers in a query: decimal, in ASCII digits. int() and float() alone would
+# also take "٣", "１", "1_000", " 3 ", "nan" and "inf".
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_MAX_DIGITS = 18  # a 64-bit integer; int() of thousands of digits raises ValueError
 
 
 def own_options(body: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
@@ -56,18 +60,26 @@ def parse_chat_body(raw: bytes, *, stream_default: bool = False) -> ChatRequest:
     """Decode and check a JSON request body."""
     if not raw.strip():
         raise bad_field("expected a JSON object, got an empty body", "body")
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise bad_field(f"invalid JSON: {exc}", "body") from exc
-    return validate_chat(body, stream_default=stream_default)
+    return validate_chat(decode_json(raw, "body"), stream_default=stream_default)
 
 
 def _json_param(query: Mapping[str, str], name: str) -> Any:
-    try:
-        return msgspec.json.decode(query[name])
-    except msgspec.DecodeError as exc:
-        raise bad_field(f"invalid JSON: {exc}", name) from exc
+    return decode_json(query[name], name)
+
+
+def _query_number(query: Mapping[str, str], name: str, integer: bool) -> int | float:
+    text = query[name]
+    if integer:
+        if _INTEGER.fullmatch(text) and len(text) <= _MAX_DIGITS:
+            return int(text)
+        raise bad_field(f"expected an integer of at most {_MAX_DIGITS} digits,"
+                        f" got {text[:40]!r}", name)
+    if not _NUMBER.fullmatch(text):
+        raise bad_field(f"expected a number, got {text[:40]!r}", name)
+    number = float(text)
+    if not math.isfinite(number):
+        raise bad_field(f"expected a finite number, got {text[:40]!r}", name)
+    return number
 
 
 def parse_chat_query(query: Mapping[str, str], *, default_model: str = "") -> ChatRequest:
@@ -96,11 +108,7 @@ def parse_chat_query(query: Mapping[str, str], *, default_model: str = "") -> Ch
     for name, integer in (("max_tokens", True), ("n", True), ("temperature", False),
                           ("top_p", False)):
         if name in query:
-            try:
-                body[name] = int(query[name]) if integer else float(query[name])
-            except ValueError as exc:
-                kind = "an integer" if integer else "a number"
-                raise bad_field(f"expected {kind}, got {query[name]!r}", name) from exc
+            body[name] = _query_number(query, name, integer)
     body["stream"] = True
     return validate_chat(body, stream_default=True)
 
@@ -110,7 +118,9 @@ def parse_last_event_id(value: str | None, param: str = "Last-Event-ID") -> tupl
     if value is None or value == "":
         return None
     stream_id, sep, seq = value.rpartition(":")
-    if not sep or not _STREAM_ID.fullmatch(stream_id) or not seq.isdigit() or len(seq) > 12:
+    # ASCII digits only: str.isdigit() also takes "²" (which int() refuses) and "٣".
+    if (not sep or not _STREAM_ID.fullmatch(stream_id) or not seq.isascii()
+            or not seq.isdigit() or len(seq) > 12):
         raise bad_field(f"expected '<stream id>:<seq>' as sent in an event id, got {value[:80]!r}", param)
     return stream_id, int(seq)
 

@@ -41,9 +41,10 @@ from streamsvc.server.state import (
     STREAMS,
     TICKET,
 )
-from streamsvc.sse import encode_event, encode_retry
+from streamsvc.sse import encode_event, retry_field
 from streamsvc.streams.generation import Generation
 from streamsvc.streams.readers import read_backlog, read_journal
+from streamsvc.validation import decode_json
 from streamsvc.wire.events import EventsEncoder
 
 __all__ = ["routes"]
@@ -75,24 +76,41 @@ def _resume_point(request: web.Request) -> tuple[str, int] | None:
     return None
 
 
-async def serve_events(request: web.Request, stream_id: str, after: int) -> web.StreamResponse:
-    """Replay a stream's events after ``after``, then tail it live until its final event."""
-    app = request.app
-    journal = app[JOURNAL]
-    state = await journal.last_seq(stream_id)
-    if state is None:
-        raise ClientError(
-            f"no stream {stream_id!r} (unknown, or expired after its retention time)",
-            code=ErrorCode.NOT_FOUND, param="id",
-        )
+def _unknown(stream_id: str, param: str) -> ClientError:
+    return ClientError(
+        f"{param}: no stream {stream_id!r} (unknown, or expired after its retention time)",
+        code=ErrorCode.NOT_FOUND, param=param,
+    )
+
+
+def _all_read(stream_id: str, after: int, state: tuple[int, bool]) -> bool:
+    """Whether a reader that has seen event ``after`` has seen the whole ended stream.
+
+    A resume point beyond the last event is a 400.
+    """
     last, ended = state
     if after > last:
         raise ClientError(
             f"Last-Event-ID: names event {after}, but stream {stream_id} has {last} events",
             param="Last-Event-ID",
         )
-    if ended and after >= last:
-        return web.Response(status=204, headers={"X-Stream-ID": stream_id})
+    return ended and after >= last
+
+
+def _ended(stream_id: str) -> web.Response:
+    """``204``: the stream has ended and the client has it all; EventSource stops for good."""
+    return web.Response(status=204, headers={"X-Stream-ID": stream_id})
+
+
+async def serve_events(request: web.Request, stream_id: str, after: int) -> web.StreamResponse:
+    """Replay a stream's events after ``after``, then tail it live until its final event."""
+    app = request.app
+    journal = app[JOURNAL]
+    state = await journal.last_seq(stream_id)
+    if state is None:
+        raise _unknown(stream_id, "id")
+    if _all_read(stream_id, after, state):
+        return _ended(stream_id)
 
     server = app[CONFIG].server
     registry = app[REGISTRY]
@@ -102,8 +120,8 @@ async def serve_events(request: web.Request, stream_id: str, after: int) -> web.
     leave = _leave_at_drain(request)
     try:
         await response.start(request)
-        await response.send(encode_retry(server.sse_retry_ms))
-        await read_journal(response, journal, stream_id, after, position)
+        await read_journal(response, journal, stream_id, after, position,
+                           first=retry_field(server.sse_retry_ms))
     except ClientGone:
         note_hangup(request)
         log.info("request %s: client left stream %s at event %d (499)", request[REQUEST_ID],
@@ -143,9 +161,57 @@ def _leave_at_drain(request: web.Request) -> Callable[[], None] | None:
     return leave
 
 
+async def _reconnect(request: web.Request, *, events: bool) -> web.StreamResponse | None:
+    """A POST that carries a ``Last-Event-ID`` (header or query) reconnects; None: it does not.
+
+    Clients that re-send their POST to reconnect (fetch-event-source by
+    default, aiohttp-sse-client after every end) would otherwise start, and
+    bill, a new generation each time. Such a POST never starts one; its body
+    is not looked at:
+
+    - a journaled stream: ``204`` once the id is its final event; before that,
+      its events from there (``events``: ``POST /v1/chat/stream``, as ``GET
+      /v1/streams/{id}/events``) or its ``events_url`` (``POST /v1/streams``, ``200``);
+    - a direct stream that ended here: ``204`` (it had one reader and no
+      journal: nothing is left to replay); one still running: ``409`` (its
+      one client is reading it);
+    - an unknown id (expired; or another instance's direct stream): ``404``.
+    """
+    resume = _resume_point(request)
+    if resume is None:
+        return None
+    stream_id, after = resume
+    await request.app[AUTH].check_owner(request, stream_id)
+    state = await request.app[JOURNAL].last_seq(stream_id)
+    if state is not None:
+        if events:
+            return await serve_events(request, stream_id, after)
+        return _ended(stream_id) if _all_read(stream_id, after, state) else _created(
+            request, stream_id, status=200)
+    direct = request.app[REGISTRY].direct(stream_id)
+    if direct is None:
+        raise _unknown(stream_id, "Last-Event-ID")
+    running, owner = direct
+    key_id = request.get(KEY_ID)
+    if key_id is not None and owner is not None and owner != key_id:
+        raise ClientError(f"stream {stream_id} belongs to another API key",
+                          code=ErrorCode.FORBIDDEN)
+    if running:
+        raise ClientError(
+            f"Last-Event-ID: stream {stream_id} is being read by the one client that started it;"
+            " a stream of POST /v1/chat/stream cannot be resumed (POST /v1/streams makes one"
+            " that can)",
+            param="Last-Event-ID", status=409,
+        )
+    return _ended(stream_id)
+
+
 @routes.post("/v1/chat/stream")
 async def post_chat_stream(request: web.Request) -> web.StreamResponse:
     """Same body as chat completions, answered in the streamsvc event format."""
+    reconnected = await _reconnect(request, events=True)
+    if reconnected is not None:
+        return reconnected
     chat = parse_chat_body(await request.read(), stream_default=True)
     server = request.app[CONFIG].server
     streams = request.app[STREAMS]
@@ -197,25 +263,33 @@ async def get_chat_stream(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/v1/streams")
-async def create_stream(request: web.Request) -> web.Response:
+async def create_stream(request: web.Request) -> web.StreamResponse:
     """Create a resumable stream; the upstream starts now, EventSource reads events_url."""
+    reconnected = await _reconnect(request, events=False)
+    if reconnected is not None:
+        return reconnected
     chat = parse_chat_body(await request.read(), stream_default=True)
     generation = await _start_resumable(request, chat)
+    return _created(request, generation.id, status=201)
+
+
+def _created(request: web.Request, stream_id: str, *, status: int) -> web.Response:
+    """The answer naming a resumable stream: its id, ``events_url`` and ``expires_at``."""
     grace = request.app[CONFIG].journal.resume_grace_s
-    events_url = f"/v1/streams/{generation.id}/events"
+    events_url = f"/v1/streams/{stream_id}/events"
     key_id = request.get(KEY_ID)
     if key_id is not None:  # auth on: EventSource cannot send the key, the URL carries a ticket
-        ticket, _ = request.app[AUTH].mint("stream", key_id, generation.id)
+        ticket, _ = request.app[AUTH].mint("stream", key_id, stream_id)
         events_url += f"?ticket={ticket}"
     return web.json_response(
         {
-            "id": generation.id,
+            "id": stream_id,
             "object": "stream",
             "events_url": events_url,
             "expires_at": int(time.time() + grace),
         },
-        status=201,
-        headers={"X-Stream-ID": generation.id},
+        status=status,
+        headers={"X-Stream-ID": stream_id},
     )
 
 
@@ -272,10 +346,7 @@ async def create_ticket(request: web.Request) -> web.Response:
     body = await request.read()
     stream_id: str | None = None
     if body.strip():
-        try:
-            data = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise ClientError("body: not valid JSON", param="body") from exc
+        data = decode_json(body, "body")
         if not isinstance(data, dict) or set(data) - {"stream_id"}:
             raise ClientError("body: expected {} or {\"stream_id\": \"st_...\"}", param="body")
         if "stream_id" in data:

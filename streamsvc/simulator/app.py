@@ -34,7 +34,7 @@ from streamsvc.simulator.faults import (
 from streamsvc.simulator.request import ChatParams, SimulateOptions, parse_chat_request
 from streamsvc.simulator.stats import SimulatorStats
 from streamsvc.simulator.text import Choice, answer_choices
-from streamsvc.validation import bad_field
+from streamsvc.validation import decode_json
 
 __all__ = ["MAX_BODY_BYTES", "SIMULATOR_STATS_KEY", "create_simulator_app"]
 
@@ -155,10 +155,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     body: Any = None
     try:
-        body = msgspec.json.decode(raw)
+        body = decode_json(raw, "body")
         params = parse_chat_request(body)
-    except msgspec.DecodeError as exc:
-        return _json_response(bad_field(f"invalid JSON: {exc}", "body").to_openai(), status=400)
     except ClientError as exc:
         return _json_response(exc.to_openai(), status=400)
     finally:

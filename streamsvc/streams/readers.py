@@ -45,15 +45,16 @@ async def read_backlog(connection: Connection, backlog: Backlog) -> None:
 
 async def read_journal(
     connection: Connection, journal: Journal, stream_id: str, after: int,
-    wrote: list[int] | None = None,
+    wrote: list[int] | None = None, *, first: bytes = b"",
 ) -> int:
     """Write a journaled stream's events after ``after`` until its final one.
 
     Replays what is there in writes of at most :data:`WRITE_SLICE` bytes, then,
     once caught up with a stream this process writes, takes the live tail
     from the journal's own append call while the connection has room.
-    Returns the seq written through (``wrote[0]`` follows it as it goes, for
-    the caller's log when the client leaves).
+    ``first`` goes in front of the first event, in its block (the ``retry``
+    field). Returns the seq written through (``wrote[0]`` follows it as it
+    goes, for the caller's log when the client leaves).
     """
     position = wrote if wrote is not None else [after]
     position[0] = after
@@ -61,7 +62,8 @@ async def read_journal(
         events = await journal.read(stream_id, position[0], WRITE_SLICE)
         if not events:
             return position[0]
-        await connection.send(b"".join([event.frame for event in events]))
+        await connection.send(b"".join([first, *[event.frame for event in events]]))
+        first = b""  # the first write always comes from here: read() waits for an event
         position[0] = events[-1].seq
         if events[-1].final:
             return position[0]

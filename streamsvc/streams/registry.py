@@ -10,6 +10,7 @@ after ``resume_grace_s``. Shutdown drains them all, whatever their endpoint.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Protocol
 
 from streamsvc.errors import ErrorCode, StreamError, StreamsvcError
@@ -43,12 +44,21 @@ class Peers(Protocol):
 class StreamRegistry:
     """The generations this process runs, and the reader counts that keep them alive.
 
+    It also remembers, for ``retention_s`` (and at most :attr:`MAX_ENDED` of
+    them), the direct streams that ended here and their key ids: they are in
+    no journal, yet a POST that reconnects to one must learn that it ended.
+
     Args:
         resume_grace_s: how long a resumable stream with no reader keeps generating.
+        retention_s: how long an ended direct stream is remembered.
     """
 
-    def __init__(self, *, resume_grace_s: float) -> None:
+    MAX_ENDED = 100_000
+
+    def __init__(self, *, resume_grace_s: float, retention_s: float = 300.0) -> None:
         self._grace_s = resume_grace_s
+        self._retention_s = retention_s
+        self._ended: dict[str, tuple[float, str | None]] = {}  # in the order they ended
         self._running: dict[str, Generation] = {}
         self._checks: set[asyncio.Task[None]] = set()
         self.peers: Peers | None = None
@@ -60,6 +70,33 @@ class StreamRegistry:
     def get(self, stream_id: str) -> Generation | None:
         return self._running.get(stream_id)
 
+    def direct(self, stream_id: str) -> tuple[bool, str | None] | None:
+        """A direct (non-resumable) stream of this process: (still running, its key id).
+
+        None for any other id, and for a direct stream that ended more than
+        ``retention_s`` ago.
+        """
+        generation = self._running.get(stream_id)
+        if generation is not None:
+            return None if generation.resumable else (True, generation.context.key_id)
+        ended = self._ended.get(stream_id)
+        if ended is None or ended[0] < time.monotonic():
+            return None
+        return False, ended[1]
+
+    def _forget(self, generation: Generation) -> None:
+        self._running.pop(generation.id, None)
+        if generation.resumable:
+            return  # the journal keeps it
+        ended = self._ended
+        now = time.monotonic()
+        ended[generation.id] = (now + self._retention_s, generation.context.key_id)
+        while ended:  # the oldest first: drop the expired, and past the bound
+            oldest = next(iter(ended))
+            if ended[oldest][0] >= now and len(ended) <= self.MAX_ENDED:
+                break
+            del ended[oldest]
+
     def start(self, generation: Generation, *, readers: int = 0) -> None:
         """Run ``generation`` (its upstream starts now) until it ends.
 
@@ -68,7 +105,7 @@ class StreamRegistry:
         """
         self._running[generation.id] = generation
         generation.readers = readers
-        generation.ended.add_done_callback(lambda _: self._running.pop(generation.id, None))
+        generation.ended.add_done_callback(lambda _: self._forget(generation))
         generation.start()
         if generation.resumable and readers == 0 and generation.state is GenerationState.RUNNING:
             self._arm_grace(generation)

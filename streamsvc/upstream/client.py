@@ -4,8 +4,9 @@ Runs on one shared ``aiohttp.ClientSession`` (the app's, or an embedded
 caller's), else on a session of its own per request. The response body is
 read in pieces of at most ``READ_BYTES`` into streamsvc's own SSE decoder (aiohttp's line
 reader splits on LF only and fails on long lines). Faults that look like
-success are raised as faults: an ``error`` object inside a 200 stream, a body
-that ends without ``[DONE]`` or a finish reason, and a body left open after
+success are raised as faults: an ``error`` object inside a 200 stream, an
+``event: error`` SSE event, a body that ends (with or without ``[DONE]``)
+before every choice it started has a finish reason, and a body left open after
 ``[DONE]`` (the stream ends at ``[DONE]`` and the connection is closed).
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from streamsvc.chunks import Chunk
+from streamsvc.chunks import Chunk, SurrogateJoiner
 from streamsvc.config import UpstreamConfig
 from streamsvc.errors import ErrorCode, UpstreamError
 from streamsvc.reactive.backpressure import Valve
@@ -68,7 +69,7 @@ def _error_message(body: bytes) -> str:
     except msgspec.DecodeError:
         return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
     if isinstance(parsed, dict):
-        error = parsed.get("error")
+        error = parsed.get("error", parsed)  # {"error": {"message"}}, or the error object itself
         if isinstance(error, dict) and isinstance(error.get("message"), str):
             return str(error["message"])
         if isinstance(error, str):
@@ -366,6 +367,8 @@ class UpstreamClient:
     ) -> AsyncIterator[Chunk]:
         response = await self._post(body, session, streaming=True)
         decoder = SSEDecoder()
+        halves = SurrogateJoiner()  # an emoji split into "\ud83d" and "\ude42" chunks
+        started: set[int] = set()  # the choices seen, and those of them that finished
         finished: set[int] = set()
         undelivered = 0  # bytes read since the last whole event: bounds the decoder's buffer
         silence = _SilenceWatch(self.config.read_timeout_s, response.close, valve)
@@ -383,13 +386,22 @@ class UpstreamClient:
                         code=ErrorCode.UPSTREAM_ERROR,
                     )
                 for event in events:
+                    if event.event == "error":  # what some servers send for a failure mid-stream
+                        raise UpstreamError(
+                            f"upstream {self.name!r} sent an error event mid-stream: "
+                            f"{_error_message(event.data.encode())}",
+                            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+                        )
                     if event.event not in ("message", ""):
                         continue  # not a chunk: OpenAI sends only default events
                     text = event.data
                     if text == "[DONE]":
-                        return  # the end, whether or not the body closes
+                        # The end, whether or not the body closes; but not a normal one
+                        # unless every choice finished.
+                        self._check_finished(started, finished, "[DONE]")
+                        return
                     try:
-                        chunk = Chunk.from_json(text.encode())
+                        chunk = halves.join(Chunk.from_json(text.encode()))
                     except msgspec.DecodeError as exc:
                         raise UpstreamError(
                             f"upstream {self.name!r} sent a malformed chunk: {text[:80]!r}",
@@ -410,8 +422,10 @@ class UpstreamClient:
                             code=ErrorCode.UPSTREAM_ERROR, retryable=True,
                         )
                     for choice in choices:
+                        index = choice.get("index", 0)
+                        started.add(index)
                         if choice.get("finish_reason") is not None:
-                            finished.add(choice.get("index", 0))
+                            finished.add(index)
                     yield chunk
                 if valve is not None and not valve.is_open:
                     await valve.wait_open()
@@ -429,12 +443,18 @@ class UpstreamClient:
             response.close()
         if silence.fired:
             raise self._silent()
-        if not finished:
-            raise UpstreamError(
-                f"upstream {self.name!r} ended the stream without [DONE] or a finish reason"
-                " (truncated)",
-                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-            )
+        self._check_finished(started, finished, "the end of its body")
+
+    def _check_finished(self, started: set[int], finished: set[int], end: str) -> None:
+        """A stream that ends with no finish reason (for every choice it began) was cut short."""
+        if finished and started <= finished:
+            return
+        unfinished = sorted(started - finished)
+        which = f" (choice {', '.join(map(str, unfinished))})" if finished else ""
+        raise UpstreamError(
+            f"upstream {self.name!r} came to {end} without a finish reason{which}: truncated",
+            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+        )
 
     def _silent(self) -> UpstreamError:
         return UpstreamError(

@@ -20,7 +20,7 @@ import msgspec
 from streamsvc.chunks import Chunk, Seam
 from streamsvc.errors import StreamsvcError
 from streamsvc.journal.base import encode_frame
-from streamsvc.sse import encode_retry
+from streamsvc.sse import retry_field
 from streamsvc.wire import Ending, Entries
 
 __all__ = [
@@ -118,7 +118,8 @@ class EventsEncoder:
 
     Args:
         stream_id: the stream's id, the first half of every event id.
-        retry_ms: the ``retry:`` the stream starts with (EventSource's reconnect delay).
+        retry_ms: the ``retry:`` the first event's block carries (EventSource's
+            reconnect delay); never a block of its own.
     """
 
     __slots__ = ("_builder", "_retry_ms", "_seq", "_stream_id")
@@ -130,7 +131,7 @@ class EventsEncoder:
         self._builder = EventBuilder()
 
     def preamble(self) -> bytes:
-        return encode_retry(self._retry_ms)
+        return b""  # the retry field goes out with the first event (see _frame)
 
     def chunk(self, chunk: Chunk) -> bytes:
         if isinstance(chunk, Seam):
@@ -150,7 +151,8 @@ class EventsEncoder:
 
     def _frame(self, kind: str, data: bytes) -> bytes:
         self._seq += 1
-        return encode_frame(self._stream_id, self._seq, kind, data)
+        frame = encode_frame(self._stream_id, self._seq, kind, data)
+        return retry_field(self._retry_ms) + frame if self._seq == 1 else frame
 
 
 class EventEntries:
