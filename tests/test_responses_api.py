@@ -355,3 +355,18 @@ async def test_wire_format_is_event_and_data_with_the_same_type(
     assert all(e.id in ("", None) for e in events)  # resumed by sequence_number, not by id
     metrics = relay.app[METRICS].render().decode()
     assert 'streamsvc_streams_started_total{kind="responses"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    (b"[" * 100_000, "body"),
+    (b'{"model": "echo", "input": "x", "temperature": 1e999}', "temperature"),
+    (b'{"model": "echo", "input": "x", "top_p": NaN}', "body"),
+    (b"", "body"),
+], ids=["deep", "out-of-range", "nan", "empty"])
+async def test_bad_bodies_are_400s_like_on_the_chat_endpoints(
+    relay: RunningServer, session: aiohttp.ClientSession, raw: bytes, param: str,
+) -> None:
+    async with session.post(relay.url + "/v1/responses", data=raw,
+                            headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["param"] == param

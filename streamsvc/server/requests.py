@@ -56,11 +56,16 @@ def validate_chat(body: Any, *, stream_default: bool = False) -> ChatRequest:
     )
 
 
-def parse_chat_body(raw: bytes, *, stream_default: bool = False) -> ChatRequest:
-    """Decode and check a JSON request body."""
+def decode_body(raw: bytes) -> Any:
+    """A request's JSON body, decoded; an empty or bad one is a 400 naming ``body``."""
     if not raw.strip():
         raise bad_field("expected a JSON object, got an empty body", "body")
-    return validate_chat(decode_json(raw, "body"), stream_default=stream_default)
+    return decode_json(raw, "body")
+
+
+def parse_chat_body(raw: bytes, *, stream_default: bool = False) -> ChatRequest:
+    """Decode and check a JSON request body."""
+    return validate_chat(decode_body(raw), stream_default=stream_default)
 
 
 def _json_param(query: Mapping[str, str], name: str) -> Any:

@@ -37,10 +37,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
 from streamsvc.chat_request import ChatRequest
-from streamsvc.server.requests import OWN_FIELD, own_options
+from streamsvc.server.requests import OWN_FIELD, decode_body, own_options
 from streamsvc.validation import bad_field, check_type, integer_field, kind_of, number_field
 
 __all__ = ["ResponsesRequest", "is_response_id", "parse_responses_body"]
@@ -96,12 +94,7 @@ class ResponsesRequest:
 
 def parse_responses_body(raw: bytes) -> ResponsesRequest:
     """Decode, check and translate a ``POST /v1/responses`` body."""
-    if not raw.strip():
-        raise bad_field("expected a JSON object, got an empty body", "body")
-    try:
-        body = msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise bad_field(f"invalid JSON: {exc}", "body") from exc
+    body = decode_body(raw)
     if not isinstance(body, dict):
         raise bad_field(f"expected a JSON object, got {kind_of(body)}", "body")
     for name in body:
