@@ -154,7 +154,7 @@ async def test_backlog_end_opens_the_valve_and_the_end_gets_past_the_bound() -> 
 
 
 async def test_collector_builds_the_chat_completion() -> None:
-    collector = Collector(max_chars=1 << 20)
+    collector = Collector(max_bytes=1 << 20)
     collector.put(Chunk({"id": "x", "created": 1, "model": "m",
                          "choices": [{"index": 0, "delta": {"role": "assistant"}}]}))
     collector.put(text(" Hello"))
@@ -181,7 +181,7 @@ async def test_collector_builds_the_chat_completion() -> None:
 
 
 async def test_collector_past_its_bound_ends_with_journal_full() -> None:
-    collector = Collector(max_chars=1000)
+    collector = Collector(max_bytes=1000)
     with pytest.raises(StreamError) as caught:
         for _ in range(100):
             collector.put(text("x" * 50))

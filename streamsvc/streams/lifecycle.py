@@ -134,7 +134,7 @@ class Streams:
 
         Cancelling the caller (its client left) cancels the upstream.
         """
-        collector = Collector(max_chars=self._config.journal.max_bytes)
+        collector = Collector(max_bytes=self._config.journal.max_bytes)
         generation = await self._start(new_stream_id(), chat, collector, key_id=key_id,
                                        kind="complete", valve=None, resumable=False)
         try:

@@ -220,22 +220,23 @@ class Backlog:
 class Collector:
     """A non-streamed answer: the chunks collected into one ``chat.completion``.
 
-    Bounded by ``max_chars`` of text; past it the answer ends with ``journal_full``.
+    Bounded by ``max_bytes`` of the upstream's chunks; past it the answer ends
+    with ``journal_full``.
     """
 
-    __slots__ = ("_builder", "_chars", "_max", "result")
+    __slots__ = ("_builder", "_bytes", "_max", "result")
 
-    def __init__(self, *, max_chars: int) -> None:
+    def __init__(self, *, max_bytes: int) -> None:
         self._builder = CompletionBuilder()
-        self._max = max_chars
-        self._chars = 0
+        self._max = max_bytes
+        self._bytes = 0
         self.result: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     def put(self, chunk: Chunk) -> bool:
         self._builder.add(chunk)
         raw = chunk.raw
-        self._chars += len(raw) if raw is not None else 256
-        if self._chars > self._max:
+        self._bytes += len(raw) if raw is not None else 256  # a merged chunk: about that
+        if self._bytes > self._max:
             raise StreamError(
                 f"the answer passed journal.max_bytes ({self._max}) before it ended",
                 code=ErrorCode.JOURNAL_FULL,
