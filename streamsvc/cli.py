@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from pythonjsonlogger.json import JsonFormatter
 
+from streamsvc import __version__
 from streamsvc.bench.options import add_arguments as add_bench_arguments
 from streamsvc.config import Config, LogConfig, load_config
 from streamsvc.errors import ConfigError, ErrorCode, StreamsvcError
@@ -28,13 +30,21 @@ from streamsvc.listen import LISTEN_BACKLOG
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a service it needs (Redis) cannot be reached
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a service it needs (Redis, its port) is not available
+
+# Why a listening socket could not be had, in words (the rest: the OS's own text).
+_LISTEN_ERRORS = {
+    errno.EADDRINUSE: "the address is already in use (another process listens there)",
+    errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamsvc", description="Stream LLM answers to browsers and HTTP clients."
     )
+    parser.add_argument("--version", action="version", version=f"streamsvc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the relay")
@@ -48,8 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="environment variable holding the --upstream key")
 
     simulate = commands.add_parser("simulate", help="run the OpenAI-compatible simulator")
-    simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--port", type=int, default=8081)
+    simulate.add_argument("--host", default="127.0.0.1",
+                          help="listen address (default: %(default)s)")
+    simulate.add_argument("--port", type=int, default=8081,
+                          help="listen port (default: %(default)s)")
     simulate.add_argument("--config", metavar="FILE",
                           help="TOML config, for [server] event_loop only"
                                " (default: $STREAMSVC_CONFIG, else built-in defaults)")
@@ -65,8 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True,
                                             metavar="ACTION")
-    check = config_commands.add_parser("check", help="validate a config file")
-    check.add_argument("file", metavar="FILE")
+    check = config_commands.add_parser(
+        "check", help="validate a config file",
+        description="Load FILE as `streamsvc serve --config FILE` would, with the STREAMSVC__*"
+                    " environment overrides, and report every error in it.",
+    )
+    check.add_argument("file", metavar="FILE", help="the TOML config file to check")
     return parser
 
 
@@ -95,25 +111,41 @@ def _serve(args: argparse.Namespace) -> int:
     config: Config = load_config(config_path, overrides=_flag_overrides(args))
     configure_logging(config.log)
     logging.getLogger("streamsvc").info(
-        "config: %s", config_path or "built-in defaults (config/streamsvc.toml)"
+        "config: %s", config_path or "no file, the built-in defaults (--config FILE to load one)"
     )
     loop = loop_factory(config.server.event_loop)()
-    web.run_app(
-        create_app(config),
-        loop=loop,
-        host=config.server.host,
-        port=config.server.port,
-        handler_cancellation=True,
-        backlog=LISTEN_BACKLOG,
-        access_log_class=AccessLogger,
-        shutdown_timeout=config.server.shutdown_timeout_s,
-        print=lambda _: print(
-            f"streamsvc listening on http://{config.server.host}:{config.server.port}"
-            f" (event loop: {loop_name(loop)})",
-            flush=True,
-        ),
-    )
+    host, port = config.server.host, config.server.port
+    try:
+        web.run_app(
+            create_app(config),
+            loop=loop,
+            host=host,
+            port=port,
+            handler_cancellation=True,
+            backlog=LISTEN_BACKLOG,
+            access_log_class=AccessLogger,
+            shutdown_timeout=config.server.shutdown_timeout_s,
+            print=lambda _: print(
+                f"streamsvc listening on http://{host}:{port} (event loop: {loop_name(loop)})",
+                flush=True,
+            ),
+        )
+    except OSError as error:
+        return _cannot_listen(error, host, port, "--port (or server.port)")
     return 0
+
+
+def _cannot_listen(error: OSError, host: str, port: int, flag: str) -> int:
+    """One line for a port that cannot be had (taken, no such address, privileged), no traceback.
+
+    Any other OSError is not about listening: it is raised as it came.
+    """
+    reason = _LISTEN_ERRORS.get(error.errno or 0)
+    if reason is None:
+        raise error
+    print(f"streamsvc: cannot listen on {host}:{port}: {reason}; choose another with {flag}",
+          file=sys.stderr)
+    return EXIT_UNAVAILABLE
 
 
 def configure_logging(log: LogConfig) -> None:
@@ -148,7 +180,10 @@ def _simulate(args: argparse.Namespace) -> int:
             await task
 
     with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
-        runner.run(run())
+        try:
+            runner.run(run())
+        except OSError as error:
+            return _cannot_listen(error, args.host, args.port, "--port")
     return 0
 
 

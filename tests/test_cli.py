@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from streamsvc.cli import EXIT_CONFIG, main
+import streamsvc as streamsvc_package
+from streamsvc.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, _parser, main
 from streamsvc.sse import SSEDecoder
 from tests.conftest import free_port
 
@@ -86,6 +89,31 @@ def test_usage_errors_exit_2_from_argparse(capsys: pytest.CaptureFixture[str]) -
     assert caught.value.code == 2
 
 
+def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"streamsvc {streamsvc_package.__version__}\n"
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _subcommands(child)
+
+
+def test_every_option_and_argument_of_every_command_has_help() -> None:
+    for parser in _subcommands(_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):  # each command has its own help
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                assert set(helps) == set(action.choices) and all(helps.values()), helps
+            else:
+                assert action.help, f"{parser.prog}: {action.option_strings or action.dest}"
+
+
 # -- serve: refuses a bad config before listening ----------------------------------------------
 
 
@@ -123,6 +151,21 @@ def test_serve_bad_port_flag_exits_2() -> None:
     result = streamsvc("serve", "--port", "70000")
     assert result.returncode == 2
     assert "command line" in result.stderr and "server.port" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "simulate"])
+def test_a_taken_port_is_one_line_naming_the_address_and_the_flag(command: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = streamsvc(command, "--port", str(port))
+    assert result.returncode == EXIT_UNAVAILABLE
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("streamsvc:")]
+    assert line.startswith(f"streamsvc: cannot listen on 127.0.0.1:{port}: the address is already"
+                           " in use")
+    assert "--port" in line
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 # -- serve: starts, answers, stops -------------------------------------------------------------
@@ -168,6 +211,9 @@ def test_serve_answers_healthz_and_stops_on_signal(
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     assert f"streamsvc listening on http://127.0.0.1:{port}" in output
+    # No file was loaded, and the line does not name one as if it had been.
+    assert "config: no file, the built-in defaults (--config FILE to load one)" in output
+    assert "streamsvc.toml" not in output
     assert "Traceback" not in output
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
