@@ -22,7 +22,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 from streamsvc import __version__
 from streamsvc.bench.options import add_arguments as add_bench_arguments
-from streamsvc.config import Config, LogConfig, load_config
+from streamsvc.config import Config, LoadedConfig, LogConfig, load_config, read_config
 from streamsvc.errors import ConfigError, ErrorCode, StreamsvcError
 from streamsvc.eventloop import loop_factory, loop_name
 from streamsvc.listen import LISTEN_BACKLOG
@@ -108,11 +108,15 @@ def _serve(args: argparse.Namespace) -> int:
     from streamsvc.server.app import create_app
 
     config_path = args.config or os.environ.get("STREAMSVC_CONFIG") or None
-    config: Config = load_config(config_path, overrides=_flag_overrides(args))
+    loaded = read_config(config_path, overrides=_flag_overrides(args))
+    config: Config = loaded.config
     configure_logging(config.log)
-    logging.getLogger("streamsvc").info(
-        "config: %s", config_path or "no file, the built-in defaults (--config FILE to load one)"
-    )
+    log = logging.getLogger("streamsvc")
+    log.info("config: %s%s",
+             config_path or "no file, the built-in defaults (--config FILE to load one)",
+             "".join(f"; {key} from {name}" for name, key in loaded.overrides))
+    for warning in loaded.warnings:
+        log.warning("config: %s", warning)
     loop = loop_factory(config.server.event_loop)()
     host, port = config.server.host, config.server.port
     try:
@@ -187,6 +191,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(loaded: LoadedConfig) -> int:
+    """``config check``: OK, the environment overrides it applied (never their values)."""
+    print(f"{loaded.source}: OK")
+    for name, key in loaded.overrides:
+        print(f"  {key}: set by the environment variable {name}")
+    if not loaded.overrides:
+        print("  no environment overrides (STREAMSVC__SECTION__KEY variables)")
+    for warning in loaded.warnings:
+        print(f"streamsvc: warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def _bench(args: argparse.Namespace, command: list[str]) -> int:
     from streamsvc.bench.options import options_from_args
     from streamsvc.bench.orchestrator import run_bench
@@ -209,11 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "bench":
             return _bench(args, ["streamsvc", *(sys.argv[1:] if argv is None else argv)])
-        load_config(args.file)
-        print(f"{args.file}: OK")
-        return 0
+        return _check(read_config(args.file))
     except ConfigError as error:
-        print(f"streamsvc: config error: {error}", file=sys.stderr)
+        for problem in error.problems:
+            print(f"streamsvc: config error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     except StreamsvcError as error:
         if error.code is not ErrorCode.JOURNAL_UNAVAILABLE:
