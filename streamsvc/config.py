@@ -210,7 +210,10 @@ def _default_upstreams() -> dict[str, UpstreamConfig]:
 
 
 def _default_routes() -> list[RouteConfig]:
-    return [RouteConfig(model="*", upstreams=["simulator"])]
+    # The simulator's own models (streamsvc.simulator.MODELS), by name: any other model
+    # gets 404 model_not_found, as from a real upstream, not the simulator's prose.
+    return [RouteConfig(model=model, upstreams=["simulator"])
+            for model in ("echo", "sim-small", "sim-large")]
 
 
 class Config(_Section, frozen=True):

@@ -257,6 +257,8 @@ def test_serve_answers_healthz_and_stops_on_signal(
             " server.heartbeat_s from STREAMSVC__SERVER__HEARTBEAT_S") in output
     assert ("WARNING streamsvc: config: environment STREAMSVC_SERVER_PORT: ignored:"
             in output)
+    assert ("routes: echo, sim-small, sim-large -> simulator; any other model:"
+            " 404 model_not_found") in output
     assert "streamsvc.toml" not in output
     assert "Traceback" not in output
     with pytest.raises(urllib.error.URLError):

@@ -15,6 +15,7 @@ from streamsvc.config import (
     read_config,
 )
 from streamsvc.errors import ConfigError, ErrorCode
+from streamsvc.simulator import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOML = ROOT / "config" / "streamsvc.toml"
@@ -45,7 +46,10 @@ def test_no_file_means_the_defaults() -> None:
     config = load_config(None, env={})
     assert config == Config()
     assert config.upstreams == {"simulator": UpstreamConfig(base_url=BUILTIN_SIMULATOR)}
-    assert config.route("anything") == RouteConfig(model="*", upstreams=["simulator"])
+    # The simulator's models, by name; a misspelled or foreign one is no route's (404).
+    assert config.routes == [RouteConfig(model=m, upstreams=["simulator"]) for m in MODELS]
+    assert config.models() == list(MODELS)
+    assert config.route("echo") is not None and config.route("ehco") is None
 
 
 def test_an_empty_file_means_the_defaults(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
             log.info("built-in simulator upstream at %s", simulator_url)
         app[SESSION] = session
         app[ROUTER] = Router(config, session, simulator_url)
+        log.info("%s", app[ROUTER].describe())
         for name, upstream in config.upstreams.items():
             if upstream.api_key_env and not upstream.api_key():
                 log.warning("upstream %r: environment variable %s is not set; requests go"
