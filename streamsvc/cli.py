@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -18,8 +19,9 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
+from streamsvc import __version__
 from streamsvc.bench.options import add_arguments as add_bench_arguments
-from streamsvc.config import Config, LogConfig, load_config
+from streamsvc.config import Config, LoadedConfig, LogConfig, load_config, read_config
 from streamsvc.errors import ConfigError, ErrorCode, StreamsvcError
 from streamsvc.eventloop import loop_factory, loop_name
 from streamsvc.listen import LISTEN_BACKLOG
@@ -27,13 +29,21 @@ from streamsvc.listen import LISTEN_BACKLOG
 __all__ = ["main"]
 
 EXIT_CONFIG = 2
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a service it needs (Redis) cannot be reached
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: a service it needs (Redis, its port) is not available
+
+# Why a listening socket could not be had, in words (the rest: the OS's own text).
+_LISTEN_ERRORS = {
+    errno.EADDRINUSE: "the address is already in use (another process listens there)",
+    errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamsvc", description="Stream LLM answers to browsers and HTTP clients."
     )
+    parser.add_argument("--version", action="version", version=f"streamsvc {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the relay")
@@ -47,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="environment variable holding the --upstream key")
 
     simulate = commands.add_parser("simulate", help="run the OpenAI-compatible simulator")
-    simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--port", type=int, default=8081)
+    simulate.add_argument("--host", default="127.0.0.1",
+                          help="listen address (default: %(default)s)")
+    simulate.add_argument("--port", type=int, default=8081,
+                          help="listen port (default: %(default)s)")
     simulate.add_argument("--config", metavar="FILE",
                           help="TOML config, for [server] event_loop only"
                                " (default: $STREAMSVC_CONFIG, else built-in defaults)")
@@ -64,8 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True,
                                             metavar="ACTION")
-    check = config_commands.add_parser("check", help="validate a config file")
-    check.add_argument("file", metavar="FILE")
+    check = config_commands.add_parser(
+        "check", help="validate a config file",
+        description="Load FILE as `streamsvc serve --config FILE` would, with the STREAMSVC__*"
+                    " environment overrides, and report every error in it.",
+    )
+    check.add_argument("file", metavar="FILE", help="the TOML config file to check")
     return parser
 
 
@@ -92,28 +108,48 @@ def _serve(args: argparse.Namespace) -> int:
     from streamsvc.server.runner import run_app
 
     config_path = args.config or os.environ.get("STREAMSVC_CONFIG") or None
-    config: Config = load_config(config_path, overrides=_flag_overrides(args))
+    loaded = read_config(config_path, overrides=_flag_overrides(args))
+    config: Config = loaded.config
     configure_logging(config.log)
-    logging.getLogger("streamsvc").info(
-        "config: %s", config_path or "built-in defaults (config/streamsvc.toml)"
-    )
+    log = logging.getLogger("streamsvc")
+    log.info("config: %s%s",
+             config_path or "no file, the built-in defaults (--config FILE to load one)",
+             "".join(f"; {key} from {name}" for name, key in loaded.overrides))
+    for warning in loaded.warnings:
+        log.warning("config: %s", warning)
     loop = loop_factory(config.server.event_loop)()
-    run_app(
-        create_app(config),
-        loop=loop,
-        host=config.server.host,
-        port=config.server.port,
-        handler_cancellation=True,
-        backlog=LISTEN_BACKLOG,
-        access_log_class=AccessLogger,
-        shutdown_timeout=config.server.shutdown_timeout_s,
-        print=lambda _: print(
-            f"streamsvc listening on http://{config.server.host}:{config.server.port}"
-            f" (event loop: {loop_name(loop)})",
-            flush=True,
-        ),
-    )
+    host, port = config.server.host, config.server.port
+    try:
+        run_app(
+            create_app(config),
+            loop=loop,
+            host=host,
+            port=port,
+            handler_cancellation=True,
+            backlog=LISTEN_BACKLOG,
+            access_log_class=AccessLogger,
+            shutdown_timeout=config.server.shutdown_timeout_s,
+            print=lambda _: print(
+                f"streamsvc listening on http://{host}:{port} (event loop: {loop_name(loop)})",
+                flush=True,
+            ),
+        )
+    except OSError as error:
+        return _cannot_listen(error, host, port, "--port (or server.port)")
     return 0
+
+
+def _cannot_listen(error: OSError, host: str, port: int, flag: str) -> int:
+    """One line for a port that cannot be had (taken, no such address, privileged), no traceback.
+
+    Any other OSError is not about listening: it is raised as it came.
+    """
+    reason = _LISTEN_ERRORS.get(error.errno or 0)
+    if reason is None:
+        raise error
+    print(f"streamsvc: cannot listen on {host}:{port}: {reason}; choose another with {flag}",
+          file=sys.stderr)
+    return EXIT_UNAVAILABLE
 
 
 def configure_logging(log: LogConfig) -> None:
@@ -148,7 +184,22 @@ def _simulate(args: argparse.Namespace) -> int:
             await task
 
     with asyncio.Runner(loop_factory=loop_factory(config.server.event_loop)) as runner:
-        runner.run(run())
+        try:
+            runner.run(run())
+        except OSError as error:
+            return _cannot_listen(error, args.host, args.port, "--port")
+    return 0
+
+
+def _check(loaded: LoadedConfig) -> int:
+    """``config check``: OK, the environment overrides it applied (never their values)."""
+    print(f"{loaded.source}: OK")
+    for name, key in loaded.overrides:
+        print(f"  {key}: set by the environment variable {name}")
+    if not loaded.overrides:
+        print("  no environment overrides (STREAMSVC__SECTION__KEY variables)")
+    for warning in loaded.warnings:
+        print(f"streamsvc: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -174,11 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "bench":
             return _bench(args, ["streamsvc", *(sys.argv[1:] if argv is None else argv)])
-        load_config(args.file)
-        print(f"{args.file}: OK")
-        return 0
+        return _check(read_config(args.file))
     except ConfigError as error:
-        print(f"streamsvc: config error: {error}", file=sys.stderr)
+        for problem in error.problems:
+            print(f"streamsvc: config error: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     except StreamsvcError as error:
         if error.code is not ErrorCode.JOURNAL_UNAVAILABLE:

@@ -13,17 +13,20 @@ parses as one (``9000``, ``true``, ``"x"``), else as a plain string.
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import os
 import re
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
+import msgspec.structs
 
-from streamsvc.errors import ConfigError
+from streamsvc.errors import ConfigError, ConfigProblem
 from streamsvc.eventloop import UVLOOP_MISSING, EventLoopSetting, uvloop_available
 
 __all__ = [
@@ -32,12 +35,14 @@ __all__ = [
     "Config",
     "JournalConfig",
     "LimitsConfig",
+    "LoadedConfig",
     "LogConfig",
     "PipelineConfig",
     "RouteConfig",
     "ServerConfig",
     "UpstreamConfig",
     "load_config",
+    "read_config",
     "redact_url",
 ]
 
@@ -192,12 +197,30 @@ class RouteConfig(_Section, frozen=True):
         return fnmatch.fnmatchcase(model, self.model)
 
 
+def _unknown_upstreams(routes: list[list[str]], upstreams: Mapping[str, Any]
+                       ) -> list[tuple[str, str]]:
+    """(key, message) for every upstream a route names that ``[upstreams]`` does not define.
+
+    ``routes``: each route's list of upstream names.
+    """
+    return [
+        (f"routes[{i}].upstreams[{j}]",
+         f"names upstream {name!r}, which is not defined under [upstreams]")
+        for i, names in enumerate(routes)
+        for j, name in enumerate(names)
+        if name not in upstreams
+    ]
+
+
 def _default_upstreams() -> dict[str, UpstreamConfig]:
     return {"simulator": UpstreamConfig(base_url=BUILTIN_SIMULATOR)}
 
 
 def _default_routes() -> list[RouteConfig]:
-    return [RouteConfig(model="*", upstreams=["simulator"])]
+    # The simulator's own models (streamsvc.simulator.MODELS), by name: any other model
+    # gets 404 model_not_found, as from a real upstream, not the simulator's prose.
+    return [RouteConfig(model=model, upstreams=["simulator"])
+            for model in ("echo", "sim-small", "sim-large")]
 
 
 class Config(_Section, frozen=True):
@@ -213,13 +236,9 @@ class Config(_Section, frozen=True):
     routes: list[RouteConfig] = msgspec.field(default_factory=_default_routes)
 
     def __post_init__(self) -> None:
-        for i, route in enumerate(self.routes):
-            for j, name in enumerate(route.upstreams):
-                if name not in self.upstreams:
-                    raise ValueError(
-                        f"@routes[{i}].upstreams[{j}]: names upstream {name!r},"
-                        " which is not defined under [upstreams]"
-                    )
+        for key, message in _unknown_upstreams([r.upstreams for r in self.routes],
+                                               self.upstreams):
+            raise ValueError(f"@{key}: {message}")
 
     def route(self, model: str) -> RouteConfig | None:
         """The first route whose glob matches ``model``."""
@@ -236,6 +255,9 @@ class Config(_Section, frozen=True):
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 # A __post_init__ check names its field as "@field: message".
 _OWN_FIELD = re.compile(r"^@([^:]+): ")
+# Variables that look like overrides but are not: the config names them (keys, secret), or
+# they choose the file.
+_FILE_VARIABLE = "STREAMSVC_CONFIG"
 
 
 def _join(prefix: str, key: str) -> str:
@@ -255,11 +277,104 @@ def _key_of(message: str, prefix: str = "") -> tuple[str, str]:
     if own:
         key = _join(key, own.group(1))
         message = message[own.end() :]
-    unknown = re.match(r"Object contains unknown field `([^`]*)`", message)
-    if unknown:
-        key = _join(key, unknown.group(1))
-        message = "unknown key"
     return key or "(top level)", message
+
+
+def _unknown_key(key: str, known: list[str]) -> str:
+    """The message for a key that is not one: with the nearest known key, when one is near."""
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"unknown key; did you mean {near[0]!r}?" if near else "unknown key"
+
+
+def _allowed(tp: Any) -> tuple[Any, ...]:
+    """The values a ``Literal`` type allows (also under ``| None`` or ``Annotated``); else ()."""
+    if get_origin(tp) is Literal:
+        return get_args(tp)
+    return next((v for arg in get_args(tp) if (v := _allowed(arg))), ())
+
+
+def _check_value(value: Any, tp: Any, key: str, problems: list[tuple[str, str]]) -> None:
+    """Every problem of ``value`` as a ``tp`` into ``problems``, each with its dotted key.
+
+    msgspec stops at the first error, so structs, tables and lists of structs
+    are walked here, field by field and item by item.
+    """
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        _check_struct(value, tp, key, problems)
+        return
+    args = get_args(tp)
+    if get_origin(tp) is dict and isinstance(value, dict):
+        for name, item in value.items():
+            _check_value(item, args[1], _join(key, str(name)), problems)
+        return
+    if (get_origin(tp) is list and isinstance(value, list) and isinstance(args[0], type)
+            and issubclass(args[0], msgspec.Struct)):
+        for i, item in enumerate(value):
+            _check_value(item, args[0], f"{key}[{i}]", problems)
+        return
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError as exc:
+        allowed = _allowed(tp)
+        if allowed and value not in allowed:
+            problems.append((key, "expected one of " + ", ".join(map(repr, allowed))
+                             + f", got {value!r}"))
+        else:
+            problems.append(_key_of(str(exc), key))
+
+
+def _check_struct(value: Any, cls: type[msgspec.Struct], key: str,
+                  problems: list[tuple[str, str]]) -> None:
+    if not isinstance(value, dict):
+        problems.append((key or "(top level)",
+                         f"Expected `object`, got `{type(value).__name__}`"))
+        return
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    before = len(problems)
+    for name, item in value.items():
+        if name not in fields:
+            problems.append((_join(key, name), _unknown_key(name, list(fields))))
+        else:
+            _check_value(item, fields[name].type, _join(key, name), problems)
+    problems.extend((_join(key, name), "missing: this key is required")
+                    for name, field in fields.items() if field.required and name not in value)
+    if len(problems) == before and cls is not Config:
+        # The fields are right one by one: now the checks across them (__post_init__).
+        try:
+            msgspec.convert(value, cls)
+        except msgspec.ValidationError as exc:
+            problems.append(_key_of(str(exc), key))
+
+
+def _override_keys() -> list[str]:
+    """Every ``section.key`` of the sections that environment variables can reach."""
+    return [f"{section.encode_name}.{f.encode_name}"
+            for section in msgspec.structs.fields(Config)
+            if isinstance(section.type, type) and issubclass(section.type, msgspec.Struct)
+            for f in msgspec.structs.fields(section.type)]
+
+
+def _stray_variables(env: Mapping[str, str], config: Config) -> list[str]:
+    """Warnings for ``STREAMSVC_*`` variables that are no override and that the config names not.
+
+    ``STREAMSVC_SERVER_PORT`` (single underscores) is the usual slip: it is
+    ignored, so it is said, with the override it was probably meant to be.
+    """
+    named = {_FILE_VARIABLE, config.auth.api_keys_env, config.auth.ticket_secret_env}
+    named |= {u.api_key_env for u in config.upstreams.values() if u.api_key_env}
+    spelled = {key.replace(".", "_").upper(): key for key in _override_keys()}
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith("STREAMSVC_") or name.startswith(ENV_PREFIX) or name in named:
+            continue
+        meant = spelled.get(name.removeprefix("STREAMSVC_"))
+        hint = (f"; did you mean {ENV_PREFIX}{meant.replace('.', '__').upper()} (sets {meant})?"
+                if meant else "")
+        warnings.append(
+            f"environment {name}: ignored: overrides are {ENV_PREFIX}SECTION__KEY (double"
+            f" underscores), and the config names no variable {name}{hint}"
+        )
+    return warnings
 
 
 def _lookup(raw: Any, key: str) -> tuple[bool, Any]:
@@ -291,6 +406,23 @@ def _set_path(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoadedConfig:
+    """A config and how it was made: for the start-up log and ``streamsvc config check``.
+
+    Attributes:
+        config: the result.
+        source: the file, or ``"built-in defaults"``.
+        overrides: ``(variable, dotted key)`` of each environment override applied.
+        warnings: what was set but had no effect (a mistyped ``STREAMSVC_*`` variable).
+    """
+
+    config: Config
+    source: str
+    overrides: tuple[tuple[str, str], ...]
+    warnings: tuple[str, ...]
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -306,8 +438,20 @@ def load_config(
         overrides: dotted keys from CLI flags, e.g. ``{"server.port": 9000}``.
 
     Raises:
-        ConfigError: naming the file, variable or flag and the key.
+        ConfigError: with every problem found, each naming the file, variable or
+            flag and the key.
     """
+    return read_config(path, env=env, overrides=overrides).config
+
+
+def read_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedConfig:
+    """:func:`load_config`, with the overrides it applied and its warnings."""
+    env = os.environ if env is None else env
     source = str(path) if path is not None else "built-in defaults"
     raw: dict[str, Any] = {}
     if path is not None:
@@ -332,7 +476,8 @@ def load_config(
     # Remember who set each key, so an error names the variable or flag, not the file.
     before_overrides = copy.deepcopy(raw)  # the file, or the defaults it leaves out
     origin: dict[str, str] = {}
-    for name, value in sorted((os.environ if env is None else env).items()):
+    applied: list[tuple[str, str]] = []
+    for name, value in sorted(env.items()):
         if not name.startswith(ENV_PREFIX):
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
@@ -342,48 +487,39 @@ def load_config(
             )
         _set_path(raw, parts, _parse_env_value(value))
         origin[".".join(parts)] = f"environment {name}"
+        applied.append((name, ".".join(parts)))
     for key, value in (overrides or {}).items():
         _set_path(raw, key.split("."), value)
         origin[key] = "command line"
 
-    try:
-        # Upstreams one by one first: msgspec does not name dict keys in its paths.
-        upstreams = raw.get("upstreams")
-        if isinstance(upstreams, dict):
-            for name, value in upstreams.items():
-                prefix = f"upstreams.{name}"
-                try:
-                    msgspec.convert(value, UpstreamConfig)
-                except msgspec.ValidationError as exc:
-                    raise _Located(*_key_of(str(exc), prefix)) from exc
-        try:
-            config = msgspec.convert(raw, Config)
-        except msgspec.ValidationError as exc:
-            raise _Located(*_key_of(str(exc))) from exc
-        if routes_missing and not config.routes:
-            raise ConfigError(
-                "missing: a file that defines [upstreams] must also define [[routes]]"
-                " naming them",
-                source=source, key="routes",
-            )
-        return config
-    except _Located as located:
-        key, message = located.key, located.message
-        present, value = _lookup(raw, key)
-        if present and message != "unknown key" and "got" not in message and repr(value) not in message:
-            message = f"{message}, got {value!r}"
+    def blame(key: str) -> str:
         blamed = next(
             (who for k, who in origin.items() if key == k or key.startswith(k + ".")), None
         )
         if blamed is None and not _lookup(before_overrides, key)[0]:
             # An unknown section or upstream that only a variable or flag brought in.
             blamed = next((who for k, who in origin.items() if k.startswith(key + ".")), None)
-        blamed = blamed or source
-        raise ConfigError(message, source=blamed, key=key) from located.__cause__
+        return blamed or source
 
-
-class _Located(Exception):
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
+    problems: list[tuple[str, str]] = []
+    _check_struct(raw, Config, "", problems)
+    if isinstance(raw.get("upstreams"), dict) and not any(
+            key.startswith(("routes", "(top level)")) for key, _ in problems):
+        # The routes are well formed: do they name upstreams that exist?
+        problems += _unknown_upstreams([r["upstreams"] for r in raw["routes"]], raw["upstreams"])
+    if routes_missing:
+        problems.append(("routes", "missing: a file that defines [upstreams] must also define"
+                                   " [[routes]] naming them"))
+    if problems:
+        found = []
+        for key, message in problems:
+            present, value = _lookup(raw, key)
+            if (present and not message.startswith(("unknown key", "missing"))
+                    and "got" not in message and repr(value) not in message):
+                message = f"{message}, got {value!r}"
+            found.append(ConfigProblem(blame(key), key, message))
+        first, *more = found
+        raise ConfigError(first.message, source=first.source, key=first.key, more=more)
+    config = msgspec.convert(raw, Config)
+    return LoadedConfig(config=config, source=source, overrides=tuple(applied),
+                        warnings=tuple(_stray_variables(env, config)))

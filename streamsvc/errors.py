@@ -3,7 +3,8 @@
 ::
 
     StreamsvcError                     (code, message, retryable, status)
-    ├── ConfigError                    config_invalid: names the file and the key
+    ├── ConfigError                    config_invalid: names the file and the key (every
+    │                                  problem of a config at once: problems)
     ├── ClientError                    the request was wrong: bad_request, not_found,
     │                                  request_timeout (its body was too slow), ...
     │   └── LimitError                 rate_limited by one of our own limits (retry_after)
@@ -20,12 +21,14 @@ boundary with ``raise ... from exc``; nothing else crosses a module edge.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "ClientError",
     "ConfigError",
+    "ConfigProblem",
     "ErrorCode",
     "LimitError",
     "StreamError",
@@ -144,13 +147,30 @@ class StreamsvcError(Exception):
         return f"{type(self).__name__}({self.code!s}: {self.message!r})"
 
 
+class ConfigProblem(NamedTuple):
+    """One mistake in the config: where it came from, the dotted key, what is wrong."""
+
+    source: str  # the file, "environment VAR" or "command line"
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.key}: {self.message}"
+
+
 class ConfigError(StreamsvcError):
-    """A config file, environment override or flag is wrong; names the source and key."""
+    """A config file, environment override or flag is wrong; names the source and key.
+
+    One error carries every problem found (``problems``, the first one's
+    ``source`` and ``key`` on the error itself); its message is one line each.
+    """
 
     default_code = ErrorCode.CONFIG_INVALID
 
-    def __init__(self, message: str, *, source: str, key: str) -> None:
-        super().__init__(f"{source}: {key}: {message}")
+    def __init__(self, message: str, *, source: str, key: str,
+                 more: Sequence[ConfigProblem] = ()) -> None:
+        self.problems: tuple[ConfigProblem, ...] = (ConfigProblem(source, key, message), *more)
+        super().__init__("\n".join(map(str, self.problems)))
         self.source = source
         self.key = key
 

@@ -55,11 +55,16 @@ Pair = Callable[..., Awaitable[tuple[RunningServer, RunningServer]]]
 @pytest.fixture
 def pair(start_server: StartServer, simulator: SimulatorServer, redis_server: RedisServer,
          monkeypatch: pytest.MonkeyPatch) -> Pair:
-    """Factory: two instances with the same keys, secret, Redis and ``more`` overrides."""
+    """Factory: two instances with the same keys, secret, Redis and ``more`` overrides.
+
+    ``secret=False``: no ``STREAMSVC_TICKET_SECRET`` (the instances share one through Redis).
+    """
     monkeypatch.setenv("STREAMSVC_API_KEYS", f"{KEY_A},{KEY_B}")
     monkeypatch.setenv("STREAMSVC_TICKET_SECRET", SECRET)
 
-    async def start(**more: Any) -> tuple[RunningServer, RunningServer]:
+    async def start(secret: bool = True, **more: Any) -> tuple[RunningServer, RunningServer]:
+        if not secret:
+            monkeypatch.delenv("STREAMSVC_TICKET_SECRET")
         journal = {"backend": "redis", "redis_url": redis_server.url, **more.pop("journal", {})}
         overrides = relay_overrides(simulator.url, journal=journal, **more)
         first = await start_server(overrides=overrides)
@@ -86,6 +91,29 @@ async def test_both_instances_use_redis_for_journal_tickets_and_limits(pair: Pai
         assert isinstance(relay.app[JOURNAL], RedisJournal)
         assert isinstance(relay.app[AUTH].tickets, RedisTicketStore)
         assert isinstance(relay.app[LIMITER], RedisLimiter)
+
+
+async def test_without_a_ticket_secret_the_instances_share_one_through_redis(
+    pair: Pair, session: aiohttp.ClientSession, redis_server: RedisServer,
+) -> None:
+    one, two = await pair(secret=False)
+    for relay in (one, two):
+        assert "tickets signed with a secret shared through Redis (STREAMSVC_TICKET_SECRET is" \
+            " unset: the first instance made it)" in relay.app[AUTH].describe()
+    assert one.app[AUTH].key_id(KEY_A) == two.app[AUTH].key_id(KEY_A)
+    assert redis_server.command("EXISTS", f"{PREFIX}auth:ticket-secret") == b":1\r\n"
+    created = await create(one, session)
+    # The ticket one signed opens the stream on two, and two knows the key as its owner.
+    async with session.get(two.url + created["events_url"]) as response:
+        assert response.status == 200
+        ids = event_ids(await response.text())
+    async with session.get(two.url + f"/v1/streams/{created['id']}/events",
+                           headers={**bearer(KEY_A), "Last-Event-ID": ids[0]}) as response:
+        assert response.status == 200
+        assert event_ids(await response.text()) == ids[1:]
+    async with session.get(two.url + f"/v1/streams/{created['id']}/events",
+                           headers=bearer(KEY_B)) as response:
+        assert response.status == 403  # another key is still another key
 
 
 async def test_requests_per_minute_hold_across_instances(

@@ -23,8 +23,8 @@ from streamsvc.bench.baseline import create_baseline_app
 from streamsvc.bench.load import LoadSpec, run_load
 from streamsvc.bench.nginx import nginx_binary
 from streamsvc.bench.options import BenchOptions
-from streamsvc.bench.report import write_outputs
-from streamsvc.bench.results import BenchReport
+from streamsvc.bench.report import evaluate_targets, notes, write_outputs
+from streamsvc.bench.results import BenchReport, Skipped
 from streamsvc.bench.stats import percentile, summarize
 from streamsvc.simulator import SimulatorServer
 
@@ -50,6 +50,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("STREAMSVC__") and k != "STREAMSVC_CONFIG"}
     env["PYTHONPATH"] = str(ROOT)
+    env.pop("COLUMNS", None)  # piped: rich's own width, 80 columns
     result = subprocess.run(
         [sys.executable, "-m", "streamsvc", "bench", "--quick", "--json", "out.json",
          "--plot", "out.png"],
@@ -114,7 +115,7 @@ def test_quick_bench_judges_every_target(quick_run: Any) -> None:
     }
     for target in targets.values():
         assert finite(target["value"]) and isinstance(target["met"], bool)
-        assert "K=200" in target["note"] or "M=1000" in target["note"]  # quick is not the issue's
+        assert "K=200" in target["note"] or "M=1000" in target["note"]  # not the target scenario
 
 
 def test_quick_bench_says_what_ran_where(quick_run: Any) -> None:
@@ -129,8 +130,52 @@ def test_quick_bench_says_what_ran_where(quick_run: Any) -> None:
     assert all(loops[role] in LOOPS for role in ("simulator", "baseline", "streamsvc"))
     assert all(path["load"]["event_loop"] in LOOPS for path in report["paths"])
     # The table went to stdout; the report parses back into its typed form.
-    assert "issue 4 targets" in result.stdout and "streamsvc-openai" in result.stdout
+    assert "targets (docs/performance.md)" in result.stdout and "issue" not in result.stdout
     msgspec.json.decode(json.dumps(report), type=BenchReport)
+
+
+def test_quick_bench_tables_are_whole_at_80_columns_when_piped(quick_run: Any) -> None:
+    result, report, _ = quick_run
+    tables = result.stdout[:result.stdout.index("\npaths: ")]
+    assert "…" not in tables
+    assert max(len(line.rstrip()) for line in tables.splitlines()) <= 80
+    rows = [line.split()[0] for line in tables.splitlines() if line.startswith(" ") and line.strip()]
+    for path in report["paths"]:
+        assert path["name"] in rows  # never cut, so two paths never read the same
+    for target in report["targets"]:
+        assert target["description"] in tables and target["name"] not in tables
+
+
+def _typed(report: dict[str, Any]) -> BenchReport:
+    return msgspec.json.decode(json.dumps(report), type=BenchReport)
+
+
+def test_each_note_is_said_once_and_the_kernel_count_is_not_blamed_on_a_phase(
+    quick_run: Any,
+) -> None:
+    _, report, _ = quick_run
+    typed = _typed(report)
+    first = msgspec.structs.replace(typed.paths[0], listen_overflows=35)
+    typed = msgspec.structs.replace(typed, paths=[first, *typed.paths[1:]])
+    lines = notes(typed)
+    assert len(lines) == len(set(lines))
+    said = [line.removeprefix("note: ") for line in lines if line.startswith("note: ")]
+    assert not any(a != b and a in b for a in said for b in said)
+    assert sum("(the target is for K=200" in line for line in lines) == 1
+    (kernel,) = [line for line in lines if "listen queue" in line]
+    assert kernel == (f"direct ({first.load.streams} streams): while it ran, 35 connections were"
+                      " dropped on full listen queues on this machine (any process's: the"
+                      " kernel counts them for all)")
+
+
+def test_a_skipped_phase_is_said_once(quick_run: Any) -> None:
+    _, report, _ = quick_run
+    typed = _typed(report)
+    typed = msgspec.structs.replace(
+        typed, open_streams=[], skipped=[Skipped(name="open streams", reason="--slow-streams 0")])
+    typed = msgspec.structs.replace(typed, targets=evaluate_targets(typed))
+    lines = notes(typed)
+    assert sum("--slow-streams 0" in line for line in lines) == 1, lines
 
 
 def test_quick_bench_writes_the_plot(quick_run: Any) -> None:

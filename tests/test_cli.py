@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import socket
 import signal
 import subprocess
 import sys
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from streamsvc.cli import EXIT_CONFIG, main
+import streamsvc as streamsvc_package
+from streamsvc.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, _parser, main
 from streamsvc.sse import SSEDecoder
 from tests.conftest import free_port
 
@@ -25,8 +28,7 @@ DEFAULT_TOML = ROOT / "config" / "streamsvc.toml"
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The test's environment without streamsvc settings, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("STREAMSVC__") and k != "STREAMSVC_CONFIG"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")}
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env
@@ -50,10 +52,50 @@ def bad_toml(tmp_path: Path) -> Path:
 # -- config check ------------------------------------------------------------------------------
 
 
-def test_config_check_ok(capsys: pytest.CaptureFixture[str]) -> None:
+NO_OVERRIDES = "  no environment overrides (STREAMSVC__SECTION__KEY variables)\n"
+
+
+def test_config_check_ok(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+                         ) -> None:
+    for name in os.environ:
+        if name.startswith("STREAMSVC"):
+            monkeypatch.delenv(name)
     assert main(["config", "check", str(DEFAULT_TOML)]) == 0
     out, err = capsys.readouterr()
-    assert out == f"{DEFAULT_TOML}: OK\n" and err == ""
+    assert out == f"{DEFAULT_TOML}: OK\n{NO_OVERRIDES}" and err == ""
+
+
+def test_config_check_reports_every_mistake_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "my.toml"
+    path.write_text('[server]\nprot = 8080\n[log]\nlevel = "loud"\n[journal]\nmax_events = 0\n',
+                    encoding="utf-8")
+    result = streamsvc("config", "check", str(path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"streamsvc: config error: {path}: server.prot: unknown key; did you mean 'port'?",
+        f"streamsvc: config error: {path}: log.level: expected one of 'debug', 'info',"
+        " 'warning', 'error', got 'loud'",
+        f"streamsvc: config error: {path}: journal.max_events: Expected `int` >= 1, got 0",
+    ]
+
+
+def test_config_check_says_which_overrides_it_applied_and_warns_of_strays() -> None:
+    result = streamsvc("config", "check", str(DEFAULT_TOML), env=clean_env(
+        STREAMSVC__SERVER__PORT="9000", STREAMSVC__UPSTREAMS__SIMULATOR__HEADERS='{a = "secret"}',
+        STREAMSVC_SERVER_HOST="0.0.0.0"))
+    assert result.returncode == 0
+    assert result.stdout == (
+        f"{DEFAULT_TOML}: OK\n"
+        "  server.port: set by the environment variable STREAMSVC__SERVER__PORT\n"
+        "  upstreams.simulator.headers: set by the environment variable"
+        " STREAMSVC__UPSTREAMS__SIMULATOR__HEADERS\n"
+    )
+    assert "secret" not in result.stdout + result.stderr  # values are never shown
+    assert result.stderr == (
+        "streamsvc: warning: environment STREAMSVC_SERVER_HOST: ignored: overrides are"
+        " STREAMSVC__SECTION__KEY (double underscores), and the config names no variable"
+        " STREAMSVC_SERVER_HOST; did you mean STREAMSVC__SERVER__HOST (sets server.host)?\n"
+    )
 
 
 def test_config_check_bad_key_exits_2_naming_file_and_key(
@@ -73,7 +115,7 @@ def test_config_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_config_check_as_a_command(bad_toml: Path) -> None:
     good = streamsvc("config", "check", str(DEFAULT_TOML))
-    assert (good.returncode, good.stdout) == (0, f"{DEFAULT_TOML}: OK\n")
+    assert (good.returncode, good.stdout) == (0, f"{DEFAULT_TOML}: OK\n{NO_OVERRIDES}")
     bad = streamsvc("config", "check", str(bad_toml))
     assert bad.returncode == 2
     assert str(bad_toml) in bad.stderr and "server.portt" in bad.stderr
@@ -84,6 +126,31 @@ def test_usage_errors_exit_2_from_argparse(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit) as caught:
         main(["frobnicate"])
     assert caught.value.code == 2
+
+
+def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"streamsvc {streamsvc_package.__version__}\n"
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _subcommands(child)
+
+
+def test_every_option_and_argument_of_every_command_has_help() -> None:
+    for parser in _subcommands(_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):  # each command has its own help
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                assert set(helps) == set(action.choices) and all(helps.values()), helps
+            else:
+                assert action.help, f"{parser.prog}: {action.option_strings or action.dest}"
 
 
 # -- serve: refuses a bad config before listening ----------------------------------------------
@@ -125,6 +192,21 @@ def test_serve_bad_port_flag_exits_2() -> None:
     assert "command line" in result.stderr and "server.port" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["serve", "simulate"])
+def test_a_taken_port_is_one_line_naming_the_address_and_the_flag(command: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = streamsvc(command, "--port", str(port))
+    assert result.returncode == EXIT_UNAVAILABLE
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("streamsvc:")]
+    assert line.startswith(f"streamsvc: cannot listen on 127.0.0.1:{port}: the address is already"
+                           " in use")
+    assert "--port" in line
+    assert "Traceback" not in result.stderr + result.stdout
+
+
 # -- serve: starts, answers, stops -------------------------------------------------------------
 
 
@@ -134,7 +216,8 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     process = subprocess.Popen(
         [sys.executable, "-m", "streamsvc", "serve", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=clean_env(), cwd=tmp_path,
+        env=clean_env(STREAMSVC__SERVER__HEARTBEAT_S="15", STREAMSVC_SERVER_PORT="1"),
+        cwd=tmp_path,
     )
     try:
         yield process, port
@@ -168,6 +251,15 @@ def test_serve_answers_healthz_and_stops_on_signal(
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
     assert f"streamsvc listening on http://127.0.0.1:{port}" in output
+    # No file was loaded, and the line does not name one as if it had been; it names the
+    # overrides applied, and a variable that looks like one but is not is warned about.
+    assert ("config: no file, the built-in defaults (--config FILE to load one);"
+            " server.heartbeat_s from STREAMSVC__SERVER__HEARTBEAT_S") in output
+    assert ("WARNING streamsvc: config: environment STREAMSVC_SERVER_PORT: ignored:"
+            in output)
+    assert ("routes: echo, sim-small, sim-large -> simulator; any other model:"
+            " 404 model_not_found") in output
+    assert "streamsvc.toml" not in output
     assert "Traceback" not in output
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)

@@ -12,8 +12,10 @@ from streamsvc.config import (
     RouteConfig,
     UpstreamConfig,
     load_config,
+    read_config,
 )
 from streamsvc.errors import ConfigError, ErrorCode
+from streamsvc.simulator import MODELS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOML = ROOT / "config" / "streamsvc.toml"
@@ -44,7 +46,10 @@ def test_no_file_means_the_defaults() -> None:
     config = load_config(None, env={})
     assert config == Config()
     assert config.upstreams == {"simulator": UpstreamConfig(base_url=BUILTIN_SIMULATOR)}
-    assert config.route("anything") == RouteConfig(model="*", upstreams=["simulator"])
+    # The simulator's models, by name; a misspelled or foreign one is no route's (404).
+    assert config.routes == [RouteConfig(model=m, upstreams=["simulator"]) for m in MODELS]
+    assert config.models() == list(MODELS)
+    assert config.route("echo") is not None and config.route("ehco") is None
 
 
 def test_an_empty_file_means_the_defaults(tmp_path: Path) -> None:
@@ -105,8 +110,8 @@ BAD_FILES = {
                      "ftp://x"),
     "base_url without a host": ('[upstreams.local]\nbase_url = "http://"\n',
                                 "upstreams.local.base_url", "http(s)://"),
-    "upstream without base_url": ('[upstreams.a]\napi_key_env = "X"\n', "upstreams.a",
-                                  "base_url"),
+    "upstream without base_url": ('[upstreams.a]\napi_key_env = "X"\n', "upstreams.a.base_url",
+                                  "missing"),
     "route naming an unknown upstream": (
         ('[upstreams.a]\nbase_url = "https://x"\n'
          '[[routes]]\nmodel = "*"\nupstreams = ["a", "b"]\n'),
@@ -129,6 +134,93 @@ def test_a_bad_file_names_the_file_and_the_key(
     assert error.key == key
     assert detail in str(error)
     assert str(error).startswith(f"{path}: {key}: ")
+
+
+def test_every_problem_of_a_file_is_reported_at_once_each_naming_its_key(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [server]
+        prot = 8080
+        [log]
+        level = "loud"
+        [journal]
+        max_events = 0
+        [upstreams.a]
+        base_url = "https://a.example/v1"
+        [[routes]]
+        model = "*"
+        upstreams = ["a", "b", "c"]
+    """, "my.toml")
+    error = config_error(path, env={})
+    assert [str(problem) for problem in error.problems] == [
+        f"{path}: server.prot: unknown key; did you mean 'port'?",
+        f"{path}: log.level: expected one of 'debug', 'info', 'warning', 'error', got 'loud'",
+        f"{path}: journal.max_events: Expected `int` >= 1, got 0",
+        f"{path}: routes[0].upstreams[1]: names upstream 'b', which is not defined under"
+        " [upstreams]",
+        f"{path}: routes[0].upstreams[2]: names upstream 'c', which is not defined under"
+        " [upstreams]",
+    ]
+    assert str(error) == "\n".join(map(str, error.problems))
+    assert (error.source, error.key) == (str(path), "server.prot")
+
+
+def test_every_route_naming_an_unknown_upstream_is_reported(tmp_path: Path) -> None:
+    path = write(tmp_path, '[upstreams.a]\nbase_url = "https://a.example/v1"\n'
+                           '[[routes]]\nmodel = "*"\nupstreams = ["a", "b", "c"]\n')
+    error = config_error(path, env={})
+    assert [problem.key for problem in error.problems] == ["routes[0].upstreams[1]",
+                                                           "routes[0].upstreams[2]"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[serverr]\nport = 1\n", "serverr: unknown key; did you mean 'server'?"),
+    ("[pipeline]\nretry_max_attempt = 1\n",
+     "pipeline.retry_max_attempt: unknown key; did you mean 'retry_max_attempts'?"),
+    ("[server]\nxyzzy = 1\n", "server.xyzzy: unknown key"),
+    ('[server]\nevent_loop = "trio"\n',
+     "server.event_loop: expected one of 'auto', 'asyncio', 'uvloop', got 'trio'"),
+    ('[journal]\nbackend = "postgres"\n',
+     "journal.backend: expected one of 'memory', 'redis', got 'postgres'"),
+    ('[upstreams.a]\nbase_url = "https://x"\nheaders = { a = 1 }\n'
+     '[[routes]]\nmodel = "*"\nupstreams = ["a"]\n',
+     "upstreams.a.headers.a: Expected `str`, got `int`"),
+], ids=["section", "key", "nothing near", "event loop", "backend", "a table's value"])
+def test_a_bad_key_or_value_says_what_was_meant(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text, "my.toml")
+    assert str(config_error(path, env={})) == f"{path}: {message}"
+
+
+def test_problems_of_the_file_and_the_environment_come_together(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = -1\n", "my.toml")
+    error = config_error(path, env={"STREAMSVC__PIPELINE__COALESCE": "maybe"})
+    assert [(p.source, p.key) for p in error.problems] == [
+        (str(path), "server.port"),
+        ("environment STREAMSVC__PIPELINE__COALESCE", "pipeline.coalesce"),
+    ]
+
+
+def test_the_overrides_applied_are_told_and_stray_variables_warned_about() -> None:
+    loaded = read_config(None, env={
+        "STREAMSVC__SERVER__PORT": "9000", "STREAMSVC_SERVER_PORT": "9001",
+        "STREAMSVC_API_KEYS": "k", "STREAMSVC_TICKET_SECRET": "s", "STREAMSVC_CONFIG": "x.toml",
+        "STREAMSVC_VERBOSE": "1", "OTHER": "1",
+    })
+    assert loaded.config.server.port == 9000
+    assert loaded.overrides == (("STREAMSVC__SERVER__PORT", "server.port"),)
+    assert loaded.warnings == (
+        "environment STREAMSVC_SERVER_PORT: ignored: overrides are STREAMSVC__SECTION__KEY"
+        " (double underscores), and the config names no variable STREAMSVC_SERVER_PORT; did you"
+        " mean STREAMSVC__SERVER__PORT (sets server.port)?",
+        "environment STREAMSVC_VERBOSE: ignored: overrides are STREAMSVC__SECTION__KEY"
+        " (double underscores), and the config names no variable STREAMSVC_VERBOSE",
+    )
+
+
+def test_a_variable_the_config_names_is_no_stray() -> None:
+    loaded = read_config(None, env={"STREAMSVC_OPENAI_KEY": "sk",
+                                    "STREAMSVC__UPSTREAMS__SIMULATOR__API_KEY_ENV":
+                                    "STREAMSVC_OPENAI_KEY"})
+    assert loaded.warnings == ()
 
 
 def test_a_missing_file_names_the_file(tmp_path: Path) -> None:

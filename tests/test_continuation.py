@@ -67,6 +67,8 @@ async def test_a_cut_after_seven_tokens_is_continued_byte_for_byte_on_chat_strea
                       "delivered_chars": len(before), "overlap_removed": 0}]
     seam_at = [e.event for e in events].index("failover")
     assert _text(events[:seam_at]) == before
+    # The continuation's framing (its role-only first delta) is not repeated after the seam.
+    assert all("role" not in json.loads(e.data) for e in events[seam_at + 1:])
     assert events[-1].event == "done" and json.loads(events[-1].data)["finish_reason"] == "stop"
     assert simulator.stats.requests == 2
     second = simulator.stats.recent[-1]["body"]["messages"]

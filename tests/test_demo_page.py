@@ -628,6 +628,53 @@ async def test_status_line_shows_first_token_time_rate_and_tokens(
     assert demo.log.errors == []
 
 
+async def test_an_instant_answer_shows_no_rate(demo: DemoPage, simulator: SimulatorServer
+                                             ) -> None:
+    # Every event within a few milliseconds: a rate over that would read thousands a second.
+    await send(demo.page, "one two three four five six seven eight nine ten")
+    assert await wait_answer(demo.page, "done") == "done"
+    assert await events_shown(demo.page) >= 1
+    assert await demo.page.text_content("#rate") == "–"
+
+
+async def footer_lines(page: Page) -> dict[str, Any]:
+    """How the footer lays out: its rows of items, and whether anything overflows."""
+    layout: dict[str, Any] = await page.evaluate(
+        """() => {
+          const footer = document.querySelector("footer");
+          const boxes = [...footer.children].filter((e) => e.offsetParent !== null)
+            .map((e) => e.getBoundingClientRect()).sort((a, b) => a.top - b.top);
+          let rows = 0, bottom = -Infinity;
+          for (const box of boxes) {  // a row starts below the bottom of the one before
+            if (box.top >= bottom) { rows += 1; bottom = box.bottom; }
+            bottom = Math.max(bottom, box.bottom);
+          }
+          return {
+            rows,
+            overflows: footer.scrollWidth > footer.clientWidth,
+            status: document.querySelector("#status").textContent,
+            title: document.querySelector("#status").title,
+          };
+        }"""
+    )
+    return layout
+
+
+async def test_a_long_status_keeps_the_footer_on_one_line(demo: DemoPage) -> None:
+    await demo.page.click("details.options summary")
+    await demo.page.fill("#extra", "[1]")
+    await demo.page.fill("#prompt", "hello")
+    await demo.page.click("#send")
+    layout = await footer_lines(demo.page)
+    assert layout["status"].startswith("bad_request: Request options: expected a JSON object")
+    assert layout["title"] == layout["status"]  # the whole text, on hover
+    assert layout["rows"] == 1 and not layout["overflows"], layout
+    # On a phone the status takes a line of its own, and nothing runs off the side.
+    await demo.page.set_viewport_size({"width": 400, "height": 640})
+    layout = await footer_lines(demo.page)
+    assert not layout["overflows"], layout
+
+
 async def test_error_event_is_shown_and_nothing_is_resent(
     demo: DemoPage, simulator: SimulatorServer
 ) -> None:
@@ -637,7 +684,8 @@ async def test_error_event_is_shown_and_nothing_is_resent(
     assert await wait_answer(demo.page, "done", "error") == "error"
     answer = await last_answer(demo.page)
     assert answer["text"] == "one two three"  # what came before the fault stays
-    assert answer["error"] is not None and answer["error"].startswith("upstream_error: ")
+    assert answer["error"] == ("upstream_error: upstream 'sim' stopped mid-stream: the"
+                               " connection closed before the answer was complete")
     assert await demo.page.text_content("#status") == "error: upstream_error"
     assert await demo.page.input_value("#prompt") == prompt  # back in the box for another try
     assert await demo.page.is_visible(".turn.assistant .error")

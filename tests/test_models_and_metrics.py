@@ -6,7 +6,9 @@ import asyncio
 
 import aiohttp
 
+from streamsvc.config import load_config
 from streamsvc.simulator import MODELS, SimulatorServer
+from streamsvc.upstream.routing import Router
 from tests.conftest import RunningServer, StartServer, relay_overrides
 
 
@@ -22,6 +24,38 @@ async def test_models_of_builtin_simulator(start_server: StartServer,
                                            session: aiohttp.ClientSession) -> None:
     server = await start_server()
     assert await _model_ids(session, server.url) == list(MODELS)
+
+
+async def test_the_default_routes_serve_the_listed_models_and_no_other(
+    start_server: StartServer, session: aiohttp.ClientSession
+) -> None:
+    server = await start_server()
+    listed = await _model_ids(session, server.url)
+    for model in listed:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(f"{server.url}/v1/chat/completions", json=body) as response:
+            assert response.status == 200, model
+    body = {"model": "ehco", "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(f"{server.url}/v1/chat/completions", json=body) as response:
+        assert response.status == 404
+        error = (await response.json())["error"]
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["message"] == ("no route serves model 'ehco'; did you mean 'echo'?"
+                                " (GET /v1/models lists the models served)")
+
+
+async def test_the_start_up_line_says_which_models_go_where(
+    session: aiohttp.ClientSession,
+) -> None:
+    assert Router(load_config(env={}), session).describe() == (
+        "routes: echo, sim-small, sim-large -> simulator; any other model: 404 model_not_found")
+    config = load_config(env={}, overrides={
+        "upstreams": {"a": {"base_url": "https://a.example/v1"},
+                      "b": {"base_url": "https://b.example/v1"}},
+        "routes": [{"model": "gpt-*", "upstreams": ["a", "b"]},
+                   {"model": "*", "upstreams": ["b"]}],
+    })
+    assert Router(config, session).describe() == "routes: gpt-* -> a, then b; * -> b"
 
 
 async def test_models_of_a_real_upstream_come_from_its_own_listing(

@@ -47,7 +47,7 @@ from redis.asyncio import Redis
 from streamsvc.bench.nginx import nginx_binary, nginx_command
 from streamsvc.simulator import generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
-from tests.conftest import answers_ok, free_port, spawn_serve
+from tests.conftest import answers_ok, free_port, spawn_serve, wait_until
 from tests.redis_server import RedisServer
 from tests.test_browser import PageLog
 from tests.test_readme import FENCE
@@ -233,6 +233,18 @@ class Cluster:
         path = self.prefix / "access.log"
         lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
         return [m for m in map(ACCESS_LINE.search, lines) if m is not None]
+
+    async def served(self, path: str, requests: int) -> list[str]:
+        """The upstream address of each request to ``path``, once nginx has logged ``requests``.
+
+        nginx writes a line when it has finished the request, which may be after the
+        client has read the whole answer: wait for the line, not for a while.
+        """
+        def lines() -> list[str]:
+            return [m["upstream"] for m in self.access_log() if m["path"] == path]
+
+        assert await wait_until(lambda: len(lines()) >= requests, timeout=10), lines()
+        return lines()
 
     def by_address(self, address: str) -> Instance:
         (instance,) = [i for i in self.instances if i.address == address]
@@ -469,8 +481,7 @@ async def test_any_instance_serves_any_stream_through_nginx_and_directly(
         _assert_complete(reading, "on A", 60)
         assert not reading.cuts
     assert pair[0].events == pair[1].events
-    served = {m["upstream"] for m in cluster.access_log()
-              if m["path"] == f"/v1/streams/{created['id']}/events"}
+    served = set(await cluster.served(f"/v1/streams/{created['id']}/events", 1))
     assert len(served) == 1 and served <= {a.address, b.address}, served
     assert await cluster.stream_count() == 2
     _assert_nothing_secret_logged(cluster)
@@ -617,7 +628,7 @@ async def test_openai_stream_in_flight_finishes_while_its_instance_drains(
     status = await cluster.stop(a)  # A drains: its answer must still finish
     results = await asyncio.wait_for(asyncio.gather(*answers), 15)
     assert status == 0, a.log_tail()
-    served = [m["upstream"] for m in cluster.access_log() if m["path"] == "/v1/chat/completions"]
+    served = await cluster.served("/v1/chat/completions", 2)
     assert sorted(served) == sorted(i.address for i in cluster.instances), served
     for n, (text, done) in enumerate(results):
         assert done, f"answer {n} was cut ({len(text)} characters)"

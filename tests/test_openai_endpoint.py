@@ -488,7 +488,12 @@ async def test_mid_stream_fault_on_chat_stream_is_error_event(
     error = json.loads(events[-1].data)
     assert error["code"] == "upstream_error"
     assert isinstance(error["retryable"], bool)
-    assert error["message"]
+    # In words, for the person who reads it: never an exception's class name.
+    assert error["message"].startswith("upstream 'sim' ")
+    assert not re.search(r"[a-z][A-Z]|Error\b", error["message"]), error["message"]
+    if fault == "drop":
+        assert error["message"] == ("upstream 'sim' stopped mid-stream: the connection closed"
+                                    " before the answer was complete")
     assert all(e.event == "message" for e in events[:-1])
     assert "".join(json.loads(e.data).get("content", "") for e in events[:-1]) == sent
     assert not any(e.event == "done" for e in events)

@@ -1,7 +1,8 @@
 """The flags of ``streamsvc bench`` and the scenario they make.
 
-The defaults are issue 4's scenario: 200 concurrent streams of 200 tokens at
-50 tokens/s, then 1,000 open streams at 20 tokens/s for the memory figures.
+The defaults are the target scenario (docs/performance.md): 200 concurrent
+streams of 200 tokens at 50 tokens/s, then 1,000 open streams at 20 tokens/s
+for the memory figures.
 ``--quick`` is a smoke run of a few seconds (what CI runs); explicit flags
 still win over it.
 """

@@ -186,7 +186,8 @@ class _Run:
         self, name: str, spec: LoadSpec, relay: Service | None, *, track_rss: bool = False
     ) -> _Measured:
         assert self.simulator is not None
-        task = self.bar.add_task(_LABELS.get(name.removesuffix("-open"), name)
+        # The tables' path names, short enough for the bar to fit 80 columns.
+        task = self.bar.add_task(name.removesuffix("-open")
                                  + (f" · {spec.streams} open streams" if track_rss else ""),
                                  total=None, status="starting")
         plateau: list[int] = []
@@ -385,7 +386,7 @@ def run_bench(options: BenchOptions, *, command: list[str]) -> int:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
                 prefix="streamsvc-bench-")))
         bar = ProgressBar(
-            TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("{task.description}"), BarColumn(bar_width=12), TaskProgressColumn(),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
             console=console, refresh_per_second=4,
         )

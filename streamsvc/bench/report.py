@@ -1,4 +1,10 @@
-"""Judging a run against issue 4's targets, and showing it: table, JSON, Markdown, plot."""
+"""Judging a run against the targets (docs/performance.md), and showing it: table, JSON,
+Markdown, plot.
+
+The terminal tables fit 80 columns (a pipe, a small terminal): no vertical rules, headers
+wrap onto several lines, and the path names are never cut, so that two paths never read
+the same.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import msgspec
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -37,15 +44,15 @@ BUSY_FLOOR_S = 0.25
 
 
 def _scenario_note(report: BenchReport) -> tuple[str, str]:
-    """Notes for the main and the open-streams targets when the run is not the issue's scenario."""
+    """Notes for the main and the open-streams targets when the run is not the target scenario."""
     s = report.settings
     main = open_ = ""
     if (s.streams, s.tokens, s.rate) != (DEFAULT.streams, DEFAULT.tokens, DEFAULT.rate):
-        main = (f"measured at K={s.streams}, N={s.tokens}, R={s.rate:g}; the target is for"
-                f" K={DEFAULT.streams}, N={DEFAULT.tokens}, R={DEFAULT.rate:g}")
+        main = (f"measured at K={s.streams}, N={s.tokens}, R={s.rate:g} (the target is for"
+                f" K={DEFAULT.streams}, N={DEFAULT.tokens}, R={DEFAULT.rate:g})")
     if (s.slow_streams, s.slow_rate) != (DEFAULT.slow_streams, DEFAULT.slow_rate):
-        open_ = (f"measured at M={s.slow_streams} x {s.slow_rate:g} tokens/s; the target is for"
-                 f" M={DEFAULT.slow_streams} x {DEFAULT.slow_rate:g}")
+        open_ = (f"measured at M={s.slow_streams} x {s.slow_rate:g} tokens/s (the target is for"
+                 f" M={DEFAULT.slow_streams} x {DEFAULT.slow_rate:g})")
     return main, open_
 
 
@@ -60,7 +67,7 @@ def _target(
 
 
 def evaluate_targets(report: BenchReport) -> list[TargetResult]:
-    """Issue 4's targets, each with the figure this run measured and whether it is met."""
+    """The targets, each with the figure this run measured and whether it is met."""
     main_note, open_note = _scenario_note(report)
     targets: list[TargetResult] = []
     for path in report.paths:
@@ -68,17 +75,17 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
             continue
         endpoint = path.name.removeprefix("streamsvc-")
         targets.append(_target(
-            f"cpu_ratio_{endpoint}", f"CPU per token ÷ baseline's ({path.label})",
+            f"cpu_ratio_{endpoint}", f"CPU per token vs baseline, {path.name}",
             CPU_RATIO_LIMIT, "x", path.cpu_ratio_to_baseline, main_note,
         ))
         targets.append(_target(
-            f"added_ttft_p99_{endpoint}", f"added time to first token, p99 ({path.label})",
+            f"added_ttft_p99_{endpoint}", f"added TTFT p99, {path.name}",
             ADDED_TTFT_P99_LIMIT_MS, "ms",
             path.added_ttft_ms.p99 if path.added_ttft_ms else None, main_note,
         ))
     if not any(o.name.startswith("streamsvc-") for o in report.open_streams):
         for name, description, limit, unit in (
-            ("added_gap_p99_open_streams", "added inter-token gap p99, open streams",
+            ("added_gap_p99_open_streams", "added gap p99, open streams",
              ADDED_GAP_P99_LIMIT_MS, "ms"),
             ("rss_per_stream", "RSS per open stream", RSS_PER_STREAM_LIMIT_KIB, "KiB"),
         ):
@@ -90,7 +97,7 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
         streams = result.load.streams
         targets.append(_target(
             "added_gap_p99_open_streams",
-            f"added inter-token gap p99, {streams} streams x {result.load.rate:g} tokens/s",
+            f"added gap p99, {streams} open streams",
             ADDED_GAP_P99_LIMIT_MS, "ms",
             result.added_gap_ms.p99 if result.added_gap_ms else None, open_note,
         ))
@@ -100,7 +107,7 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
                       f" {result.rss_open_streams} open at the fullest sample")
             note = "; ".join(filter(None, (note, missed)))
         targets.append(_target(
-            "rss_per_stream", f"RSS per open stream ({streams} open streams)",
+            "rss_per_stream", f"RSS per stream, {streams} open streams",
             RSS_PER_STREAM_LIMIT_KIB, "KiB", result.rss_per_stream_kib, note,
         ))
     return targets
@@ -122,9 +129,10 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
     """The report as (title, header, rows) tables: the same cells for the terminal and Markdown."""
     s = report.settings
     out: list[tuple[str, list[str], list[list[str]]]] = []
+    # The event loops are in the notes ("event loops: ..."), not a column.
     rows = [
         [
-            p.name, p.event_loop, _f(p.cpu_us_per_token), _f(p.cpu_ratio_to_baseline, 2),
+            p.name, _f(p.cpu_us_per_token), _f(p.cpu_ratio_to_baseline, 2),
             _mib(p.peak_rss_bytes), _f(p.load.ttft_ms.p50), _f(p.load.ttft_ms.p99),
             _signed(p.added_ttft_ms.p99 if p.added_ttft_ms else None), str(p.load.failed),
         ]
@@ -133,7 +141,7 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
     out.append((
         (f"{s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s:"
          " CPU, memory, time to first token (ms)"),
-        ["path", "loop", "CPU µs/token", "÷ baseline", "peak RSS MiB", "TTFT p50", "TTFT p99",
+        ["path", "CPU µs per token", "÷ baseline", "peak RSS MiB", "TTFT p50", "TTFT p99",
          "added TTFT p99", "failed"],
         rows,
     ))
@@ -162,19 +170,20 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
         out.append((
             (f"{s.slow_streams} open streams x {s.slow_tokens} tokens at {s.slow_rate:g}"
              " tokens/s: memory, inter-token gap (ms)"),
-            ["path", "most open", "RSS before MiB", "RSS all open MiB", "KiB/stream",
-             "gap p99", "added gap p99", "CPU µs/token", "failed"],
+            ["path", "most open", "RSS before MiB", "RSS all open MiB", "KiB per stream",
+             "gap p99", "added gap p99", "CPU µs per token", "failed"],
             rows,
         ))
     rows = [
         [
-            t.name, f"≤ {t.limit:g} {t.unit}",
+            t.description, f"≤ {t.limit:g} {t.unit}",
             "–" if t.value is None else f"{t.value:.2f} {t.unit}",
             {True: "met", False: "NOT met", None: "not measured"}[t.met],
         ]
         for t in report.targets
     ]
-    out.append(("issue 4 targets", ["target", "limit", "measured", "verdict"], rows))
+    out.append(("targets (docs/performance.md)", ["target", "limit", "measured", "verdict"],
+                rows))
     return out
 
 
@@ -192,26 +201,35 @@ def notes(report: BenchReport) -> list[str]:
     phases += [(o.name, o.load, o.listen_overflows, o.other_cpu_s) for o in report.open_streams]
     for name, load, overflows, other_cpu in phases:
         if overflows:
-            lines.append(f"{name} ({load.streams} streams): the kernel dropped {overflows}"
-                         " connections on a full listen queue")
+            # /proc/net/netstat ListenOverflows counts every listening socket of the machine.
+            lines.append(f"{name} ({load.streams} streams): while it ran, {overflows}"
+                         " connections were dropped on full listen queues on this machine"
+                         " (any process's: the kernel counts them for all)")
         if other_cpu > max(BUSY_SHARE * load.duration_s, BUSY_FLOOR_S):
             lines.append(f"{name} ({load.streams} streams): other processes used"
                          f" {other_cpu:.1f} CPU s in {load.duration_s:.1f} s: a noisy run")
     lines += [f"skipped {skipped.name}: {skipped.reason}" for skipped in report.skipped]
-    seen: set[str] = set()
+    # A target's note may join several ("measured at ...; no sample saw ..."), and targets
+    # share them: each is said once, and not again when a skipped line above says it.
+    seen = {skipped.reason for skipped in report.skipped}
     for target in report.targets:
-        if target.note and target.note not in seen:
-            seen.add(target.note)
-            lines.append(f"note: {target.note}")
+        for part in filter(None, target.note.split("; ")):
+            if part not in seen and not any(reason in part for reason in seen):
+                seen.add(part)
+                lines.append(f"note: {part}")
     return lines
 
 
 def print_report(report: BenchReport, console: Console) -> None:
     """The tables and the notes on ``console``."""
     for title, header, rows in tables(report):
-        table = Table(title=title, title_justify="left")
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                      collapse_padding=True)
         for i, name in enumerate(header):
-            table.add_column(name, justify="left" if i == 0 or name == "loop" else "right")
+            # The first column (a path name, a target) is never cut; headers wrap instead.
+            words = [name] if i == 0 else name.split()
+            table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0,
+                             min_width=max(map(len, [*words, *(row[i] for row in rows)])))
         for row in rows:
             table.add_row(*row, style="red" if "NOT met" in row else None)
         console.print(table)

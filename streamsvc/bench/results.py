@@ -123,7 +123,7 @@ class OpenStreamsResult(_Record):
 
 
 class TargetResult(_Record):
-    """One target of issue 4, with the figure measured."""
+    """One target (docs/performance.md), with the figure measured."""
 
     name: str
     description: str

@@ -46,7 +46,7 @@ from streamsvc.server.state import (
     SESSION,
     STREAMS,
 )
-from streamsvc.server.tickets import RedisTicketStore
+from streamsvc.server.tickets import RedisTicketStore, shared_secret
 from streamsvc.simulator import SimulatorServer
 from streamsvc.streams.lifecycle import Streams
 from streamsvc.streams.registry import StreamRegistry
@@ -74,6 +74,7 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
             log.info("built-in simulator upstream at %s", simulator_url)
         app[SESSION] = session
         app[ROUTER] = Router(config, session, simulator_url)
+        log.info("%s", app[ROUTER].describe())
         for name, upstream in config.upstreams.items():
             if upstream.api_key_env and not upstream.api_key():
                 log.warning("upstream %r: environment variable %s is not set; requests go"
@@ -115,14 +116,18 @@ async def _shared_auth(app: web.Application) -> AsyncIterator[None]:
         journal = config.journal
         auth.tickets = RedisTicketStore(redis, prefix=journal.redis_prefix + "t:",
                                         ttl_s=auth.binding_ttl_s, url=journal.redis_url)
+        if auth.enabled and not auth.shared_secret:
+            # Every instance on this Redis must sign alike, or tickets, stream owners and
+            # per-key limits would not hold across them: the first one's secret is shared.
+            auth.use_secret(
+                await shared_secret(redis, key=journal.redis_prefix + "auth:ticket-secret",
+                                    url=journal.redis_url),
+                f"a secret shared through Redis ({config.auth.ticket_secret_env} is unset: the"
+                " first instance made it)")
         limiter = RedisLimiter(redis, config.limits, prefix=journal.redis_prefix,
                                lease_s=journal.writer_lease_s)
         await limiter.start()
         app[LIMITER] = limiter
-        if auth.enabled and not auth.shared_secret:
-            log.warning("auth: %s is unset: each instance signs tickets and names keys with its"
-                        " own secret, so tickets, stream owners and per-key limits do not"
-                        " hold across instances", config.auth.ticket_secret_env)
     try:
         yield
     finally:

@@ -29,8 +29,10 @@ wherever the journal is. Ticket bindings live in a
 :class:`~streamsvc.server.tickets.TicketStore`: this process's memory, or
 Redis with ``journal.backend = "redis"`` (then a reconnect works on any
 instance, and a chat ticket starts one stream across all of them). Several
-instances must share ``auth.ticket_secret_env``: tickets and key ids
-(which name owners and limit counters) derive from it.
+instances must sign with one secret: tickets and key ids (which name owners
+and limit counters) derive from it. It is ``auth.ticket_secret_env``'s, or,
+when that is unset and the journal is Redis, one the first instance made and
+left in Redis for the others (:meth:`Auth.use_secret`).
 """
 
 from __future__ import annotations
@@ -102,15 +104,35 @@ class Auth:
         self.config = config
         secret = config.ticket_secret(env)
         self.shared_secret = secret is not None
-        self._secret = secret.encode() if secret is not None else secrets.token_bytes(32)
-        self._keys = {self.key_id(key): key.encode() for key in config.api_keys(env)}
+        self._secret_from = (f"the shared secret from {config.ticket_secret_env}"
+                             if secret is not None else
+                             f"a random per-process secret (set {config.ticket_secret_env}"
+                             " when several instances serve the same streams)")
+        self._keys: dict[str, bytes] = {}
+        self._sign_with(secret.encode() if secret is not None else secrets.token_bytes(32),
+                        [key.encode() for key in config.api_keys(env)])
+        self.binding_ttl_s = retention_s + config.ticket_ttl_s
+        self.tickets: TicketStore = MemoryTicketStore(ttl_s=self.binding_ttl_s)
+        self._tasks: set[asyncio.Task[None]] = set()  # bindings renewed as streams end
+
+    def _sign_with(self, secret: bytes, keys: list[bytes]) -> None:
+        self._secret = secret
+        self._keys = {self.key_id(key.decode()): key for key in keys}
         self._serializer = URLSafeSerializer(
             self._secret, salt="streamsvc-ticket",
             signer_kwargs={"digest_method": hashlib.sha256},
         )
-        self.binding_ttl_s = retention_s + config.ticket_ttl_s
-        self.tickets: TicketStore = MemoryTicketStore(ttl_s=self.binding_ttl_s)
-        self._tasks: set[asyncio.Task[None]] = set()  # bindings renewed as streams end
+
+    def use_secret(self, secret: str, source: str) -> None:
+        """Sign tickets and name keys with ``secret`` (shared by the instances) from now on.
+
+        For the app's start-up, before any request: tickets minted and key ids
+        handed out before would no longer match. ``source`` is said by
+        :meth:`describe`.
+        """
+        self._sign_with(secret.encode(), list(self._keys.values()))
+        self.shared_secret = True
+        self._secret_from = source
 
     @property
     def enabled(self) -> bool:
@@ -121,11 +143,8 @@ class Auth:
         if not self.enabled:
             return (f"auth: off ({self.config.api_keys_env} is unset or empty): /v1/* is open"
                     " to every client")
-        secret = (f"the shared secret from {self.config.ticket_secret_env}" if self.shared_secret
-                  else f"a random per-process secret (set {self.config.ticket_secret_env}"
-                  " when several instances serve the same streams)")
         return (f"auth: on, {len(self._keys)} API keys from {self.config.api_keys_env};"
-                f" tickets signed with {secret}")
+                f" tickets signed with {self._secret_from}")
 
     def key_id(self, key: str) -> str:
         """A stable, non-reversible name for a key (logs, limits, tickets)."""

@@ -16,6 +16,7 @@ from its last use, in both stores: every :meth:`~TicketStore.get` and
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -25,7 +26,7 @@ from redis.exceptions import RedisError
 
 from streamsvc.journal.redis_client import journal_unavailable
 
-__all__ = ["IN_USE", "MemoryTicketStore", "RedisTicketStore", "TicketStore"]
+__all__ = ["IN_USE", "MemoryTicketStore", "RedisTicketStore", "TicketStore", "shared_secret"]
 
 IN_USE = ""
 """The binding of a chat ticket whose stream is being started (a stream id is never empty)."""
@@ -189,6 +190,22 @@ class RedisTicketStore:
 
     async def close(self) -> None:
         return None  # nothing of its own: the client belongs to the app
+
+
+async def shared_secret(redis: Redis, *, key: str, url: str = "redis://") -> str:
+    """The ticket secret every instance on this Redis uses: the first to ask makes it.
+
+    ``SET NX`` keeps the first instance's random secret (no expiry); every
+    instance then reads that one, so tickets and key ids agree across them.
+    """
+    try:
+        await redis.set(key, secrets.token_urlsafe(32), nx=True)
+        found = _text(await redis.get(key))
+    except RedisError as exc:
+        raise journal_unavailable(url, exc) from exc
+    if not found:
+        raise journal_unavailable(url, RedisError(f"{key} is empty"))
+    return found
 
 
 def _text(value: object) -> str | None:

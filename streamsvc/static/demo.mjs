@@ -31,6 +31,12 @@ const ui = {
 };
 
 const MODEL_KEY = "streamsvc.demo.model";
+/**
+ * A rate is shown only over at least this long and this many events: an answer
+ * that arrives at once would otherwise show thousands of events per second.
+ */
+const RATE_MIN_MS = 250;
+const RATE_MIN_EVENTS = 3;
 
 /** The conversation so far, as OpenAI messages: sent with every request. */
 let history = [];
@@ -49,6 +55,7 @@ let unfinished = null;
 function setStatus(state, text) {
   ui.status.dataset.state = state;
   ui.status.textContent = text;
+  ui.status.title = text; // the footer keeps one line: a long status is cut, whole on hover
 }
 
 /** A new turn in the conversation; returns its text node and error element. */
@@ -90,8 +97,10 @@ class Meter {
     this.last = now;
     this.events += 1;
     ui.events.textContent = String(this.events);
-    const seconds = (now - this.first) / 1000;
-    if (this.events > 1 && seconds > 0) ui.rate.textContent = ((this.events - 1) / seconds).toFixed(1);
+    const elapsed = now - this.first;
+    if (this.events >= RATE_MIN_EVENTS && elapsed >= RATE_MIN_MS) {
+      ui.rate.textContent = ((this.events - 1) / (elapsed / 1000)).toFixed(1);
+    }
   }
 
   /** The completion tokens, from the usage in the done event (when the upstream gave it). */

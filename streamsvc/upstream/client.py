@@ -224,7 +224,7 @@ class UpstreamClient:
                 listing = msgspec.json.decode(await response.read())
         except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError) as exc:
             raise UpstreamError(
-                f"upstream {self.name!r} did not list its models: {type(exc).__name__}",
+                f"upstream {self.name!r} did not list its models: {_in_words(exc)}",
                 code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
             ) from exc
         data = listing.get("data") if isinstance(listing, dict) else None
@@ -256,7 +256,7 @@ class UpstreamClient:
             ) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(
-                f"request to upstream {self.name!r} failed: {type(exc).__name__}",
+                f"request to upstream {self.name!r} failed: {_in_words(exc)}",
                 code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
             ) from exc
         if response.status != 200:
@@ -434,7 +434,7 @@ class UpstreamClient:
             if silence.fired or isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
                 raise self._silent() from exc
             raise UpstreamError(
-                f"upstream {self.name!r} connection broke mid-stream: {type(exc).__name__}",
+                f"upstream {self.name!r} stopped mid-stream: {_in_words(exc)}",
                 code=ErrorCode.UPSTREAM_ERROR, retryable=True,
             ) from exc
         finally:
@@ -461,3 +461,22 @@ class UpstreamClient:
             f"upstream {self.name!r} sent nothing for {self.config.read_timeout_s:g} s",
             code=ErrorCode.IDLE_TIMEOUT, retryable=True,
         )
+
+
+def _in_words(exc: BaseException) -> str:
+    """What a foreign exception means, for a message a person reads (no class names)."""
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the connection closed before the answer was complete"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the upstream closed the connection"
+    if isinstance(exc, aiohttp.ClientOSError):
+        return f"a network error ({exc.strerror or 'the connection failed'})"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "its URL is not valid"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"its response could not be read ({exc.message})"
+    if isinstance(exc, TimeoutError):
+        return "it did not answer in time"
+    if isinstance(exc, msgspec.DecodeError):
+        return "its answer is not JSON"
+    return "the connection failed"

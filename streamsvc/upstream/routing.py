@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 
@@ -37,6 +38,25 @@ class Router:
             base_url = simulator_url if upstream.base_url == BUILTIN_SIMULATOR else None
             self.clients[name] = UpstreamClient(name, upstream, session, base_url=base_url)
 
+    def describe(self) -> str:
+        """The start-up log line: which models go where, and what happens to the others.
+
+        Routes in a row with the same upstreams share one entry:
+        ``routes: echo, sim-small -> simulator; gpt-* -> openai, then azure; any other
+        model: 404 model_not_found``.
+        """
+        groups: list[tuple[list[str], list[str]]] = []
+        for route in self._config.routes:
+            if groups and groups[-1][1] == route.upstreams:
+                groups[-1][0].append(route.model)
+            else:
+                groups.append(([route.model], route.upstreams))
+        parts = [f"{', '.join(models)} -> {', then '.join(upstreams)}"
+                 for models, upstreams in groups]
+        if not any(route.model == "*" for route in self._config.routes):
+            parts.append("any other model: 404 model_not_found")
+        return "routes: " + "; ".join(parts)
+
     def is_simulator(self, name: str) -> bool:
         """Whether the named upstream is the built-in simulator."""
         return name in self._simulated
@@ -59,8 +79,11 @@ class Router:
         """The upstreams for ``model``: the first is primary, the rest fallbacks."""
         route = self._config.route(model)
         if route is None:
+            near = difflib.get_close_matches(model, self._config.models(), n=1, cutoff=0.6)
             raise ClientError(
-                f"no route serves model {model!r}; see GET /v1/models",
+                f"no route serves model {model!r}"
+                + (f"; did you mean {near[0]!r}?" if near else "")
+                + " (GET /v1/models lists the models served)",
                 code=ErrorCode.MODEL_NOT_FOUND, param="model",
             )
         return [self.clients[name] for name in route.upstreams]

@@ -82,6 +82,19 @@ def _content(chunk: Chunk) -> str | None:
     return content if isinstance(content, str) else None
 
 
+def _framing(chunk: Chunk) -> bool:
+    """A role-only (or empty-text) delta: what begins an answer, and nothing else."""
+    if chunk.usage is not None or not chunk.choices:
+        return False
+    for choice in chunk.choices:
+        delta = choice.get("delta") or {}
+        if choice.get("finish_reason") is not None or set(delta) - {"role", "content"}:
+            return False
+        if delta.get("content"):
+            return False
+    return True
+
+
 def _drop(chunks: list[Chunk], count: int) -> list[Chunk]:
     """``chunks`` without their first ``count`` characters of content."""
     out: list[Chunk] = []
@@ -155,11 +168,12 @@ def continue_on_failure_(
                 if held is None:
                     forward(chunk)
                     return
-                text = _content(chunk)
-                if text is None and not chunk.has_content and not held:
+                if _framing(chunk):
                     return  # the continuation's framing: the answer already began
-                if text is None:  # not plain text: no overlap can be removed past it
-                    release([*held, chunk], 0)
+                text = _content(chunk)
+                if text is None:  # not plain text (a finish, usage, a call): settle first
+                    settle()
+                    forward(chunk)
                     return
                 held.append(chunk)
                 decided, drop = overlap("".join(delivered),
@@ -169,13 +183,14 @@ def continue_on_failure_(
 
             def settle() -> None:
                 held = state["held"]
-                if held:
+                if held is not None:
                     _, drop = overlap("".join(delivered),
                                       "".join(_content(c) or "" for c in held))
                     release(held, drop)
 
             def on_error(error: Exception) -> None:
-                settle()
+                if state["held"]:  # text of a continuation that failed: it stays, in order
+                    settle()
                 plan = None
                 if state["content"] and not state["calls"]:
                     if not state["continued"]:  # the first failure after content
