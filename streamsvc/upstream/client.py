@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import email.utils
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -26,7 +26,7 @@ from streamsvc.chunks import Chunk, SurrogateJoiner
 from streamsvc.config import UpstreamConfig
 from streamsvc.errors import ErrorCode, UpstreamError
 from streamsvc.reactive.backpressure import Valve
-from streamsvc.sse import SSEDecoder
+from streamsvc.sse import ServerSentEvent, SSEDecoder
 from streamsvc.upstream.responses_api import ResponsesStream, responses_body
 
 __all__ = ["UpstreamClient", "classify_status", "parse_retry_after"]
@@ -305,71 +305,21 @@ class UpstreamClient:
             async for chunk in self._stream(body, session, on_open, valve):
                 yield chunk
 
-    async def _stream_responses(
+    async def _events(
         self,
-        body: dict[str, Any],
-        session: aiohttp.ClientSession,
+        response: aiohttp.ClientResponse,
         on_open: Callable[[], None] | None,
         valve: Valve | None,
-    ) -> AsyncIterator[Chunk]:
-        """A Responses API upstream's events, as chunks (``upstream/responses_api.py``)."""
-        response = await self._post(body, session, streaming=True)
-        decoder = SSEDecoder()
-        translated = ResponsesStream(self.name)
-        silence = _SilenceWatch(self.config.read_timeout_s, response.close, valve)
-        try:
-            if on_open is not None:
-                on_open()
-            async for data in response.content.iter_chunked(READ_BYTES):
-                silence.last = time.monotonic()
-                for event in decoder.feed(data):
-                    try:
-                        payload = msgspec.json.decode(event.data)
-                    except msgspec.DecodeError as exc:
-                        raise UpstreamError(
-                            f"upstream {self.name!r} sent a malformed event:"
-                            f" {event.data[:80]!r}", code=ErrorCode.UPSTREAM_ERROR,
-                            retryable=True,
-                        ) from exc
-                    kind = payload.get("type") if isinstance(payload, dict) else None
-                    if not isinstance(kind, str):
-                        continue
-                    for chunk in translated.event(kind, payload):
-                        yield chunk
-                    if translated.ended:
-                        return
-                if valve is not None and not valve.is_open:
-                    await valve.wait_open()
-                    silence.last = time.monotonic()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            if silence.fired or isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
-                raise self._silent() from exc
-            raise UpstreamError(
-                f"upstream {self.name!r} connection broke mid-stream: {type(exc).__name__}",
-                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-            ) from exc
-        finally:
-            silence.cancel()
-            response.close()
-        if silence.fired:
-            raise self._silent()
-        raise UpstreamError(
-            f"upstream {self.name!r} ended the stream without a final event (truncated)",
-            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-        )
+    ) -> AsyncGenerator[ServerSentEvent, None]:
+        """The SSE events of a streamed body, for either API.
 
-    async def _stream(
-        self,
-        body: dict[str, Any],
-        session: aiohttp.ClientSession,
-        on_open: Callable[[], None] | None,
-        valve: Valve | None,
-    ) -> AsyncIterator[Chunk]:
-        response = await self._post(body, session, streaming=True)
+        Reads at most ``READ_BYTES`` at a time into the decoder, bounds an event
+        at ``MAX_EVENT_BYTES``, waits while ``valve`` is closed (backpressure),
+        maps the connection's failures and silence to typed errors, and closes
+        the response when done (not ``release()``: a body left open or cut short
+        must not go back to the pool). Ends normally at the end of the body.
+        """
         decoder = SSEDecoder()
-        halves = SurrogateJoiner()  # an emoji split into "\ud83d" and "\ude42" chunks
-        started: set[int] = set()  # the choices seen, and those of them that finished
-        finished: set[int] = set()
         undelivered = 0  # bytes read since the last whole event: bounds the decoder's buffer
         silence = _SilenceWatch(self.config.read_timeout_s, response.close, valve)
         try:
@@ -386,47 +336,7 @@ class UpstreamClient:
                         code=ErrorCode.UPSTREAM_ERROR,
                     )
                 for event in events:
-                    if event.event == "error":  # what some servers send for a failure mid-stream
-                        raise UpstreamError(
-                            f"upstream {self.name!r} sent an error event mid-stream: "
-                            f"{_error_message(event.data.encode())}",
-                            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-                        )
-                    if event.event not in ("message", ""):
-                        continue  # not a chunk: OpenAI sends only default events
-                    text = event.data
-                    if text == "[DONE]":
-                        # The end, whether or not the body closes; but not a normal one
-                        # unless every choice finished.
-                        self._check_finished(started, finished, "[DONE]")
-                        return
-                    try:
-                        chunk = halves.join(Chunk.from_json(text.encode()))
-                    except msgspec.DecodeError as exc:
-                        raise UpstreamError(
-                            f"upstream {self.name!r} sent a malformed chunk: {text[:80]!r}",
-                            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-                        ) from exc
-                    error = chunk.data.get("error")
-                    if error is not None:
-                        raise UpstreamError(
-                            f"upstream {self.name!r} reported an error mid-stream: "
-                            f"{_error_message(msgspec.json.encode({'error': error}))}",
-                            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-                        )
-                    choices = chunk.data.get("choices", [])
-                    if not _well_formed(choices):
-                        raise UpstreamError(
-                            f"upstream {self.name!r} sent a chunk whose choices are not"
-                            f" objects with an integer index and an object delta: {text[:80]!r}",
-                            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-                        )
-                    for choice in choices:
-                        index = choice.get("index", 0)
-                        started.add(index)
-                        if choice.get("finish_reason") is not None:
-                            finished.add(index)
-                    yield chunk
+                    yield event
                 if valve is not None and not valve.is_open:
                     await valve.wait_open()
                     silence.last = time.monotonic()
@@ -439,10 +349,95 @@ class UpstreamClient:
             ) from exc
         finally:
             silence.cancel()
-            # Not release(): a body left open (or cut short) must not go back to the pool.
             response.close()
         if silence.fired:
             raise self._silent()
+
+    async def _stream_responses(
+        self,
+        body: dict[str, Any],
+        session: aiohttp.ClientSession,
+        on_open: Callable[[], None] | None,
+        valve: Valve | None,
+    ) -> AsyncIterator[Chunk]:
+        """A Responses API upstream's events, as chunks (``upstream/responses_api.py``)."""
+        response = await self._post(body, session, streaming=True)
+        translated = ResponsesStream(self.name)
+        async with contextlib.aclosing(self._events(response, on_open, valve)) as events:
+            async for event in events:
+                try:
+                    payload = msgspec.json.decode(event.data)
+                except msgspec.DecodeError as exc:
+                    raise UpstreamError(
+                        f"upstream {self.name!r} sent a malformed event: {event.data[:80]!r}",
+                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+                    ) from exc
+                kind = payload.get("type") if isinstance(payload, dict) else None
+                if not isinstance(kind, str):
+                    continue
+                for chunk in translated.event(kind, payload):
+                    yield chunk
+                if translated.ended:
+                    return
+        raise UpstreamError(
+            f"upstream {self.name!r} ended the stream without a final event (truncated)",
+            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+        )
+
+    async def _stream(
+        self,
+        body: dict[str, Any],
+        session: aiohttp.ClientSession,
+        on_open: Callable[[], None] | None,
+        valve: Valve | None,
+    ) -> AsyncIterator[Chunk]:
+        response = await self._post(body, session, streaming=True)
+        halves = SurrogateJoiner()  # an emoji split into "\ud83d" and "\ude42" chunks
+        started: set[int] = set()  # the choices seen, and those of them that finished
+        finished: set[int] = set()
+        async with contextlib.aclosing(self._events(response, on_open, valve)) as events:
+            async for event in events:
+                if event.event == "error":  # what some servers send for a failure mid-stream
+                    raise UpstreamError(
+                        f"upstream {self.name!r} sent an error event mid-stream: "
+                        f"{_error_message(event.data.encode())}",
+                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+                    )
+                if event.event not in ("message", ""):
+                    continue  # not a chunk: OpenAI sends only default events
+                text = event.data
+                if text == "[DONE]":
+                    # The end, whether or not the body closes; but not a normal one
+                    # unless every choice finished.
+                    self._check_finished(started, finished, "[DONE]")
+                    return
+                try:
+                    chunk = halves.join(Chunk.from_json(text.encode()))
+                except msgspec.DecodeError as exc:
+                    raise UpstreamError(
+                        f"upstream {self.name!r} sent a malformed chunk: {text[:80]!r}",
+                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+                    ) from exc
+                error = chunk.data.get("error")
+                if error is not None:
+                    raise UpstreamError(
+                        f"upstream {self.name!r} reported an error mid-stream: "
+                        f"{_error_message(msgspec.json.encode({'error': error}))}",
+                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+                    )
+                choices = chunk.data.get("choices", [])
+                if not _well_formed(choices):
+                    raise UpstreamError(
+                        f"upstream {self.name!r} sent a chunk whose choices are not"
+                        f" objects with an integer index and an object delta: {text[:80]!r}",
+                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+                    )
+                for choice in choices:
+                    index = choice.get("index", 0)
+                    started.add(index)
+                    if choice.get("finish_reason") is not None:
+                        finished.add(index)
+                yield chunk
         self._check_finished(started, finished, "the end of its body")
 
     def _check_finished(self, started: set[int], finished: set[int], end: str) -> None:
