@@ -77,13 +77,22 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["server.port"] = args.port
     if args.upstream_key_env and not args.upstream:
         raise ConfigError("needs --upstream", source="command line", key="--upstream-key-env")
-    if args.upstream:
-        upstream: dict[str, Any] = {"base_url": args.upstream}
+    if args.upstream:  # the flags win over STREAMSVC__UPSTREAMS__UPSTREAM__*
+        overrides["upstreams.upstream.base_url"] = args.upstream
         if args.upstream_key_env:
-            upstream["api_key_env"] = args.upstream_key_env
-        overrides["upstreams"] = {"upstream": upstream}
-        overrides["routes"] = [{"model": "*", "upstreams": ["upstream"]}]
+            overrides["upstreams.upstream.api_key_env"] = args.upstream_key_env
     return overrides
+
+
+def _flag_sections(args: argparse.Namespace) -> dict[str, Any]:
+    """``--upstream``: one upstream, named "upstream", for every model, in place of the file's.
+
+    The environment's overrides then apply to it like to any upstream of a file.
+    """
+    if not args.upstream:
+        return {}
+    return {"upstreams": {"upstream": {"base_url": args.upstream}},
+            "routes": [{"model": "*", "upstreams": ["upstream"]}]}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -92,7 +101,8 @@ def _serve(args: argparse.Namespace) -> int:
     from streamsvc.server.runner import run_app
 
     config_path = args.config or os.environ.get("STREAMSVC_CONFIG") or None
-    config: Config = load_config(config_path, overrides=_flag_overrides(args))
+    config: Config = load_config(config_path, overrides=_flag_overrides(args),
+                                 sections=_flag_sections(args))
     configure_logging(config.log)
     logging.getLogger("streamsvc").info(
         "config: %s", config_path or "built-in defaults (config/streamsvc.toml)"
