@@ -27,7 +27,8 @@ Where this departs from a plain reading of that contract, on purpose:
 
 - ``malformed`` inserts the broken event before token ``fault_at`` and
   loses no token, so a relay that skips the bad event can still be checked
-  for lossless text.
+  for lossless text; ``split_surrogates`` likewise loses nothing: the text,
+  its UTF-16 halves joined, is the answer's.
 - ``fail_times`` limits every fault, not only ``429``/``500``: "drop twice,
   then succeed" is as useful to a retry test as "429 twice".
 - ``drop`` counts as ``completed``: the simulator ended the stream as
