@@ -787,3 +787,17 @@ async def test_fault_split_surrogates_sends_each_astral_character_as_two_escaped
     halves = [json.loads(p) for p in events(raw) if p != b"[DONE]"]
     text = "".join(c["delta"].get("content") or "" for h in halves for c in h["choices"])
     assert text.encode("utf-16-le", "surrogatepass").decode("utf-16-le") == prompt
+
+
+async def test_sim_keys_counts_requests_after_content_per_key(
+    session: aiohttp.ClientSession, sim: SimulatorServer
+) -> None:
+    broken = {"fault": "malformed", "fault_at": 0, "key": "k-before"}  # no content reached
+    for simulate in ({"key": "k-twice"}, {"key": "k-twice"}, broken, broken):
+        await post(session, sim, stream_chat("one two", simulate=simulate))
+    async with session.get(f"{root(sim)}/_sim/keys") as resp:
+        keys = await resp.json()
+    assert keys["k-twice"] == {"requests": 2, "content": 2, "after_content": 1}
+    assert keys["k-before"] == {"requests": 2, "content": 0, "after_content": 0}
+    async with session.get(f"{root(sim)}/_sim/keys", params={"key": "k-none"}) as resp:
+        assert await resp.json() == {"k-none": {"requests": 0, "after_content": 0, "content": 0}}

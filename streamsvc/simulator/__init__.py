@@ -7,6 +7,7 @@ default upstream when no key is configured. Endpoints::
     POST /v1/chat/completions   OpenAI chat completions, streamed or not
     GET  /_sim/stats            {"requests", "active", "completed", "disconnected"}
     GET  /_sim/requests         the last 50 chat requests: {"path", "headers", "body"}
+    GET  /_sim/keys             per simulate.key: requests, and those after content was sent
     POST /_sim/reset            zero the counters, forget the requests and fail counters
 
 Model ``echo`` streams the last user message back in tokens that carry

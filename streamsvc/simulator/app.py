@@ -166,6 +166,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         state.stats.recent.append(
             {"path": request.path, "headers": dict(request.headers), "body": body}
         )
+    if params.simulate.key:
+        state.stats.key_request(params.simulate.key)
     fault = state.fault_for(params.simulate)
     if fault in BEFORE_FIRST_BYTE:
         assert fault is not None
@@ -266,6 +268,9 @@ async def _stream_body(
                     if step < len(choice.tokens)
                 )
             )
+        if step == 0 and options.key and not (fault is Fault.MALFORMED and fault_at == 0):
+            # The first content went out (not behind a broken event, which ends the read).
+            request.app[SIMULATOR_STATS_KEY].key_content(options.key)
     if fault_at == steps and not await inject():
         return
     if fault is Fault.NO_DONE:
@@ -334,6 +339,15 @@ async def _recent_requests(request: web.Request) -> web.Response:
     return _json_response(list(request.app[SIMULATOR_STATS_KEY].recent))
 
 
+async def _keys(request: web.Request) -> web.Response:
+    keys = request.app[SIMULATOR_STATS_KEY].keys
+    wanted = request.query.get("key")
+    if wanted is not None:
+        return _json_response({wanted: keys.get(wanted, {"requests": 0, "after_content": 0,
+                                                         "content": 0})})
+    return _json_response(keys)
+
+
 async def _reset(request: web.Request) -> web.Response:
     state = request.app[_STATE_KEY]
     state.stats.reset()
@@ -365,6 +379,7 @@ def create_simulator_app() -> web.Application:
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/_sim/stats", _stats)
     app.router.add_get("/_sim/requests", _recent_requests)
+    app.router.add_get("/_sim/keys", _keys)
     app.router.add_post("/_sim/reset", _reset)
     app.on_shutdown.append(_on_shutdown)
     return app
