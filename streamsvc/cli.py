@@ -166,6 +166,10 @@ def _bench(args: argparse.Namespace, command: list[str]) -> int:
     from streamsvc.bench.options import options_from_args
     from streamsvc.bench.orchestrator import run_bench
 
+    if args.faults:
+        from streamsvc.bench.faults import run_from_args
+
+        return run_from_args(args)
     try:
         options = options_from_args(args)
     except ValueError as error:
