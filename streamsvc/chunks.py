@@ -52,6 +52,8 @@ class Chunk:
         kept: bytes | None = raw
         try:
             data = msgspec.json.decode(raw)
+        except RecursionError:  # nested past the stack: an upstream fault, not a bug of ours
+            raise msgspec.DecodeError("JSON is nested too deep") from None
         except msgspec.DecodeError:
             if b"\\u" not in raw:
                 raise

@@ -93,13 +93,22 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["server.port"] = args.port
     if args.upstream_key_env and not args.upstream:
         raise ConfigError("needs --upstream", source="command line", key="--upstream-key-env")
-    if args.upstream:
-        upstream: dict[str, Any] = {"base_url": args.upstream}
+    if args.upstream:  # the flags win over STREAMSVC__UPSTREAMS__UPSTREAM__*
+        overrides["upstreams.upstream.base_url"] = args.upstream
         if args.upstream_key_env:
-            upstream["api_key_env"] = args.upstream_key_env
-        overrides["upstreams"] = {"upstream": upstream}
-        overrides["routes"] = [{"model": "*", "upstreams": ["upstream"]}]
+            overrides["upstreams.upstream.api_key_env"] = args.upstream_key_env
     return overrides
+
+
+def _flag_sections(args: argparse.Namespace) -> dict[str, Any]:
+    """``--upstream``: one upstream, named "upstream", for every model, in place of the file's.
+
+    The environment's overrides then apply to it like to any upstream of a file.
+    """
+    if not args.upstream:
+        return {}
+    return {"upstreams": {"upstream": {"base_url": args.upstream}},
+            "routes": [{"model": "*", "upstreams": ["upstream"]}]}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -108,7 +117,8 @@ def _serve(args: argparse.Namespace) -> int:
     from streamsvc.server.runner import run_app
 
     config_path = args.config or os.environ.get("STREAMSVC_CONFIG") or None
-    loaded = read_config(config_path, overrides=_flag_overrides(args))
+    loaded = read_config(config_path, overrides=_flag_overrides(args),
+                         sections=_flag_sections(args))
     config: Config = loaded.config
     configure_logging(config.log)
     log = logging.getLogger("streamsvc")
@@ -207,6 +217,10 @@ def _bench(args: argparse.Namespace, command: list[str]) -> int:
     from streamsvc.bench.options import options_from_args
     from streamsvc.bench.orchestrator import run_bench
 
+    if args.faults:
+        from streamsvc.bench.faults import run_from_args
+
+        return run_from_args(args)
     try:
         options = options_from_args(args)
     except ValueError as error:

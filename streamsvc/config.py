@@ -428,6 +428,7 @@ def load_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> Config:
     """Load the config: ``path`` (or the built-in defaults), then env, then ``overrides``.
 
@@ -436,12 +437,15 @@ def load_config(
         env: the environment to read ``STREAMSVC__SECTION__KEY`` overrides from
             (default ``os.environ``).
         overrides: dotted keys from CLI flags, e.g. ``{"server.port": 9000}``.
+        sections: whole sections a flag puts in place of the file's (``--upstream``
+            sets ``upstreams`` and ``routes``), before the environment: so
+            ``STREAMSVC__UPSTREAMS__UPSTREAM__READ_TIMEOUT_S`` applies to them.
 
     Raises:
         ConfigError: with every problem found, each naming the file, variable or
             flag and the key.
     """
-    return read_config(path, env=env, overrides=overrides).config
+    return read_config(path, env=env, overrides=overrides, sections=sections).config
 
 
 def read_config(
@@ -449,6 +453,7 @@ def read_config(
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> LoadedConfig:
     """:func:`load_config`, with the overrides it applied and its warnings."""
     env = os.environ if env is None else env
@@ -464,6 +469,8 @@ def read_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"not valid TOML: {exc}", source=source, key="(file)") from exc
 
+    for name, value in (sections or {}).items():
+        raw[name] = copy.deepcopy(value)
     routes_missing = "upstreams" in raw and "routes" not in raw
     if routes_missing:
         raw["routes"] = []  # reported below, once the upstreams themselves are known good
@@ -491,6 +498,8 @@ def read_config(
     for key, value in (overrides or {}).items():
         _set_path(raw, key.split("."), value)
         origin[key] = "command line"
+    for name in sections or {}:  # last: a variable's own key is blamed before its section
+        origin.setdefault(name, "command line")
 
     def blame(key: str) -> str:
         blamed = next(

@@ -11,6 +11,8 @@ import math
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from streamsvc.bench.report import evaluate_targets, notes, write_outputs
 from streamsvc.bench.results import BenchReport, Skipped
 from streamsvc.bench.stats import percentile, summarize
 from streamsvc.simulator import SimulatorServer
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -229,3 +232,63 @@ def test_bench_flag_out_of_range_exits_2() -> None:
     from streamsvc.cli import main
 
     assert main(["bench", "--streams", "0"]) == 2
+
+
+# -- streamsvc bench --faults: the campaign against any relay URL ---------------------------------
+
+
+def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "streamsvc", *args], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_answers(url: str, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        assert process.poll() is None, "exited before answering"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"no answer at {url}"
+            time.sleep(0.1)
+
+
+def test_bench_faults_holds_a_relay_to_the_campaign_and_fails_one_that_is_not_a_relay() -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STREAMSVC__") and k != "STREAMSVC_CONFIG"}
+    env["PYTHONPATH"] = str(ROOT)
+    relay_env = {**env, "STREAMSVC__PIPELINE__IDLE_TIMEOUT_S": "0.5",
+                 "STREAMSVC__PIPELINE__FIRST_TOKEN_TIMEOUT_S": "3",
+                 "STREAMSVC__PIPELINE__RETRY_BACKOFF_MAX_MS": "20"}
+    sim_port, relay_port = free_port(), free_port()
+    sim = f"http://127.0.0.1:{sim_port}"
+    relay = f"http://127.0.0.1:{relay_port}"
+    processes = [_start(["simulate", "--port", str(sim_port)], env),
+                 _start(["serve", "--port", str(relay_port), "--upstream", sim + "/v1"],
+                        relay_env)]
+    try:
+        _wait_answers(sim + "/v1/models", processes[0])
+        _wait_answers(relay + "/healthz", processes[1])
+        good = subprocess.run(
+            [sys.executable, "-m", "streamsvc", "bench", "--faults", relay, "--upstream-stats",
+             sim, "--streams", "80", "--seed", "5", "--deadline", "30"],
+            capture_output=True, text=True, timeout=120, env=env, check=False)
+        # The simulator itself, as if it were a gateway: faults reach the client as they are.
+        raw = subprocess.run(
+            [sys.executable, "-m", "streamsvc", "bench", "--faults", sim, "--fault-endpoints",
+             "openai", "--streams", "60", "--seed", "5", "--deadline", "2"],
+            capture_output=True, text=True, timeout=120, env=env, check=False)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "fault campaign: 80 streams, seed 5" in good.stdout
+    assert "bad outcomes: 0" in good.stdout and "not checked" not in good.stdout
+    assert raw.returncode == 1, raw.stdout + raw.stderr
+    assert "(upstream requests not checked)" in raw.stdout
+    bad = {line.split()[0]: int(line.split()[-2]) for line in raw.stdout.splitlines()
+           if line.endswith(" bad")}
+    assert bad["bad_error"] > 0 and bad["lost"] + bad["silent_cut"] + bad["hang"] > 0, raw.stdout

@@ -314,3 +314,66 @@ def test_simulate_and_serve_upstream_as_a_user_runs_them(tmp_path: Path) -> None
     assert f"streamsvc simulator listening on http://127.0.0.1:{sim_port}/v1" in outputs[0]
     assert "sim-secret-key" not in outputs[1]  # the relay's log never shows the key
     assert all(process.returncode == 0 for process in processes), outputs
+
+
+# -- issue 12, item 10: --upstream and the environment's overrides of its upstream --------------
+
+
+def test_upstream_flag_keeps_the_env_read_timeout_of_its_upstream(tmp_path: Path) -> None:
+    """STREAMSVC__UPSTREAMS__UPSTREAM__READ_TIMEOUT_S bounds a hung upstream behind --upstream
+    (it was dropped: only the 120 s first-token timeout ended the stream)."""
+    sim_port, relay_port = free_port(), free_port()
+    env = clean_env(STREAMSVC__UPSTREAMS__UPSTREAM__READ_TIMEOUT_S="0.5")
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "streamsvc", "simulate", "--port", str(sim_port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
+                         text=True, cwd=tmp_path),
+        subprocess.Popen([sys.executable, "-m", "streamsvc", "serve", "--port", str(relay_port),
+                          "--upstream", f"http://127.0.0.1:{sim_port}/v1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                         text=True, cwd=tmp_path),
+    ]
+    try:
+        _wait_listening(processes[0], f"http://127.0.0.1:{sim_port}/v1/models")
+        _wait_listening(processes[1], f"http://127.0.0.1:{relay_port}/healthz")
+        body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "a b"}],
+                           "simulate": {"fault": "hang", "fault_at": 1},
+                           "streamsvc": {"retries": False}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{relay_port}/v1/chat/stream",
+                                         data=body, headers={"Content-Type": "application/json"})
+        started = time.monotonic()
+        with urllib.request.urlopen(request, timeout=20) as response:
+            events = SSEDecoder().feed(response.read())
+        took = time.monotonic() - started
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.communicate(timeout=30)
+    final = json.loads(events[-1].data)
+    assert events[-1].event == "error" and final["code"] == "idle_timeout", final
+    assert "0.5 s" in final["message"] and took < 10
+
+
+def test_upstream_flag_with_a_bad_env_override_of_its_upstream_exits_2_naming_it() -> None:
+    env = clean_env(STREAMSVC__UPSTREAMS__UPSTREAM__READ_TIMEOUT_S="soon")
+    result = streamsvc("serve", "--upstream", "http://127.0.0.1:9/v1", env=env, timeout=30)
+    assert result.returncode == EXIT_CONFIG, result.stderr
+    assert "STREAMSVC__UPSTREAMS__UPSTREAM__READ_TIMEOUT_S" in result.stderr
+    assert "upstreams.upstream.read_timeout_s" in result.stderr
+
+
+def test_upstream_flag_wins_over_the_env_base_url_of_its_upstream() -> None:
+    from streamsvc.cli import _flag_overrides, _flag_sections, _parser
+    from streamsvc.config import load_config
+
+    args = _parser().parse_args(["serve", "--upstream", "http://127.0.0.1:9/v1",
+                                 "--upstream-key-env", "MY_KEY"])
+    config = load_config(None, env={"STREAMSVC__UPSTREAMS__UPSTREAM__BASE_URL": "http://x:1",
+                                    "STREAMSVC__UPSTREAMS__UPSTREAM__CONNECT_TIMEOUT_S": "2"},
+                         overrides=_flag_overrides(args), sections=_flag_sections(args))
+    assert list(config.upstreams) == ["upstream"]
+    upstream = config.upstreams["upstream"]
+    assert upstream.base_url == "http://127.0.0.1:9/v1" and upstream.api_key_env == "MY_KEY"
+    assert upstream.connect_timeout_s == 2.0
+    assert [route.upstreams for route in config.routes] == [["upstream"]]

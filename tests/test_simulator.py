@@ -8,6 +8,7 @@ Timing assertions are lower bounds only.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,6 +29,7 @@ from streamsvc.simulator import (
     generated_tokens,
     serve_simulator,
 )
+from streamsvc.sse import SSEDecoder
 
 TORTURE_TEXTS = {
     "leading-spaces": "   three leading spaces,  two inside,   and trailing   ",
@@ -732,3 +734,70 @@ async def test_serve_simulator_prints_its_url_and_stops_when_cancelled(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# -- the faults the fault campaign needs (issue 12) -----------------------------------------------
+
+async def test_fault_sse_error_sends_a_typed_error_event_then_done(
+    session: aiohttp.ClientSession, sim: SimulatorServer
+) -> None:
+    resp, raw = await post(session, sim,
+                           stream_chat("one two three", simulate={"fault": "sse_error",
+                                                                  "fault_at": 2}))
+    assert resp.status == 200
+    decoded = SSEDecoder().feed(raw)
+    assert [e.event for e in decoded[-2:]] == ["error", "message"]
+    assert json.loads(decoded[-2].data)["error"]["message"] == "simulated upstream error"
+    assert decoded[-1].data == "[DONE]"
+    assert text_of([json.loads(e.data) for e in decoded[:-2]]) == "one two"
+
+
+async def test_fault_no_finish_ends_with_done_but_no_finish_reason(
+    session: aiohttp.ClientSession, sim: SimulatorServer
+) -> None:
+    resp, raw = await post(session, sim, stream_chat("one two", simulate={"fault": "no_finish"}))
+    payloads = events(raw)
+    assert payloads[-1] == b"[DONE]"
+    decoded = chunks(raw)
+    assert text_of(decoded) == "one two"
+    assert all(ch["finish_reason"] is None for c in decoded for ch in c["choices"])
+
+
+async def test_fault_slow_headers_holds_the_headers_back(
+    session: aiohttp.ClientSession, sim: SimulatorServer
+) -> None:
+    body = stream_chat("one", simulate={"fault": "slow_headers", "first_token_delay": 0.4})
+    started = time.monotonic()
+    async with session.post(f"{sim.url}/chat/completions", json=body) as resp:
+        headers_after = time.monotonic() - started
+        raw = await resp.read()
+    assert headers_after >= 0.35
+    assert text_of(chunks(raw)) == "one" and events(raw)[-1] == b"[DONE]"
+
+
+async def test_fault_split_surrogates_sends_each_astral_character_as_two_escaped_halves(
+    session: aiohttp.ClientSession, sim: SimulatorServer
+) -> None:
+    prompt = "a 🙂 b 👍🏽 c 東京"
+    resp, raw = await post(session, sim,
+                           stream_chat(prompt, simulate={"fault": "split_surrogates"}))
+    assert b'\\ud83d"' in raw and b'"\\ude42' in raw  # a piece ends on the high half
+    with pytest.raises(msgspec.DecodeError):
+        chunks(raw)  # msgspec refuses the halves, as it did in the relay
+    halves = [json.loads(p) for p in events(raw) if p != b"[DONE]"]
+    text = "".join(c["delta"].get("content") or "" for h in halves for c in h["choices"])
+    assert text.encode("utf-16-le", "surrogatepass").decode("utf-16-le") == prompt
+
+
+async def test_sim_keys_counts_requests_after_content_per_key(
+    session: aiohttp.ClientSession, sim: SimulatorServer
+) -> None:
+    broken = {"fault": "malformed", "fault_at": 0, "key": "k-before"}  # no content reached
+    for simulate in ({"key": "k-twice"}, {"key": "k-twice"}, broken, broken):
+        await post(session, sim, stream_chat("one two", simulate=simulate))
+    async with session.get(f"{root(sim)}/_sim/keys") as resp:
+        keys = await resp.json()
+    assert keys["k-twice"] == {"requests": 2, "content": 2, "after_content": 1}
+    assert keys["k-before"] == {"requests": 2, "content": 0, "after_content": 0}
+    async with session.get(f"{root(sim)}/_sim/keys", params={"key": "k-none"}) as resp:
+        assert await resp.json() == {"k-none": {"requests": 0, "after_content": 0, "content": 0}}

@@ -138,6 +138,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the tables as Markdown (for docs/performance.md)")
     parser.add_argument("--keep-logs", metavar="DIR",
                         help="keep the processes' logs in DIR (default: a temporary folder)")
+    faults = parser.add_argument_group(
+        "fault campaign", "streamsvc bench --faults URL: seeded faulted streams through the"
+        " relay at URL (its model must go to a streamsvc simulator), each outcome classified"
+        " (docs/performance.md#the-fault-campaign); exit status 1 on a bad outcome")
+    faults.add_argument("--faults", metavar="URL",
+                        help="run the fault campaign against the relay at URL instead of the"
+                             " benchmark; --streams is the number of streams (default 300)")
+    faults.add_argument("--upstream-stats", metavar="URL",
+                        help="the simulator the relay sends the model to, to count each"
+                             " stream's upstream requests (default: not counted)")
+    faults.add_argument("--seed", type=int, default=1, help="the campaign's seed (default 1)")
+    faults.add_argument("--concurrency", type=int, default=32,
+                        help="streams at once (default 32)")
+    faults.add_argument("--deadline", type=float, default=120.0, metavar="S",
+                        help="a stream not ended within S seconds is a hang (default 120;"
+                             " above the relay's idle and first-token timeouts)")
+    faults.add_argument("--any-error-code", action="store_true",
+                        help="take any OpenAI-shaped error as typed, not only streamsvc's"
+                             " closed set of codes (for another gateway)")
+    faults.add_argument("--fault-endpoints", metavar="LIST", default="openai,direct,resumable,"
+                        "oneshot", help="openai (POST /v1/chat/completions), direct (POST"
+                        " /v1/chat/stream), resumable (POST /v1/streams), oneshot (GET"
+                        " /v1/chat/stream); openai alone for another gateway (default all)")
 
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:

@@ -42,9 +42,10 @@ def unreadable_request(status: int, exc: BaseException | None) -> StreamsvcError
     """The typed error for a request aiohttp could not read (``status`` is aiohttp's).
 
     Example:
-        >>> error = unreadable_request(400, http_exceptions.InvalidHeader(b"X-A"))
-        >>> error.param, error.code
-        ('X-A', <ErrorCode.BAD_REQUEST: 'bad_request'>)
+        >>> error = unreadable_request(400, http_exceptions.BadHttpMessage(
+        ...     "Invalid header value char:\\n\\n  b'X-A: a\\\\x00b'"))
+        >>> error.param, error.message
+        ('X-A', 'X-A: the request could not be read: Invalid header value char')
     """
     if status != 400 or not isinstance(exc, http_exceptions.HttpProcessingError):
         return StreamsvcError("internal error while reading the request",
@@ -60,7 +61,7 @@ def unreadable_request(status: int, exc: BaseException | None) -> StreamsvcError
         reason = f"a {'request line' if param == 'url' else 'header'} is longer than" \
                  f" {exc.args[1] if len(exc.args) > 1 else 8190} bytes"
     elif isinstance(exc, http_exceptions.InvalidHeader):
-        param = exc.hdr or "headers"
+        param = "headers"  # its text may be a header's value (one with a NUL): never echoed
         reason = "invalid header"
     elif isinstance(exc, http_exceptions.BadHttpMethod):
         param = "method"

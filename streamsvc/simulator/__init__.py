@@ -7,6 +7,7 @@ default upstream when no key is configured. Endpoints::
     POST /v1/chat/completions   OpenAI chat completions, streamed or not
     GET  /_sim/stats            {"requests", "active", "completed", "disconnected"}
     GET  /_sim/requests         the last 50 chat requests: {"path", "headers", "body"}
+    GET  /_sim/keys             per simulate.key: requests, and those after content was sent
     POST /_sim/reset            zero the counters, forget the requests and fail counters
 
 Model ``echo`` streams the last user message back in tokens that carry
@@ -27,7 +28,8 @@ Where this departs from a plain reading of that contract, on purpose:
 
 - ``malformed`` inserts the broken event before token ``fault_at`` and
   loses no token, so a relay that skips the bad event can still be checked
-  for lossless text.
+  for lossless text; ``split_surrogates`` likewise loses nothing: the text,
+  its UTF-16 halves joined, is the answer's.
 - ``fail_times`` limits every fault, not only ``429``/``500``: "drop twice,
   then succeed" is as useful to a retry test as "429 twice".
 - ``drop`` counts as ``completed``: the simulator ended the stream as

@@ -28,8 +28,11 @@ from streamsvc.simulator.faults import (
     ERROR_EVENT,
     MALFORMED_BODY,
     MALFORMED_EVENT,
+    SSE_ERROR_EVENT,
     Fault,
     fault_reply,
+    json_string,
+    split_astral,
 )
 from streamsvc.simulator.request import ChatParams, SimulateOptions, parse_chat_request
 from streamsvc.simulator.stats import SimulatorStats
@@ -164,6 +167,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         state.stats.recent.append(
             {"path": request.path, "headers": dict(request.headers), "body": body}
         )
+    if params.simulate.key:
+        state.stats.key_request(params.simulate.key)
     fault = state.fault_for(params.simulate)
     if fault in BEFORE_FIRST_BYTE:
         assert fault is not None
@@ -205,6 +210,8 @@ async def _stream_body(
     completion_id: str,
 ) -> None:
     options = params.simulate
+    if fault is Fault.SLOW_HEADERS:
+        await asyncio.sleep(options.first_token_delay)  # nothing at all until then
     # Headers go out now, before any delay, as real upstreams do.
     await resp.prepare(request)
     encoder = ChunkEncoder(
@@ -214,6 +221,14 @@ async def _stream_body(
         include_usage=params.include_usage,
     )
     choices = _choices(params)
+    token_count = sum(len(choice.tokens) for choice in choices)
+    content = encoder.content
+    if fault is Fault.SPLIT_SURROGATES:
+        choices = [Choice(split_astral(c.tokens), c.finish_reason) for c in choices]
+
+        def content(index: int, token: str) -> bytes:
+            return encoder.content_json(index, json_string(token))
+
     steps = max(len(choice.tokens) for choice in choices)
     fault_at = min(options.fault_at, steps) if fault in AT_TOKEN else -1
     delay = 1.0 / options.rate if options.rate > 0 else 0.0
@@ -228,11 +243,11 @@ async def _stream_body(
         if fault is Fault.MALFORMED:
             await resp.write(MALFORMED_EVENT)
             return True
-        await resp.write(ERROR_EVENT)  # Fault.ERROR_EVENT
+        await resp.write(SSE_ERROR_EVENT if fault is Fault.SSE_ERROR else ERROR_EVENT)
         await resp.write_eof()
         return False
 
-    if options.first_token_delay > 0:
+    if options.first_token_delay > 0 and fault is not Fault.SLOW_HEADERS:
         await asyncio.sleep(options.first_token_delay)
     await resp.write(b"".join(encoder.role(i) for i in range(len(choices))))
     single = choices[0].tokens if len(choices) == 1 else None
@@ -245,23 +260,27 @@ async def _stream_body(
         if step == fault_at and not await inject():
             return
         if single is not None:
-            await resp.write(encoder.content(0, single[step]))
+            await resp.write(content(0, single[step]))
         else:
             await resp.write(
                 b"".join(
-                    encoder.content(i, choice.tokens[step])
+                    content(i, choice.tokens[step])
                     for i, choice in enumerate(choices)
                     if step < len(choice.tokens)
                 )
             )
+        if step == 0 and options.key and not (fault is Fault.MALFORMED and fault_at == 0):
+            # The first content went out (not behind a broken event, which ends the read).
+            request.app[SIMULATOR_STATS_KEY].key_content(options.key)
     if fault_at == steps and not await inject():
         return
     if fault is Fault.NO_DONE:
         await resp.write_eof()
         return
-    end = [encoder.finish(i, choice.finish_reason) for i, choice in enumerate(choices)]
+    end = [] if fault is Fault.NO_FINISH else [
+        encoder.finish(i, choice.finish_reason) for i, choice in enumerate(choices)]
     if params.include_usage:
-        end.append(encoder.usage(params.prompt_tokens, sum(len(c.tokens) for c in choices)))
+        end.append(encoder.usage(params.prompt_tokens, token_count))
     end.append(DONE_EVENT)
     await resp.write(b"".join(end))
     if fault is Fault.OPEN_AFTER_DONE:
@@ -301,7 +320,7 @@ async def _complete_body(
         await _wait_forever()
     if fault is Fault.MALFORMED:
         return web.Response(body=MALFORMED_BODY, content_type="application/json")
-    if fault is Fault.ERROR_EVENT:
+    if fault in (Fault.ERROR_EVENT, Fault.SSE_ERROR):
         return web.Response(body=ERROR_BODY, content_type="application/json")
     body = completion_body(
         completion_id=completion_id,
@@ -319,6 +338,15 @@ async def _stats(request: web.Request) -> web.Response:
 
 async def _recent_requests(request: web.Request) -> web.Response:
     return _json_response(list(request.app[SIMULATOR_STATS_KEY].recent))
+
+
+async def _keys(request: web.Request) -> web.Response:
+    keys = request.app[SIMULATOR_STATS_KEY].keys
+    wanted = request.query.get("key")
+    if wanted is not None:
+        return _json_response({wanted: keys.get(wanted, {"requests": 0, "after_content": 0,
+                                                         "content": 0})})
+    return _json_response(keys)
 
 
 async def _reset(request: web.Request) -> web.Response:
@@ -352,6 +380,7 @@ def create_simulator_app() -> web.Application:
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/_sim/stats", _stats)
     app.router.add_get("/_sim/requests", _recent_requests)
+    app.router.add_get("/_sim/keys", _keys)
     app.router.add_post("/_sim/reset", _reset)
     app.on_shutdown.append(_on_shutdown)
     return app

@@ -78,6 +78,10 @@ class ChunkEncoder:
         """One token of one choice: ``delta {"content": token}``."""
         return self._content_prefix(index) + _encode(token) + self._content_suffix
 
+    def content_json(self, index: int, token: bytes) -> bytes:
+        """One token given as a JSON string already (it may hold lone surrogate escapes)."""
+        return self._content_prefix(index) + token + self._content_suffix
+
     def finish(self, index: int, reason: str) -> bytes:
         """The last chunk of a choice: ``delta {}`` and its ``finish_reason``."""
         return b"".join(

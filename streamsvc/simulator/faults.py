@@ -8,6 +8,7 @@ faults inside a stream.
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -20,9 +21,12 @@ __all__ = [
     "ERROR_EVENT",
     "MALFORMED_BODY",
     "MALFORMED_EVENT",
+    "SSE_ERROR_EVENT",
     "Fault",
     "FaultReply",
     "fault_reply",
+    "json_string",
+    "split_astral",
 ]
 
 
@@ -37,10 +41,15 @@ class Fault(StrEnum):
     ERROR_EVENT = "error_event"  # data: {"error": ...} after fault_at tokens, no [DONE]
     NO_DONE = "no_done"  # every token, then end without finish chunk or [DONE]
     OPEN_AFTER_DONE = "open_after_done"  # [DONE], then keep the body open
+    SSE_ERROR = "sse_error"  # event: error + data: {"error": ...} after fault_at tokens, [DONE]
+    NO_FINISH = "no_finish"  # every token, then [DONE] without a finish chunk
+    SLOW_HEADERS = "slow_headers"  # the headers wait first_token_delay s (not the first chunk)
+    SPLIT_SURROGATES = "split_surrogates"  # a non-BMP character: two chunks, "\ud83d" "\ude42"
 
 
 BEFORE_FIRST_BYTE = frozenset({Fault.RATE_LIMITED, Fault.SERVER_ERROR})
-AT_TOKEN = frozenset({Fault.DROP, Fault.HANG, Fault.MALFORMED, Fault.ERROR_EVENT})
+AT_TOKEN = frozenset({Fault.DROP, Fault.HANG, Fault.MALFORMED, Fault.ERROR_EVENT,
+                      Fault.SSE_ERROR})
 
 MALFORMED_EVENT = b'data: {"choices": [\n\n'
 MALFORMED_BODY = b'{"choices": ['
@@ -54,6 +63,38 @@ ERROR_BODY = msgspec.json.encode(
     }
 )
 ERROR_EVENT = b"data: " + ERROR_BODY + b"\n\n"
+# What some servers send for a failure mid-stream: a typed SSE event, then [DONE].
+SSE_ERROR_EVENT = b"event: error\ndata: " + ERROR_BODY + b"\n\ndata: [DONE]\n\n"
+
+
+def split_astral(tokens: list[str]) -> list[str]:
+    """The tokens cut inside each character outside the BMP, between its UTF-16 halves.
+
+    A piece then ends with a lone high surrogate and the next starts with the
+    low one; :func:`json_string` writes them as ``\\ud83d`` and ``\\ude42``,
+    as upstreams that cut by UTF-16 code unit do. Joined, the pieces are the text.
+
+    Example:
+        >>> split_astral(["a\U0001f642b", "c"])
+        ['a\ud83d', '\ude42b', 'c']
+    """
+    pieces: list[str] = []
+    for token in tokens:
+        piece = ""
+        for char in token:
+            if ord(char) <= 0xFFFF:
+                piece += char
+                continue
+            units = ord(char) - 0x10000
+            pieces.append(piece + chr(0xD800 + (units >> 10)))
+            piece = chr(0xDC00 + (units & 0x3FF))
+        pieces.append(piece)
+    return pieces
+
+
+def json_string(text: str) -> bytes:
+    """``text`` as a JSON string in ASCII, lone surrogates as ``\\uXXXX`` escapes."""
+    return json.dumps(text).encode()
 
 
 class FaultReply(NamedTuple):
