@@ -461,15 +461,17 @@ async def test_fault_error_event_is_sent_and_no_done(
             pass
 
 
-async def test_fault_no_done_ends_without_finish_reason_or_done(
-    session: aiohttp.ClientSession, sim: SimulatorServer
+@pytest.mark.parametrize(("fault", "done"), [("no_done", False), ("no_finish", True)])
+async def test_fault_no_done_or_no_finish_ends_without_finish_reason(
+    session: aiohttp.ClientSession, sim: SimulatorServer, fault: str, done: bool,
 ) -> None:
+    """no_done: no finish chunk and no [DONE]; no_finish: [DONE] but no finish chunk."""
     resp, raw = await post(
-        session, sim, stream_chat("one two three", simulate={"fault": "no_done"})
+        session, sim, stream_chat("one two three", simulate={"fault": fault})
     )
     assert resp.status == 200
     payloads = events(raw)
-    assert b"[DONE]" not in payloads
+    assert (payloads[-1] == b"[DONE]") is done
     decoded = chunks(raw)
     assert text_of(decoded) == "one two three"
     assert all(ch["finish_reason"] is None for c in decoded for ch in c["choices"])
@@ -750,17 +752,6 @@ async def test_fault_sse_error_sends_a_typed_error_event_then_done(
     assert json.loads(decoded[-2].data)["error"]["message"] == "simulated upstream error"
     assert decoded[-1].data == "[DONE]"
     assert text_of([json.loads(e.data) for e in decoded[:-2]]) == "one two"
-
-
-async def test_fault_no_finish_ends_with_done_but_no_finish_reason(
-    session: aiohttp.ClientSession, sim: SimulatorServer
-) -> None:
-    resp, raw = await post(session, sim, stream_chat("one two", simulate={"fault": "no_finish"}))
-    payloads = events(raw)
-    assert payloads[-1] == b"[DONE]"
-    decoded = chunks(raw)
-    assert text_of(decoded) == "one two"
-    assert all(ch["finish_reason"] is None for c in decoded for ch in c["choices"])
 
 
 async def test_fault_slow_headers_holds_the_headers_back(

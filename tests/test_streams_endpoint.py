@@ -639,11 +639,14 @@ async def test_a_post_with_the_last_event_id_of_a_running_stream_never_starts_a_
     assert simulator.stats.requests == 3
 
 
+STREAM_ID = f"st_{'a' * 24}"
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/stream", "/v1/streams"])
 async def test_a_post_with_an_unknown_or_malformed_last_event_id_starts_nothing(
     relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer, path: str,
 ) -> None:
-    for value, status, code in ((f"st_{'a' * 24}:3", 404, "not_found"),
+    for value, status, code in ((f"{STREAM_ID}:3", 404, "not_found"),
                                 (f"st_{'a' * 24}:²", 400, "bad_request"),
                                 ("garbage", 400, "bad_request")):
         async with session.post(f"{relay.url}{path}", json=_body(),
@@ -651,6 +654,9 @@ async def test_a_post_with_an_unknown_or_malformed_last_event_id_starts_nothing(
             assert r.status == status
             error = (await r.json())["error"]
         assert error["code"] == code and error["param"] == "Last-Event-ID", error
+    async with session.post(f"{relay.url}{path}", json=_body(),
+                            params={"lastEventId": f"{STREAM_ID}:3"}) as r:
+        assert r.status == 404 and (await r.json())["error"]["param"] == "lastEventId"
     assert simulator.stats.requests == 0
 
 

@@ -64,16 +64,22 @@ async def _start_resumable(request: web.Request, chat: ChatRequest,
     return generation
 
 
-def _resume_point(request: web.Request) -> tuple[str, int] | None:
-    """Last-Event-ID from the header, else the lastEventId / Last-Event-ID query parameter."""
+def _resume_source(request: web.Request) -> tuple[str, str] | None:
+    """(name, value) of the Last-Event-ID header, else of the lastEventId / Last-Event-ID
+    query parameter."""
     header = request.headers.get("Last-Event-ID")
     if header:
-        return parse_last_event_id(header, "Last-Event-ID")
+        return "Last-Event-ID", header
     for name in ("lastEventId", "Last-Event-ID"):
         value = request.query.get(name)
         if value:
-            return parse_last_event_id(value, name)
+            return name, value
     return None
+
+
+def _resume_point(request: web.Request) -> tuple[str, int] | None:
+    source = _resume_source(request)
+    return None if source is None else parse_last_event_id(source[1], source[0])
 
 
 def _unknown(stream_id: str, param: str) -> ClientError:
@@ -177,10 +183,14 @@ async def _reconnect(request: web.Request, *, events: bool) -> web.StreamRespons
       one client is reading it);
     - an unknown id (expired; or another instance's direct stream): ``404``.
     """
-    resume = _resume_point(request)
-    if resume is None:
+    source = _resume_source(request)
+    if source is None:
         return None
-    stream_id, after = resume
+    param = source[0]
+    parsed = parse_last_event_id(source[1], param)
+    if parsed is None:
+        return None
+    stream_id, after = parsed
     await request.app[AUTH].check_owner(request, stream_id)
     state = await request.app[JOURNAL].last_seq(stream_id)
     if state is not None:
@@ -190,7 +200,7 @@ async def _reconnect(request: web.Request, *, events: bool) -> web.StreamRespons
             request, stream_id, status=200)
     direct = request.app[REGISTRY].direct(stream_id)
     if direct is None:
-        raise _unknown(stream_id, "Last-Event-ID")
+        raise _unknown(stream_id, param)
     running, owner = direct
     key_id = request.get(KEY_ID)
     if key_id is not None and owner is not None and owner != key_id:
@@ -198,10 +208,10 @@ async def _reconnect(request: web.Request, *, events: bool) -> web.StreamRespons
                           code=ErrorCode.FORBIDDEN)
     if running:
         raise ClientError(
-            f"Last-Event-ID: stream {stream_id} is being read by the one client that started it;"
+            f"{param}: stream {stream_id} is being read by the one client that started it;"
             " a stream of POST /v1/chat/stream cannot be resumed (POST /v1/streams makes one"
             " that can)",
-            param="Last-Event-ID", status=409,
+            param=param, status=409,
         )
     return _ended(stream_id)
 
