@@ -16,8 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from streamsvc.server.state import REGISTRY
 from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
+from streamsvc.streams.generation import GenerationState
 from tests.conftest import RunningServer, StartServer, relay_overrides
 from tests.conftest import wait_until as _wait_until
 from tests.helpers import PROMPT, Read, expected, get_events, read_events
@@ -363,11 +365,15 @@ async def test_grace_expires_cancels_upstream(
     url = relay.url + created["events_url"]
     part = await get_events(session, url, stop_after=3)
     left = time.monotonic()
-    # Inside the grace the upstream keeps going.
-    await asyncio.sleep(0.2)
-    if time.monotonic() - left < 0.45:  # only meaningful while still inside the grace
-        assert simulator.stats.disconnected == 0
-        assert simulator.stats.active == 1
+    # Inside the grace the upstream keeps going: looked at once the relay has seen the
+    # reader go while the generation still runs. Both are checked in the same turn of the
+    # loop as what follows, so the grace timer cannot fire in between.
+    generation = relay.app[REGISTRY].get(created["id"])
+    assert generation is not None
+    assert await _wait_until(lambda: generation.readers == 0)
+    assert generation.state is GenerationState.RUNNING
+    assert simulator.stats.disconnected == 0
+    assert simulator.stats.active == 1
     assert await _wait_until(lambda: simulator.stats.disconnected == 1)
     assert time.monotonic() - left >= 0.5
     assert simulator.stats.requests == 1
