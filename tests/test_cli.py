@@ -65,13 +65,16 @@ def test_config_check_ok(capsys: pytest.CaptureFixture[str], monkeypatch: pytest
     assert out == f"{DEFAULT_TOML}: OK\n{NO_OVERRIDES}" and err == ""
 
 
-def test_config_check_reports_every_mistake_at_once(tmp_path: Path) -> None:
+def test_config_check_reports_every_mistake_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "my.toml"
     path.write_text('[server]\nprot = 8080\n[log]\nlevel = "loud"\n[journal]\nmax_events = 0\n',
                     encoding="utf-8")
-    result = streamsvc("config", "check", str(path))
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.splitlines() == [
+    assert main(["config", "check", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
         f"streamsvc: config error: {path}: server.prot: unknown key; did you mean 'port'?",
         f"streamsvc: config error: {path}: log.level: expected one of 'debug', 'info',"
         " 'warning', 'error', got 'loud'",
@@ -79,19 +82,25 @@ def test_config_check_reports_every_mistake_at_once(tmp_path: Path) -> None:
     ]
 
 
-def test_config_check_says_which_overrides_it_applied_and_warns_of_strays() -> None:
-    result = streamsvc("config", "check", str(DEFAULT_TOML), env=clean_env(
-        STREAMSVC__SERVER__PORT="9000", STREAMSVC__UPSTREAMS__SIMULATOR__HEADERS='{a = "secret"}',
-        STREAMSVC_SERVER_HOST="0.0.0.0"))
-    assert result.returncode == 0
-    assert result.stdout == (
+def test_config_check_says_which_overrides_it_applied_and_warns_of_strays(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in os.environ:
+        if name.startswith("STREAMSVC"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("STREAMSVC__SERVER__PORT", "9000")
+    monkeypatch.setenv("STREAMSVC__UPSTREAMS__SIMULATOR__HEADERS", '{a = "secret"}')
+    monkeypatch.setenv("STREAMSVC_SERVER_HOST", "0.0.0.0")
+    assert main(["config", "check", str(DEFAULT_TOML)]) == 0
+    out, err = capsys.readouterr()
+    assert out == (
         f"{DEFAULT_TOML}: OK\n"
         "  server.port: set by the environment variable STREAMSVC__SERVER__PORT\n"
         "  upstreams.simulator.headers: set by the environment variable"
         " STREAMSVC__UPSTREAMS__SIMULATOR__HEADERS\n"
     )
-    assert "secret" not in result.stdout + result.stderr  # values are never shown
-    assert result.stderr == (
+    assert "secret" not in out + err  # values are never shown
+    assert err == (
         "streamsvc: warning: environment STREAMSVC_SERVER_HOST: ignored: overrides are"
         " STREAMSVC__SECTION__KEY (double underscores), and the config names no variable"
         " STREAMSVC_SERVER_HOST; did you mean STREAMSVC__SERVER__HOST (sets server.host)?\n"
