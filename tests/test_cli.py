@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -172,33 +172,51 @@ def test_serve_with_a_bad_config_exits_2_naming_the_key(bad_toml: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_serve_reads_the_config_from_streamsvc_config(bad_toml: Path) -> None:
-    result = streamsvc("serve", env=clean_env(STREAMSVC_CONFIG=str(bad_toml)))
-    assert result.returncode == 2 and "server.portt" in result.stderr
+Refuses = Callable[..., str]
 
 
-def test_serve_upstream_key_env_without_upstream_exits_2() -> None:
-    result = streamsvc("serve", "--upstream-key-env", "OPENAI_API_KEY")
-    assert result.returncode == 2
-    assert "--upstream-key-env" in result.stderr and "--upstream" in result.stderr
+@pytest.fixture
+def serve_refuses(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Refuses:
+    """``serve_refuses(*args, **env)``: ``streamsvc serve`` in this process, in an environment
+    of no STREAMSVC settings but ``env``, must refuse to start (exit status 2); its stderr."""
+    for name in [n for n in os.environ if n.startswith("STREAMSVC")]:
+        monkeypatch.delenv(name)
+
+    def run(*args: str, **env: str) -> str:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert main(["serve", *args]) == EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert err.startswith("streamsvc: config error: ") and "Traceback" not in err
+        return err
+
+    return run
 
 
-def test_serve_bad_upstream_url_exits_2() -> None:
-    result = streamsvc("serve", "--upstream", "ftp://example.com")
-    assert result.returncode == 2
-    assert "command line" in result.stderr and "base_url" in result.stderr
+def test_serve_reads_the_config_from_streamsvc_config(
+    bad_toml: Path, serve_refuses: Refuses
+) -> None:
+    assert "server.portt" in serve_refuses(STREAMSVC_CONFIG=str(bad_toml))
 
 
-def test_serve_bad_env_override_exits_2_naming_the_variable() -> None:
-    result = streamsvc("serve", env=clean_env(STREAMSVC__SERVER__PORT="abc"))
-    assert result.returncode == 2
-    assert "STREAMSVC__SERVER__PORT" in result.stderr and "server.port" in result.stderr
+def test_serve_upstream_key_env_without_upstream_exits_2(serve_refuses: Refuses) -> None:
+    err = serve_refuses("--upstream-key-env", "OPENAI_API_KEY")
+    assert "--upstream-key-env" in err and "--upstream" in err
 
 
-def test_serve_bad_port_flag_exits_2() -> None:
-    result = streamsvc("serve", "--port", "70000")
-    assert result.returncode == 2
-    assert "command line" in result.stderr and "server.port" in result.stderr
+def test_serve_bad_upstream_url_exits_2(serve_refuses: Refuses) -> None:
+    err = serve_refuses("--upstream", "ftp://example.com")
+    assert "command line" in err and "base_url" in err
+
+
+def test_serve_bad_env_override_exits_2_naming_the_variable(serve_refuses: Refuses) -> None:
+    err = serve_refuses(STREAMSVC__SERVER__PORT="abc")
+    assert "STREAMSVC__SERVER__PORT" in err and "server.port" in err
+
+
+def test_serve_bad_port_flag_exits_2(serve_refuses: Refuses) -> None:
+    err = serve_refuses("--port", "70000")
+    assert "command line" in err and "server.port" in err
 
 
 @pytest.mark.parametrize("command", ["serve", "simulate"])
