@@ -178,7 +178,7 @@ async def test_one_shot_get_resumes_without_a_second_upstream_request(
     relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer, how: str,
 ) -> None:
     url = f"{relay.url}/v1/chat/stream"
-    part = await get_events(session, url, params=_query(20, 40), stop_after=5)
+    part = await get_events(session, url, params=_query(50, 40), stop_after=5)  # 0.8 s
     stream_id = part.headers["X-Stream-ID"]
     _check_framing(part, stream_id)
     assert len(part.events) == 5
@@ -210,11 +210,12 @@ async def test_one_shot_get_resumes_without_a_second_upstream_request(
 async def test_events_url_resume_header_and_query(
     relay: RunningServer, session: aiohttp.ClientSession, simulator: SimulatorServer
 ) -> None:
-    body = _body(PROMPT, model="sim-small", simulate={"rate": 20, "tokens": 40})
+    body = _body(PROMPT, model="sim-small", simulate={"rate": 50, "tokens": 40})  # 0.8 s
     async with session.post(f"{relay.url}/v1/streams", json=body) as r:
         created = await r.json()
     url = relay.url + created["events_url"]
     part = await get_events(session, url, stop_after=4)
+    assert part.events[-1].event == "message"  # left mid-stream
     rest_q = await get_events(session, url, params={"lastEventId": part.last_id})
     rest_h = await get_events(session, url, headers={"Last-Event-ID": part.last_id})
     _check_framing(rest_q, created["id"], first_seq=5)
