@@ -203,9 +203,15 @@ def relay_overrides(simulator_url: str, **more: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def relay(start_server: StartServer, simulator: SimulatorServer) -> RunningServer:
-    """streamsvc in front of the standalone ``simulator`` fixture."""
-    return await start_server(overrides=relay_overrides(simulator.url))
+async def relay(start_server: StartServer, simulator: SimulatorServer,
+                request: pytest.FixtureRequest) -> RunningServer:
+    """streamsvc in front of the standalone ``simulator`` fixture.
+
+    A test module's ``RELAY_CONFIG`` (config overrides, e.g. a short ``sse_retry_ms``)
+    applies to its relays.
+    """
+    more: dict[str, Any] = getattr(request.module, "RELAY_CONFIG", {})
+    return await start_server(overrides=relay_overrides(simulator.url, **more))
 
 
 @pytest.fixture
@@ -214,8 +220,13 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield client
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
+    """One Chromium for a test module (each test opens its own context in it).
+
+    Module-scoped, so it lives in the module's event loop, which its tests share
+    (``asyncio_default_test_loop_scope`` in pyproject.toml).
+    """
     playwright = await async_playwright().start()
     try:
         chromium = await playwright.chromium.launch(

@@ -19,6 +19,7 @@ from streamsvc.server.state import AUTH
 from streamsvc.server.tickets import MemoryTicketStore
 from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
+from tests.helpers import bearer, secured
 
 KEY_A = "sk-client-a-5b1e0c3f9d2a-never-log-me"
 KEY_B = "sk-client-b-77aa31c0e4f8-never-log-me"
@@ -27,15 +28,10 @@ SLOW = {"model": "sim-small", "messages": [{"role": "user", "content": "x"}],
         "simulate": {"rate": 20, "tokens": 400}}
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-@pytest.fixture
-async def secured(start_server: StartServer, simulator: SimulatorServer,
-                  monkeypatch: pytest.MonkeyPatch) -> RunningServer:
-    monkeypatch.setenv("STREAMSVC_API_KEYS", f"{KEY_A}, {KEY_B}")
-    return await start_server(overrides=relay_overrides(simulator.url))
+@pytest.fixture(name="secured")
+async def secured_relay(start_server: StartServer, simulator: SimulatorServer,
+                        monkeypatch: pytest.MonkeyPatch) -> RunningServer:
+    return await secured(start_server, simulator, monkeypatch, f"{KEY_A}, {KEY_B}")
 
 
 async def error_of(response: aiohttp.ClientResponse) -> dict[str, Any]:

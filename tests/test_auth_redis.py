@@ -29,6 +29,7 @@ from streamsvc.server.state import JOURNAL
 from streamsvc.server.tickets import IN_USE, MemoryTicketStore, RedisTicketStore, TicketStore
 from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
+from tests.helpers import bearer
 from tests.redis_server import RedisServer
 from tests.test_limits import assert_limited
 
@@ -39,10 +40,6 @@ BODY = {"model": "echo", "messages": [{"role": "user", "content": "hello there"}
 SLOW = {"model": "sim-small", "messages": [{"role": "user", "content": "x"}],
         "simulate": {"rate": 20, "tokens": 400}}
 PREFIX = "streamsvc:"
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 def event_ids(text: str) -> list[str]:

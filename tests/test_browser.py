@@ -42,6 +42,47 @@ TORTURE = (
 
 EVENT_ID = re.compile(r"(st_[0-9a-f]{24}):(\d+)")
 
+# The relays of the browser tests send `retry: 200` (tests/conftest.py `relay` reads
+# RELAY_CONFIG), so that a reader left open comes back, and is seen, soon.
+RETRY_MS = 200
+RELAY_CONFIG = {"server": {"sse_retry_ms": RETRY_MS}}
+
+# A control reader: reads a journaled stream from a resume point and is NOT closed at its
+# end, so EventSource reconnects `retry` ms later and the relay answers 204, which closes
+# it for good. Resolves then with the events it got (rejects if it got none or never
+# closed). It reads through the one-shot GET's resume (`?lastEventId=`), with "&control",
+# so that it is told apart from the readers under test.
+JS_CONTROL_READER = """
+async (url) => await new Promise((resolve, reject) => {
+  const es = new EventSource(url);
+  let events = 0;
+  const timer = setTimeout(() => {
+    es.close();
+    reject(new Error("the control reader did not come back; events: " + events));
+  }, 15000);
+  es.onmessage = () => { events += 1; };
+  es.addEventListener("done", () => { events += 1; });
+  es.onerror = (e) => {
+    if (e.data !== undefined) { events += 1; return; }  // the stream's own error event
+    if (es.readyState !== EventSource.CLOSED) return;  // the end of the body: it reconnects
+    clearTimeout(timer);
+    if (events > 0) resolve(events); else reject(new Error("the control reader was refused"));
+  };
+})
+"""
+
+
+async def wait_out_reconnects(page: Page, stream_id: str) -> None:
+    """Return once an EventSource this page had left open would have come back.
+
+    A control reader (``JS_CONTROL_READER``) reads stream ``stream_id`` from its first event
+    on and reconnects ``retry`` ms after its end. Every reader the page opened before it
+    ended before it, so one left open would have reconnected, and Playwright seen the
+    request, by the time the control's reconnect is answered: a condition, not a sleep.
+    """
+    url = f"/v1/chat/stream?lastEventId={stream_id}:1&control"  # resumes any stream
+    assert await page.evaluate(JS_CONTROL_READER, url) >= 1
+
 # Collects the content of an EventSource until its `done` event; rejects on
 # an `error` event from the server, on a connection error, or on timeout.
 # Resolves with {text, ids, doneId, doneData}.
@@ -300,28 +341,28 @@ async def test_closed_after_done_no_second_upstream_request_and_resume_gets_204(
     )
     assert first["text"] == prompt
     events_url = first["stream"]["events_url"]
-    # An EventSource left open would reconnect after `retry: 1000`.
-    await asyncio.sleep(1.5)
+    await wait_out_reconnects(page.page, first["stream"]["id"])
     assert simulator.stats.requests == 1
     assert prompts_seen(simulator) == [prompt]
     assert sum(url.endswith(events_url) for url in page.requests) == 1
 
     # Resuming after the final event: 204, which stops EventSource for good.
-    resumed = await page.page.evaluate(
+    await page.page.evaluate(
         """async ([url, lastId]) => await new Promise((resolve, reject) => {
           const es = new EventSource(url + "?lastEventId=" + encodeURIComponent(lastId));
           const seen = {open: 0, message: 0, errors: []};
+          window.resumed = {es, seen};  // looked at again once a reconnect would have come
           es.onopen = () => { seen.open += 1; };
           es.onmessage = () => { seen.message += 1; };
-          es.onerror = () => {
-            seen.errors.push(es.readyState);
-            // Stay a while: a reconnect would show up as another error or open.
-            setTimeout(() => resolve({...seen, readyState: es.readyState}), 1500);
-          };
+          es.onerror = () => { seen.errors.push(es.readyState); resolve(); };
           setTimeout(() => reject(new Error("no error event: " + JSON.stringify(seen))), 10000);
         })""",
         [events_url, first["doneId"]],
     )
+    # A reconnect after the 204 would show up as another error or open.
+    await wait_out_reconnects(page.page, first["stream"]["id"])
+    resumed = await page.page.evaluate(
+        "() => ({...window.resumed.seen, readyState: window.resumed.es.readyState})")
     assert resumed == {"open": 0, "message": 0, "errors": [2], "readyState": 2}
     resume_requests = [url for url in page.requests if f"{events_url}?lastEventId=" in url]
     assert len(resume_requests) == 1, page.requests
@@ -411,7 +452,7 @@ async def test_resume_by_last_event_id_query_continues_without_duplicates(
     seqs = [int(m.group(2)) for m in matches if m]
     assert seqs == list(range(1, len(seqs) + 1))
     # One upstream request for the whole answer, even after a reconnect window.
-    await asyncio.sleep(1.5)
+    await wait_out_reconnects(page.page, matches[0].group(1))  # type: ignore[union-attr]
     assert simulator.stats.requests == 1
     assert prompts_seen(simulator) == [prompt]
     assert page.log.errors == []
@@ -431,6 +472,9 @@ async def test_no_console_errors_across_clients(
     )
     assert one_shot["text"] == TORTURE
     assert fetched["text"] == TORTURE
-    await asyncio.sleep(0.5)  # late messages (a reconnect attempt) would land here
+    # Late messages (a reconnect attempt) would land by the time this returns.
+    stream_id = EVENT_ID.fullmatch(one_shot["doneId"])
+    assert stream_id is not None
+    await wait_out_reconnects(page.page, stream_id.group(1))
     assert simulator.stats.requests == 2
     assert page.log.errors == []

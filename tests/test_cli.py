@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -65,13 +65,16 @@ def test_config_check_ok(capsys: pytest.CaptureFixture[str], monkeypatch: pytest
     assert out == f"{DEFAULT_TOML}: OK\n{NO_OVERRIDES}" and err == ""
 
 
-def test_config_check_reports_every_mistake_at_once(tmp_path: Path) -> None:
+def test_config_check_reports_every_mistake_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "my.toml"
     path.write_text('[server]\nprot = 8080\n[log]\nlevel = "loud"\n[journal]\nmax_events = 0\n',
                     encoding="utf-8")
-    result = streamsvc("config", "check", str(path))
-    assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.splitlines() == [
+    assert main(["config", "check", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
         f"streamsvc: config error: {path}: server.prot: unknown key; did you mean 'port'?",
         f"streamsvc: config error: {path}: log.level: expected one of 'debug', 'info',"
         " 'warning', 'error', got 'loud'",
@@ -79,19 +82,25 @@ def test_config_check_reports_every_mistake_at_once(tmp_path: Path) -> None:
     ]
 
 
-def test_config_check_says_which_overrides_it_applied_and_warns_of_strays() -> None:
-    result = streamsvc("config", "check", str(DEFAULT_TOML), env=clean_env(
-        STREAMSVC__SERVER__PORT="9000", STREAMSVC__UPSTREAMS__SIMULATOR__HEADERS='{a = "secret"}',
-        STREAMSVC_SERVER_HOST="0.0.0.0"))
-    assert result.returncode == 0
-    assert result.stdout == (
+def test_config_check_says_which_overrides_it_applied_and_warns_of_strays(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in os.environ:
+        if name.startswith("STREAMSVC"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("STREAMSVC__SERVER__PORT", "9000")
+    monkeypatch.setenv("STREAMSVC__UPSTREAMS__SIMULATOR__HEADERS", '{a = "secret"}')
+    monkeypatch.setenv("STREAMSVC_SERVER_HOST", "0.0.0.0")
+    assert main(["config", "check", str(DEFAULT_TOML)]) == 0
+    out, err = capsys.readouterr()
+    assert out == (
         f"{DEFAULT_TOML}: OK\n"
         "  server.port: set by the environment variable STREAMSVC__SERVER__PORT\n"
         "  upstreams.simulator.headers: set by the environment variable"
         " STREAMSVC__UPSTREAMS__SIMULATOR__HEADERS\n"
     )
-    assert "secret" not in result.stdout + result.stderr  # values are never shown
-    assert result.stderr == (
+    assert "secret" not in out + err  # values are never shown
+    assert err == (
         "streamsvc: warning: environment STREAMSVC_SERVER_HOST: ignored: overrides are"
         " STREAMSVC__SECTION__KEY (double underscores), and the config names no variable"
         " STREAMSVC_SERVER_HOST; did you mean STREAMSVC__SERVER__HOST (sets server.host)?\n"
@@ -163,33 +172,51 @@ def test_serve_with_a_bad_config_exits_2_naming_the_key(bad_toml: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_serve_reads_the_config_from_streamsvc_config(bad_toml: Path) -> None:
-    result = streamsvc("serve", env=clean_env(STREAMSVC_CONFIG=str(bad_toml)))
-    assert result.returncode == 2 and "server.portt" in result.stderr
+Refuses = Callable[..., str]
 
 
-def test_serve_upstream_key_env_without_upstream_exits_2() -> None:
-    result = streamsvc("serve", "--upstream-key-env", "OPENAI_API_KEY")
-    assert result.returncode == 2
-    assert "--upstream-key-env" in result.stderr and "--upstream" in result.stderr
+@pytest.fixture
+def serve_refuses(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Refuses:
+    """``serve_refuses(*args, **env)``: ``streamsvc serve`` in this process, in an environment
+    of no STREAMSVC settings but ``env``, must refuse to start (exit status 2); its stderr."""
+    for name in [n for n in os.environ if n.startswith("STREAMSVC")]:
+        monkeypatch.delenv(name)
+
+    def run(*args: str, **env: str) -> str:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        assert main(["serve", *args]) == EXIT_CONFIG
+        err = capsys.readouterr().err
+        assert err.startswith("streamsvc: config error: ") and "Traceback" not in err
+        return err
+
+    return run
 
 
-def test_serve_bad_upstream_url_exits_2() -> None:
-    result = streamsvc("serve", "--upstream", "ftp://example.com")
-    assert result.returncode == 2
-    assert "command line" in result.stderr and "base_url" in result.stderr
+def test_serve_reads_the_config_from_streamsvc_config(
+    bad_toml: Path, serve_refuses: Refuses
+) -> None:
+    assert "server.portt" in serve_refuses(STREAMSVC_CONFIG=str(bad_toml))
 
 
-def test_serve_bad_env_override_exits_2_naming_the_variable() -> None:
-    result = streamsvc("serve", env=clean_env(STREAMSVC__SERVER__PORT="abc"))
-    assert result.returncode == 2
-    assert "STREAMSVC__SERVER__PORT" in result.stderr and "server.port" in result.stderr
+def test_serve_upstream_key_env_without_upstream_exits_2(serve_refuses: Refuses) -> None:
+    err = serve_refuses("--upstream-key-env", "OPENAI_API_KEY")
+    assert "--upstream-key-env" in err and "--upstream" in err
 
 
-def test_serve_bad_port_flag_exits_2() -> None:
-    result = streamsvc("serve", "--port", "70000")
-    assert result.returncode == 2
-    assert "command line" in result.stderr and "server.port" in result.stderr
+def test_serve_bad_upstream_url_exits_2(serve_refuses: Refuses) -> None:
+    err = serve_refuses("--upstream", "ftp://example.com")
+    assert "command line" in err and "base_url" in err
+
+
+def test_serve_bad_env_override_exits_2_naming_the_variable(serve_refuses: Refuses) -> None:
+    err = serve_refuses(STREAMSVC__SERVER__PORT="abc")
+    assert "STREAMSVC__SERVER__PORT" in err and "server.port" in err
+
+
+def test_serve_bad_port_flag_exits_2(serve_refuses: Refuses) -> None:
+    err = serve_refuses("--port", "70000")
+    assert "command line" in err and "server.port" in err
 
 
 @pytest.mark.parametrize("command", ["serve", "simulate"])

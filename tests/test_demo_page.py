@@ -37,7 +37,8 @@ from playwright.async_api import Browser, Dialog, Page, Request, Response, Route
 from streamsvc.server.routes_page import CONTENT_SECURITY_POLICY
 from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
-from tests.test_browser import EVENT_ID, TORTURE, PageLog
+from tests.test_browser import RELAY_CONFIG  # noqa: F401 - the short retry: for `relay` here
+from tests.test_browser import EVENT_ID, TORTURE, PageLog, wait_out_reconnects
 from tests.test_readme import FENCE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -499,7 +500,7 @@ async def test_stop_cancels_the_upstream(demo: DemoPage, simulator: SimulatorSer
     stopped_text = (await last_answer(demo.page))["text"]
     assert 0 < len(stopped_text) < len("".join(
         generated_tokens("sim-small", "a long answer please", 400)))
-    await asyncio.sleep(1.5)  # longer than `retry: 1000`: a reader left open would come back
+    await wait_out_reconnects(demo.page, await demo.page.text_content("#stream-id") or "")
     assert (await last_answer(demo.page))["text"] == stopped_text
     assert len(demo.requests_to("GET", r"/v1/streams/st_[0-9a-f]{24}/events")) == 1
     assert simulator.stats.requests == 1
@@ -546,7 +547,8 @@ async def test_network_blip_resumes_with_last_event_id(
             await page.page.wait_for_selector("#status[data-state='reconnecting']", timeout=5000)
             assert await wait_answer(page.page, "done", "error") == "done"
             answer = await last_answer(page.page)
-            await asyncio.sleep(1.5)  # a reader left open would reconnect in this window
+            await wait_out_reconnects(page.page,
+                                      await page.page.text_content("#stream-id") or "")
             resumes = await page.page.text_content("#reconnects")
             reads = page.requests_to("GET", r"/v1/streams/st_[0-9a-f]{24}/events")
             sent_headers = [await read.request.all_headers() for read in reads]
@@ -578,7 +580,7 @@ async def test_client_closes_after_done_and_the_upstream_sees_one_request(
 ) -> None:
     await send(demo.page, "just once")
     assert await wait_answer(demo.page, "done", "error") == "done"
-    await asyncio.sleep(1.5)  # `retry: 1000`: an EventSource left open would have reconnected
+    await wait_out_reconnects(demo.page, await demo.page.text_content("#stream-id") or "")
     assert simulator.stats.requests == 1
     assert len(demo.requests_to("POST", r"/v1/streams$")) == 1
     (events,) = demo.requests_to("GET", r"/v1/streams/st_[0-9a-f]{24}/events")
@@ -612,14 +614,14 @@ async def test_status_line_shows_first_token_time_rate_and_tokens(
     demo: DemoPage, simulator: SimulatorServer
 ) -> None:
     prompt = "one two three four five six seven eight"
-    await send(demo.page, prompt, extra={"simulate": {"first_token_delay": 0.6, "rate": 20}})
+    await send(demo.page, prompt, extra={"simulate": {"first_token_delay": 0.6, "rate": 10}})
     assert await wait_answer(demo.page, "done") == "done"
     ttft = re.fullmatch(r"(\d+) ms", await demo.page.text_content("#ttft") or "")
     assert ttft is not None and 600 <= int(ttft.group(1)) < 3000, ttft
     events = int(await demo.page.text_content("#events") or "0")
     assert 1 <= events <= len(echo_tokens(prompt))
     rate = float(await demo.page.text_content("#rate") or "0")
-    assert 0 < rate < 200  # 20 tokens per second, merged into fewer events or not
+    assert 0 < rate < 200  # 10 tokens per second (0.7 s: a rate is shown), merged or not
     assert await demo.page.is_visible("#tokens-stat")
     assert await demo.page.text_content("#tokens") == str(len(echo_tokens(prompt)))
     assert await demo.page.text_content("#reconnects") == "0"
@@ -689,7 +691,7 @@ async def test_error_event_is_shown_and_nothing_is_resent(
     assert await demo.page.text_content("#status") == "error: upstream_error"
     assert await demo.page.input_value("#prompt") == prompt  # back in the box for another try
     assert await demo.page.is_visible(".turn.assistant .error")
-    await asyncio.sleep(1.5)
+    await wait_out_reconnects(demo.page, await demo.page.text_content("#stream-id") or "")
     assert len(demo.requests_to("GET", r"/v1/streams/st_[0-9a-f]{24}/events")) == 1
     assert simulator.stats.requests == 1
     assert demo.log.errors == []
@@ -764,7 +766,7 @@ async def test_client_as_a_classic_script(blank: DemoPage, simulator: SimulatorS
     ids = [EVENT_ID.fullmatch(event_id) for _, event_id in result["deltas"]]
     assert all(m is not None and m.group(1) == result["streamId"] for m in ids)
     assert "".join(d.get("content", "") for d, _ in result["deltas"]) == TORTURE
-    await asyncio.sleep(1.2)
+    await wait_out_reconnects(blank.page, result["streamId"])
     assert simulator.stats.requests == 1
     assert len(blank.requests_to("GET", r"/events$")) == 1
     assert blank.log.errors == []

@@ -16,13 +16,17 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from streamsvc.cli import main
+from streamsvc.config import load_config
 from streamsvc.sse import ServerSentEvent, SSEDecoder
+from streamsvc.upstream.routing import Router
 from tests.conftest import free_port
 from tests.test_readme import FENCE
 
@@ -270,58 +274,66 @@ def _block_after(marker: str, *, lang: str = "") -> str:
     return textwrap.dedent(block["body"])
 
 
-def _streamsvc(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")}
-    return subprocess.run([sys.executable, "-m", "streamsvc", *args], capture_output=True,
-                          text=True, timeout=60, cwd=cwd, env={**clean, **env}, check=False)
+@pytest.fixture
+def check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+          ) -> Callable[..., tuple[int, str]]:
+    """``check(*args, **env)``: the ``streamsvc`` command in this process, in ``tmp_path``;
+    (exit status, stderr). The messages are those of the command run by hand."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str, **env: str) -> tuple[int, str]:
+        with monkeypatch.context() as patch:
+            for name in [n for n in os.environ if n.startswith("STREAMSVC")]:
+                patch.delenv(name)
+            for name, value in env.items():
+                patch.setenv(name, value)
+            status = main(list(args))
+        return status, capsys.readouterr().err
+
+    return run
 
 
-def test_the_bad_file_of_configuration_md_gets_the_errors_it_shows(tmp_path: Path) -> None:
+def test_the_bad_file_of_configuration_md_gets_the_errors_it_shows(
+    tmp_path: Path, check: Callable[..., tuple[int, str]],
+) -> None:
     toml = _block_after("## Bad values", lang="toml")
     assert toml.startswith("# my.toml\n")
     (tmp_path / "my.toml").write_text(toml, encoding="utf-8")
     shown = _block_after("`streamsvc config check my.toml` prints")
     for command in (["config", "check", "my.toml"], ["serve", "--config", "my.toml"]):
-        result = _streamsvc(*command, cwd=tmp_path)
-        assert result.returncode == 2
-        assert result.stderr == shown, command
+        assert check(*command) == (2, shown), command
 
 
-def test_the_other_config_messages_of_configuration_md_are_real(tmp_path: Path) -> None:
+def test_the_other_config_messages_of_configuration_md_are_real(
+    tmp_path: Path, check: Callable[..., tuple[int, str]],
+) -> None:
     (tmp_path / "my.toml").write_text("[server\nport = 1\n", encoding="utf-8")
     (tmp_path / "upstreams.toml").write_text('[upstreams.openai]\nbase_url = "https://x/v1"\n',
                                              encoding="utf-8")
     assert not Path("/etc/streamsvc.toml").exists()
+    default = str(ROOT / "config" / "streamsvc.toml")
     runs = [
-        _streamsvc("config", "check", "my.toml", cwd=tmp_path),
-        _streamsvc("config", "check", "/etc/streamsvc.toml", cwd=tmp_path),
-        _streamsvc("config", "check", "upstreams.toml", cwd=tmp_path),
-        _streamsvc("config", "check", str(ROOT / "config" / "streamsvc.toml"), cwd=tmp_path,
-                   STREAMSVC__SERVER__PORT="abc"),
-        _streamsvc("config", "check", str(ROOT / "config" / "streamsvc.toml"), cwd=tmp_path,
-                   STREAMSVC__PORT="1"),
-        _streamsvc("serve", "--port", "70000", cwd=tmp_path),
-        _streamsvc("serve", "--upstream-key-env", "OPENAI_API_KEY", cwd=tmp_path),
+        check("config", "check", "my.toml"),
+        check("config", "check", "/etc/streamsvc.toml"),
+        check("config", "check", "upstreams.toml"),
+        check("config", "check", default, STREAMSVC__SERVER__PORT="abc"),
+        check("config", "check", default, STREAMSVC__PORT="1"),
+        check("serve", "--port", "70000"),
+        check("serve", "--upstream-key-env", "OPENAI_API_KEY"),
     ]
-    printed = [result.stderr.replace("upstreams.toml", "my.toml") for result in runs]
-    assert all(result.returncode == 2 for result in runs)
-    assert "".join(printed) == _block_after("Other messages name their source")
+    assert all(status == 2 for status, _ in runs)
+    printed = "".join(err.replace("upstreams.toml", "my.toml") for _, err in runs)
+    assert printed == _block_after("Other messages name their source")
 
 
-def test_the_warning_and_the_routes_line_of_configuration_md_are_real(tmp_path: Path) -> None:
-    result = _streamsvc("config", "check", str(ROOT / "config" / "streamsvc.toml"),
-                        cwd=tmp_path, STREAMSVC_SERVER_PORT="9000")
-    assert result.returncode == 0
-    assert result.stderr == _block_after("warn that it is ignored")
-    serve = subprocess.Popen(  # the start-up log, then stop
-        [sys.executable, "-m", "streamsvc", "serve", "--port", str(free_port())],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={k: v for k, v in os.environ.items() if not k.startswith("STREAMSVC")},
-    )
-    try:
-        assert serve.stderr is not None
-        line = next(line for line in serve.stderr if " routes: " in line)
-    finally:
-        serve.kill()
-        serve.communicate(timeout=30)
-    assert line.split(" streamsvc: ", 1)[1] == _block_after("says\nthe same in one line")
+def test_the_warning_of_configuration_md_is_real(check: Callable[..., tuple[int, str]]) -> None:
+    status, err = check("config", "check", str(ROOT / "config" / "streamsvc.toml"),
+                        STREAMSVC_SERVER_PORT="9000")
+    assert status == 0
+    assert err == _block_after("warn that it is ignored")
+
+
+async def test_the_routes_line_of_configuration_md_is_the_start_up_line() -> None:
+    async with aiohttp.ClientSession() as session:
+        line = Router(load_config(env={}), session).describe()
+    assert line + "\n" == _block_after("says\nthe same in one line")

@@ -20,6 +20,7 @@ from streamsvc.server.limits import MemoryLimiter
 from streamsvc.server.state import AUTH, JOURNAL, LIMITER
 from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
+from tests.helpers import bearer, secured
 
 KEY_A = "sk-limits-a-0f9e8d7c"
 KEY_B = "sk-limits-b-1a2b3c4d"
@@ -28,14 +29,10 @@ SLOW = {"model": "sim-small", "messages": [{"role": "user", "content": "x"}],
         "simulate": {"rate": 20, "tokens": 400}}
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def secured(start_server: StartServer, simulator: SimulatorServer,
+async def limited(start_server: StartServer, simulator: SimulatorServer,
                   monkeypatch: pytest.MonkeyPatch, **limits: Any) -> RunningServer:
-    monkeypatch.setenv("STREAMSVC_API_KEYS", f"{KEY_A},{KEY_B}")
-    return await start_server(overrides=relay_overrides(simulator.url, limits=limits))
+    return await secured(start_server, simulator, monkeypatch, f"{KEY_A},{KEY_B}",
+                         limits=limits)
 
 
 def open_streams(relay: RunningServer, key: str | None = None) -> int:
@@ -55,7 +52,7 @@ async def test_streams_per_key_are_limited_and_given_back(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    relay = await secured(start_server, simulator, monkeypatch, max_streams_per_key=2)
+    relay = await limited(start_server, simulator, monkeypatch, max_streams_per_key=2)
     ids = []
     for _ in range(2):
         async with session.post(relay.url + "/v1/streams", json=SLOW, headers=bearer(KEY_A)
@@ -89,7 +86,7 @@ async def test_a_client_that_leaves_gives_its_slot_back(
     start_server: StartServer, simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch,
     path: str,
 ) -> None:
-    relay = await secured(start_server, simulator, monkeypatch, max_streams_per_key=1)
+    relay = await limited(start_server, simulator, monkeypatch, max_streams_per_key=1)
     for _ in range(3):  # no leak: the single slot is free again each time
         async with aiohttp.ClientSession() as client:
             response = await client.post(relay.url + path, json={**SLOW, "stream": True},
@@ -105,7 +102,7 @@ async def test_streams_that_end_give_their_slots_back(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    relay = await secured(start_server, simulator, monkeypatch, max_streams_per_key=1)
+    relay = await limited(start_server, simulator, monkeypatch, max_streams_per_key=1)
     for _ in range(3):
         async with session.post(relay.url + "/v1/streams", json=FAST, headers=bearer(KEY_A)
                                 ) as response:
@@ -146,7 +143,7 @@ async def test_requests_per_minute_per_key(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    relay = await secured(start_server, simulator, monkeypatch, requests_per_minute_per_key=3)
+    relay = await limited(start_server, simulator, monkeypatch, requests_per_minute_per_key=3)
     for _ in range(3):
         async with session.get(relay.url + "/v1/models", headers=bearer(KEY_A)) as response:
             assert response.status == 200

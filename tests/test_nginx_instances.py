@@ -45,9 +45,9 @@ from playwright.async_api import Browser
 from redis.asyncio import Redis
 
 from streamsvc.bench.nginx import nginx_binary, nginx_command
-from streamsvc.simulator import generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from tests.conftest import answers_ok, free_port, spawn_serve, wait_until
+from tests.helpers import expected, story, text_of
 from tests.redis_server import RedisServer
 from tests.test_browser import PageLog
 from tests.test_readme import FENCE
@@ -342,15 +342,6 @@ def _simulate(tokens: int, rate: float) -> dict[str, Any]:
     return {"simulate": {"tokens": tokens, "rate": rate}}
 
 
-def _story(prompt: str, tokens: int, rate: float) -> dict[str, Any]:
-    return {"model": "sim-small", "messages": [{"role": "user", "content": prompt}],
-            **_simulate(tokens, rate)}
-
-
-def _expected(prompt: str, tokens: int) -> str:
-    return "".join(generated_tokens("sim-small", prompt, tokens))
-
-
 @dataclass
 class Reading:
     """What one EventSource-like reader saw, over all its connections."""
@@ -366,7 +357,7 @@ class Reading:
 
     @property
     def text(self) -> str:
-        return "".join(json.loads(e.data).get("content", "") for e in self.messages)
+        return text_of(self.messages)
 
 
 async def read_like_eventsource(session: aiohttp.ClientSession, url: str) -> Reading:
@@ -412,13 +403,13 @@ def _assert_complete(reading: Reading, prompt: str, tokens: int) -> None:
     assert done["finish_reason"] == "stop" and done["attempts"] == 1, done
     assert _seqs(reading.events) == list(range(1, len(reading.events) + 1)), reading.url
     assert len({(e.id or "").rsplit(":", 1)[0] for e in reading.events}) == 1
-    assert reading.text == _expected(prompt, tokens), reading.url
+    assert reading.text == expected(tokens, prompt=prompt), reading.url
 
 
 async def _resumable(cluster: Cluster, session: aiohttp.ClientSession, prompt: str,
                      tokens: int, rate: float) -> Reading:
     created = await cluster.post(session, cluster.url + "/v1/streams",
-                                 _story(prompt, tokens, rate))
+                                 story(tokens, rate, prompt=prompt))
     return await read_like_eventsource(session, cluster.url + created["events_url"])
 
 
@@ -461,7 +452,7 @@ async def test_any_instance_serves_any_stream_through_nginx_and_directly(
     a, b = cluster.instances
     # Created through nginx: read through nginx, then on A and on B directly.
     created = await cluster.post(session, cluster.url + "/v1/streams",
-                                 _story("through nginx", 30, 300))
+                                 story(30, 300, prompt="through nginx"))
     readings = [await read_like_eventsource(session, base + created["events_url"])
                 for base in (cluster.url, a.url, b.url)]
     for reading in readings:
@@ -473,7 +464,7 @@ async def test_any_instance_serves_any_stream_through_nginx_and_directly(
 
     # Created on A directly (about 2 s of answer): read live at once through nginx
     # (whichever instance least_conn picks) and directly on B, which never ran it.
-    created = await cluster.post(session, a.url + "/v1/streams", _story("on A", 60, 30))
+    created = await cluster.post(session, a.url + "/v1/streams", story(60, 30, prompt="on A"))
     assert (await cluster.generator_of(created["id"])) is a
     pair = await asyncio.gather(*(read_like_eventsource(session, base + created["events_url"])
                                   for base in (cluster.url, b.url)))
@@ -546,7 +537,7 @@ async def test_chromium_eventsource_through_nginx_survives_a_rolling_restart(
         response = await page.goto(cluster.url + "/healthz")
         assert response is not None and response.status == 200
         created = await cluster.post(session, cluster.url + "/v1/streams",
-                                     _story(prompt, tokens, 30))
+                                     story(tokens, 30, prompt=prompt))
         generator = await cluster.generator_of(created["id"])
         other = next(i for i in cluster.instances if i is not generator)
         await page.evaluate("""(url) => {
@@ -576,7 +567,7 @@ async def test_chromium_eventsource_through_nginx_survives_a_rolling_restart(
     finally:
         await context.close()
     assert got["done"].get("finish_reason") == "stop", got["done"]
-    assert got["text"] == _expected(prompt, tokens)
+    assert got["text"] == expected(tokens, prompt=prompt)
     assert [int(i.rsplit(":", 1)[1]) for i in got["ids"]] == list(range(1, len(got["ids"]) + 1))
     assert got["opens"] >= 2 and got["cuts"] == got["opens"] - 1, got
     # Chromium logs each cut response itself; the page logs nothing else.
@@ -589,7 +580,7 @@ async def test_chromium_eventsource_through_nginx_survives_a_rolling_restart(
 async def _read_completion(session: aiohttp.ClientSession, url: str, prompt: str,
                            started: list[int]) -> tuple[str, bool]:
     """POST /v1/chat/completions (stream); returns (text, whether [DONE] came)."""
-    body = {**_story(prompt, 90, 30), "stream": True}
+    body = {**story(90, 30, prompt=prompt), "stream": True}
     decoder = SSEDecoder()
     text: list[str] = []
     started.append(0)
@@ -632,7 +623,7 @@ async def test_openai_stream_in_flight_finishes_while_its_instance_drains(
     assert sorted(served) == sorted(i.address for i in cluster.instances), served
     for n, (text, done) in enumerate(results):
         assert done, f"answer {n} was cut ({len(text)} characters)"
-        assert text == _expected(f"chat {n}", 90)
+        assert text == expected(90, prompt=f"chat {n}")
 
 
 async def test_requests_through_nginx_are_answered_at_once_while_an_instance_drains(
@@ -649,7 +640,7 @@ async def test_requests_through_nginx_are_answered_at_once_while_an_instance_dra
     # nginx keeps idle connections open to both instances (upstream keepalive).
     await asyncio.gather(*(timed("GET", "/v1/models") for _ in range(8)))
     # A generates a 3 s answer that nobody reads: its drain lasts about that long.
-    await cluster.post(session, a.url + "/v1/streams", _story("keeps A draining", 90, 30))
+    await cluster.post(session, a.url + "/v1/streams", story(90, 30, prompt="keeps A draining"))
     assert a.process is not None
     a.process.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.2)  # A has closed its listening socket and drains

@@ -17,12 +17,11 @@ import pytest
 from aiohttp import web
 
 from streamsvc.server.state import METRICS
-from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
+from streamsvc.simulator import SimulatorServer, echo_tokens
 from tests.conftest import FakeUpstream, RunningServer, StartServer, relay_overrides, wait_until
+from tests.helpers import Read, expected, read_events, story
 from tests.test_openai_endpoint import _content, _raw_events
-from tests.test_streams_endpoint import Read, _read
 
-PROMPT = "tell me a story"
 FAST_RETRIES = {"retry_backoff_base_ms": 1, "retry_backoff_max_ms": 50}
 
 
@@ -34,14 +33,6 @@ def _body(text: str = "hello there, how are you?", model: str = "echo",
     return body
 
 
-def _story(tokens: int, **simulate: Any) -> dict[str, Any]:
-    return _body(PROMPT, model="sim-small", tokens=tokens, **simulate)
-
-
-def _expected_story(tokens: int) -> str:
-    return "".join(generated_tokens("sim-small", PROMPT, tokens))
-
-
 async def _relay(start_server: StartServer, simulator: SimulatorServer,
                  **pipeline: Any) -> RunningServer:
     return await start_server(overrides=relay_overrides(simulator.url, pipeline=pipeline))
@@ -50,7 +41,7 @@ async def _relay(start_server: StartServer, simulator: SimulatorServer,
 async def _chat_stream(session: aiohttp.ClientSession, relay: RunningServer,
                        body: dict[str, Any]) -> Read:
     async with session.post(relay.url + "/v1/chat/stream", json=body) as response:
-        return await _read(response)
+        return await read_events(response)
 
 
 class StalledUpstream:
@@ -171,7 +162,7 @@ async def test_first_token_timeout_is_an_error_event_on_the_streamsvc_format(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
 ) -> None:
     relay = await _relay(start_server, simulator, first_token_timeout_s=0.2)
-    read = await _chat_stream(session, relay, _story(5, first_token_delay=5))
+    read = await _chat_stream(session, relay, story(5, first_token_delay=5))
     assert read.events[-1].event == "error"
     assert read.final()["code"] == "upstream_timeout"
     assert read.text == ""
@@ -197,8 +188,8 @@ async def test_idle_timeout_ends_a_hung_stream_after_its_text(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
 ) -> None:
     relay = await _relay(start_server, simulator, idle_timeout_s=0.3)
-    read = await _chat_stream(session, relay, _story(20, fault="hang", fault_at=4))
-    assert read.text == _expected_story(4)
+    read = await _chat_stream(session, relay, story(20, fault="hang", fault_at=4))
+    assert read.text == expected(4)
     assert read.events[-1].event == "error"
     assert read.final()["code"] == "idle_timeout"
     assert await wait_until(lambda: simulator.stats.active == 0), "upstream not cancelled"
@@ -208,11 +199,11 @@ async def test_total_timeout_ends_a_slow_stream_with_what_was_sent(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
 ) -> None:
     relay = await _relay(start_server, simulator, total_timeout_s=0.5)
-    read = await _chat_stream(session, relay, _story(200, rate=20))
-    expected = _expected_story(200)
+    read = await _chat_stream(session, relay, story(200, rate=20))
+    whole = expected(200)
     assert read.final()["code"] == "upstream_timeout"
     assert "total_timeout" in read.final()["message"]
-    assert read.text and expected.startswith(read.text) and read.text != expected
+    assert read.text and whole.startswith(read.text) and read.text != whole
     assert await wait_until(lambda: simulator.stats.active == 0), "upstream not cancelled"
 
 
@@ -221,7 +212,7 @@ async def test_total_timeout_bounds_a_non_streaming_answer(
 ) -> None:
     relay = await _relay(start_server, simulator, total_timeout_s=0.3)
     async with session.post(relay.url + "/v1/chat/completions",
-                            json=_story(5, first_token_delay=5)) as response:
+                            json=story(5, first_token_delay=5)) as response:
         assert response.status == 504
         assert (await response.json())["error"]["code"] == "upstream_timeout"
 
@@ -233,14 +224,14 @@ async def test_a_non_streamed_answer_runs_the_streamed_pipeline(
     timeouts apply to it too (before the one stream lifecycle only total_timeout did)."""
     relay = await _relay(start_server, simulator, first_token_timeout_s=0.3)
     async with session.post(relay.url + "/v1/chat/completions",
-                            json=_story(5, first_token_delay=5)) as response:
+                            json=story(5, first_token_delay=5)) as response:
         assert response.status == 504
         error = (await response.json())["error"]
         assert error["code"] == "upstream_timeout" and "first_token_timeout" in error["message"]
     assert await wait_until(lambda: simulator.stats.active == 0), "upstream not cancelled"
     relay = await _relay(start_server, simulator, idle_timeout_s=0.3)
     async with session.post(relay.url + "/v1/chat/completions",
-                            json=_story(20, fault="hang", fault_at=3)) as response:
+                            json=story(20, fault="hang", fault_at=3)) as response:
         assert response.status == 504
         assert (await response.json())["error"]["code"] == "idle_timeout"
     metrics = relay.app[METRICS].render().decode()
@@ -255,16 +246,16 @@ async def test_retry_is_reported_in_done_and_in_headers(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
 ) -> None:
     relay = await _relay(start_server, simulator, **FAST_RETRIES)
-    read = await _chat_stream(session, relay, _story(5, fault="500", fail_times=1, key="a"))
-    assert read.text == _expected_story(5)
+    read = await _chat_stream(session, relay, story(5, fault="500", fail_times=1, key="a"))
+    assert read.text == expected(5)
     assert read.final()["attempts"] == 2 and read.final()["upstream"] == "sim"
 
-    body = {**_story(5, fault="500", fail_times=1, key="b"), "stream": True}
+    body = {**story(5, fault="500", fail_times=1, key="b"), "stream": True}
     async with session.post(relay.url + "/v1/chat/completions", json=body) as response:
         assert response.headers["X-Streamsvc-Attempts"] == "2"
         assert response.headers["X-Streamsvc-Upstream"] == "sim"
         await response.read()
-    body = {**_story(5, fault="500", fail_times=1, key="c"), "stream": False}
+    body = {**story(5, fault="500", fail_times=1, key="c"), "stream": False}
     async with session.post(relay.url + "/v1/chat/completions", json=body) as response:
         assert response.status == 200
         assert response.headers["X-Streamsvc-Attempts"] == "2"
@@ -278,8 +269,8 @@ async def test_throttle_merges_a_fast_stream_into_few_events_losing_nothing(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
 ) -> None:
     relay = await _relay(start_server, simulator, throttle_ms=250)
-    read = await _chat_stream(session, relay, _story(60, rate=100))  # 0.6 s of tokens
-    assert read.text == _expected_story(60)
+    read = await _chat_stream(session, relay, story(60, rate=100))  # 0.6 s of tokens
+    assert read.text == expected(60)
     deltas = [e for e in read.events if e.event == "message"]
     # 60 tokens in about 0.6 s, at most one event per 250 ms: a handful, not 60.
     assert 2 <= len(deltas) <= 8, len(deltas)
@@ -321,8 +312,8 @@ async def test_upstream_read_timeout_ends_a_silent_stream_without_pipeline_timeo
         "routes": [{"model": "*", "upstreams": ["sim"]}],
         "pipeline": {"first_token_timeout_s": 0, "idle_timeout_s": 0, "retry_max_attempts": 1},
     })
-    read = await _chat_stream(session, relay, _story(20, rate=100, fault="hang", fault_at=5))
-    assert read.text == _expected_story(5)
+    read = await _chat_stream(session, relay, story(20, rate=100, fault="hang", fault_at=5))
+    assert read.text == expected(5)
     assert read.final()["code"] == "idle_timeout"
     assert "sent nothing for 0.3 s" in read.final()["message"]
     assert await wait_until(lambda: simulator.stats.active == 0), "upstream not cancelled"

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from streamsvc.server.state import JOURNAL, REGISTRY
-from streamsvc.simulator import SimulatorServer, generated_tokens
+from streamsvc.simulator import SimulatorServer
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from tests.conftest import (
     RunningServer,
@@ -29,18 +29,8 @@ from tests.conftest import (
     relay_overrides,
     wait_until,
 )
+from tests.helpers import expected, get_events, story, text_of
 from tests.redis_server import RedisServer
-
-PROMPT = "tell me a story"
-
-
-def _story(tokens: int, rate: float) -> dict[str, Any]:
-    return {"model": "sim-small", "messages": [{"role": "user", "content": PROMPT}],
-            "simulate": {"tokens": tokens, "rate": rate}}
-
-
-def _expected(tokens: int) -> str:
-    return "".join(generated_tokens("sim-small", PROMPT, tokens))
 
 
 def _redis_overrides(redis: RedisServer, **journal: Any) -> dict[str, Any]:
@@ -56,29 +46,6 @@ async def pair(redis_server: RedisServer, start_server: StartServer, simulator: 
     return await start_server(overrides=overrides), await start_server(overrides=overrides)
 
 
-async def _read(session: aiohttp.ClientSession, url: str, *, last_event_id: str | None = None,
-                stop_after: int | None = None) -> tuple[int, list[ServerSentEvent]]:
-    """GET an event stream; with ``stop_after``, leave after that many messages."""
-    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    decoder = SSEDecoder()
-    events: list[ServerSentEvent] = []
-    async with session.get(url, headers=headers) as response:
-        if response.status != 200:
-            return response.status, []
-        async for data in response.content.iter_any():
-            events.extend(decoder.feed(data))
-            messages = sum(e.event == "message" for e in events)
-            if stop_after is not None and messages >= stop_after:
-                break
-            if events and events[-1].event in ("done", "error"):
-                break
-    return 200, events
-
-
-def _text(events: list[ServerSentEvent]) -> str:
-    return "".join(json.loads(e.data).get("content", "") for e in events if e.event == "message")
-
-
 def _seqs(events: list[ServerSentEvent]) -> list[int]:
     return [int(e.id.rsplit(":", 1)[1]) for e in events if e.id]
 
@@ -87,13 +54,14 @@ async def test_a_stream_created_on_one_instance_is_read_on_the_other(
     pair: tuple[RunningServer, RunningServer], session: aiohttp.ClientSession
 ) -> None:
     one, two = pair
-    async with session.post(one.url + "/v1/streams", json=_story(40, rate=200)) as r:
+    async with session.post(one.url + "/v1/streams", json=story(40, rate=200)) as r:
         assert r.status == 201
         created = await r.json()
-    status, events = await _read(session, two.url + created["events_url"])
-    assert status == 200
+    read = await get_events(session, two.url + created["events_url"])
+    events = read.events
+    assert read.status == 200
     assert events[-1].event == "done"
-    assert _text(events) == _expected(40)
+    assert text_of(events) == expected(40)
     assert _seqs(events) == list(range(1, len(events) + 1))
     assert two.app[REGISTRY].get(created["id"]) is None  # it never ran there
     last = events[-1].id
@@ -108,13 +76,13 @@ async def test_a_reader_resumes_on_the_other_instance_with_nothing_lost_or_repea
     simulator: SimulatorServer,
 ) -> None:
     one, two = pair
-    async with session.post(one.url + "/v1/streams", json=_story(60, rate=100)) as r:
+    async with session.post(one.url + "/v1/streams", json=story(60, rate=100)) as r:
         created = await r.json()
-    _, first = await _read(session, one.url + created["events_url"], stop_after=10)
-    _, rest = await _read(session, two.url + created["events_url"], last_event_id=first[-1].id)
+    first = (await get_events(session, one.url + created["events_url"], stop_after=10)).events
+    rest = (await get_events(session, two.url + created["events_url"], last_event_id=first[-1].id)).events
     events = [e for e in first if e.event == "message"] + rest
     assert _seqs(events) == list(range(1, len(events) + 1))
-    assert _text(events) == _expected(60)
+    assert text_of(events) == expected(60)
     assert rest[-1].event == "done"
     assert simulator.stats.requests == 1
 
@@ -124,7 +92,7 @@ async def test_delete_on_either_instance_stops_the_generation_where_it_runs(
     simulator: SimulatorServer,
 ) -> None:
     one, two = pair
-    async with session.post(one.url + "/v1/streams", json=_story(10_000, rate=50)) as r:
+    async with session.post(one.url + "/v1/streams", json=story(10_000, rate=50)) as r:
         created = await r.json()
     assert one.app[REGISTRY].get(created["id"]) is not None
     async with session.delete(two.url + f"/v1/streams/{created['id']}") as r:
@@ -132,7 +100,7 @@ async def test_delete_on_either_instance_stops_the_generation_where_it_runs(
         assert (await r.json())["status"] == "cancelled"
     assert await wait_until(lambda: one.app[REGISTRY].get(created["id"]) is None, 3)
     assert await wait_until(lambda: simulator.stats.disconnected == 1, 3)
-    _, events = await _read(session, two.url + created["events_url"])
+    events = (await get_events(session, two.url + created["events_url"])).events
     assert events[-1].event == "done"
     assert json.loads(events[-1].data)["finish_reason"] == "cancelled"
     async with session.delete(two.url + f"/v1/streams/{created['id']}") as r:
@@ -146,12 +114,13 @@ async def test_a_reader_on_another_instance_keeps_the_stream_alive_past_the_grac
     overrides = relay_overrides(
         simulator.url, **_redis_overrides(redis_server, resume_grace_s=0.3))
     one, two = await start_server(overrides=overrides), await start_server(overrides=overrides)
-    async with session.post(one.url + "/v1/streams", json=_story(30, rate=15)) as r:
+    async with session.post(one.url + "/v1/streams", json=story(30, rate=15)) as r:
         created = await r.json()  # 2 s of answer, grace 0.3 s, nobody reads on `one`
-    status, events = await _read(session, two.url + created["events_url"])
-    assert status == 200 and events[-1].event == "done"
+    read = await get_events(session, two.url + created["events_url"])
+    events = read.events
+    assert read.status == 200 and events[-1].event == "done"
     assert json.loads(events[-1].data)["finish_reason"] == "stop"
-    assert _text(events) == _expected(30)
+    assert text_of(events) == expected(30)
 
 
 async def test_with_nobody_reading_anywhere_the_grace_period_still_stops_it(
@@ -161,7 +130,7 @@ async def test_with_nobody_reading_anywhere_the_grace_period_still_stops_it(
     overrides = relay_overrides(
         simulator.url, **_redis_overrides(redis_server, resume_grace_s=0.2))
     one = await start_server(overrides=overrides)
-    async with session.post(one.url + "/v1/streams", json=_story(1000, rate=20)) as r:
+    async with session.post(one.url + "/v1/streams", json=story(1000, rate=20)) as r:
         created = await r.json()
     assert await wait_until(lambda: one.app[REGISTRY].get(created["id"]) is None, 3)
     assert await wait_until(lambda: simulator.stats.disconnected == 1, 3)
@@ -172,20 +141,21 @@ async def test_redis_lost_and_back_readiness_errors_then_service_again(
     redis_server: RedisServer,
 ) -> None:
     one, two = pair
-    async with session.post(one.url + "/v1/streams", json=_story(10_000, rate=50)) as r:
+    async with session.post(one.url + "/v1/streams", json=story(10_000, rate=50)) as r:
         created = await r.json()
-    reading = asyncio.ensure_future(_read(session, two.url + created["events_url"]))
+    reading = asyncio.ensure_future(get_events(session, two.url + created["events_url"]))
     await asyncio.sleep(0.3)
     redis_server.stop(save=True)
-    status, events = await asyncio.wait_for(reading, 10)  # an error event, not a hang
-    assert status == 200 and events[-1].event == "error"
+    read = await asyncio.wait_for(reading, 10)  # an error event, not a hang
+    events = read.events
+    assert read.status == 200 and events[-1].event == "error"
     assert json.loads(events[-1].data)["code"] == "journal_unavailable"
     # (The error frame has no id line: it was not journaled, so the client's
     # last event id stays that of the last message, as the resume below uses.)
     assert events[-1].id == events[-2].id
     for server in pair:
         assert await _status(session, server.url + "/readyz", 503, timeout=5), server.url
-    async with session.post(two.url + "/v1/streams", json=_story(3, rate=0)) as r:
+    async with session.post(two.url + "/v1/streams", json=story(3, rate=0)) as r:
         assert r.status == 503
         error = (await r.json())["error"]
     assert error["code"] == "journal_unavailable" and "Redis" in error["message"]
@@ -197,16 +167,15 @@ async def test_redis_lost_and_back_readiness_errors_then_service_again(
         assert await _status(session, server.url + "/readyz", 200, timeout=10), server.url
     # What was journaled before the outage is there, then the error that ended it.
     last_good = [e for e in events if e.event == "message"][-1].id
-    status, after = await _read(session, one.url + created["events_url"],
-                                last_event_id=last_good)
-    assert status == 200 and after[-1].event == "error"
+    read = await get_events(session, one.url + created["events_url"], last_event_id=last_good)
+    after = read.events
+    assert read.status == 200 and after[-1].event == "error"
     assert json.loads(after[-1].data)["code"] == "journal_unavailable"
     # And new streams work again, across instances.
-    async with session.post(two.url + "/v1/streams", json=_story(5, rate=0)) as r:
+    async with session.post(two.url + "/v1/streams", json=story(5, rate=0)) as r:
         assert r.status == 201
         fresh = await r.json()
-    _, events = await _read(session, one.url + fresh["events_url"])
-    assert _text(events) == _expected(5)
+    assert (await get_events(session, one.url + fresh["events_url"])).text == expected(5)
 
 
 async def _status(session: aiohttp.ClientSession, url: str, want: int, timeout: float) -> bool:
@@ -242,7 +211,7 @@ async def test_a_killed_generator_leaves_its_readers_everything_then_instance_lo
 ) -> None:
     writer, writer_url = await redis_serve()
     _, reader_url = await redis_serve()
-    async with session.post(writer_url + "/v1/streams", json=_story(10_000, rate=40)) as r:
+    async with session.post(writer_url + "/v1/streams", json=story(10_000, rate=40)) as r:
         created = await r.json()
     decoder = SSEDecoder()
     events: list[ServerSentEvent] = []
@@ -260,7 +229,7 @@ async def test_a_killed_generator_leaves_its_readers_everything_then_instance_lo
     assert error["code"] == "instance_lost" and error["retryable"] is True
     messages = [e for e in events if e.event == "message"]
     assert _seqs(events) == list(range(1, len(messages) + 2))  # every event, then the error
-    assert _expected(10_000).startswith(_text(messages))
+    assert expected(10_000).startswith(text_of(messages))
 
 
 async def test_sigterm_lets_readers_resume_on_another_instance_while_the_answer_finishes(
@@ -268,7 +237,7 @@ async def test_sigterm_lets_readers_resume_on_another_instance_while_the_answer_
 ) -> None:
     draining, draining_url = await redis_serve()
     _, other_url = await redis_serve()
-    async with session.post(draining_url + "/v1/streams", json=_story(60, rate=30)) as r:
+    async with session.post(draining_url + "/v1/streams", json=story(60, rate=30)) as r:
         created = await r.json()  # 2 s of answer
     decoder = SSEDecoder()
     first: list[ServerSentEvent] = []
@@ -284,11 +253,12 @@ async def test_sigterm_lets_readers_resume_on_another_instance_while_the_answer_
         pass  # let go mid-stream: what EventSource sees as a network error
     assert cut and first[-1].event == "message", "the reader was not let go at drain"
     last = [e for e in first if e.id][-1].id
-    status, rest = await _read(session, other_url + created["events_url"], last_event_id=last)
-    assert status == 200 and rest[-1].event == "done"
+    read = await get_events(session, other_url + created["events_url"], last_event_id=last)
+    rest = read.events
+    assert read.status == 200 and rest[-1].event == "done"
     events = [e for e in first if e.event == "message"] + rest
     assert _seqs(events) == list(range(1, len(events) + 1))
-    assert _text(events) == _expected(60)
+    assert text_of(events) == expected(60)
     deadline = time.monotonic() + 20
     while draining.poll() is None:
         assert time.monotonic() < deadline, "the draining instance did not exit"

@@ -18,16 +18,9 @@ import aiohttp
 from streamsvc.server.connections import Connections
 from streamsvc.server.state import CONNECTIONS
 from streamsvc.server.state import DRAINING
-from streamsvc.simulator import generated_tokens
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from tests.conftest import RunningServer
-
-PROMPT = "tell me a story"
-
-
-def _story(tokens: int, rate: float) -> dict[str, Any]:
-    return {"model": "sim-small", "messages": [{"role": "user", "content": PROMPT}],
-            "simulate": {"tokens": tokens, "rate": rate}}
+from tests.helpers import expected, story, text_of
 
 
 async def _read_after_sigterm(
@@ -48,10 +41,6 @@ async def _read_after_sigterm(
     return events
 
 
-def _text(events: list[ServerSentEvent]) -> str:
-    return "".join(json.loads(e.data).get("content", "") for e in events if e.event == "message")
-
-
 async def _exit_code(process: subprocess.Popen[bytes], timeout: float = 20) -> int:
     deadline = time.monotonic() + timeout
     while process.poll() is None:
@@ -62,22 +51,22 @@ async def _exit_code(process: subprocess.Popen[bytes], timeout: float = 20) -> i
 
 async def test_sigterm_lets_a_running_answer_finish_then_exits_0(serve: Any) -> None:
     process, url = await serve()
-    events = await _read_after_sigterm(url, process, _story(30, rate=20))  # about 1.5 s
+    events = await _read_after_sigterm(url, process, story(30, rate=20))  # about 1.5 s
     assert events[-1].event == "done"
     assert json.loads(events[-1].data)["finish_reason"] == "stop"
-    assert _text(events) == "".join(generated_tokens("sim-small", PROMPT, 30))
+    assert text_of(events) == expected(30)
     assert await _exit_code(process) == 0
 
 
 async def test_an_answer_longer_than_drain_timeout_ends_with_shutting_down(serve: Any) -> None:
     process, url = await serve(STREAMSVC__SERVER__DRAIN_TIMEOUT_S="0.5")
     started = time.monotonic()
-    events = await _read_after_sigterm(url, process, _story(400, rate=20))  # about 20 s
+    events = await _read_after_sigterm(url, process, story(400, rate=20))  # about 20 s
     assert events[-1].event == "error"
     error = json.loads(events[-1].data)
     assert error["code"] == "shutting_down" and error["retryable"] is True
-    text = _text(events)
-    assert text and "".join(generated_tokens("sim-small", PROMPT, 400)).startswith(text)
+    text = text_of(events)
+    assert text and expected(400).startswith(text)
     assert await _exit_code(process) == 0
     assert time.monotonic() - started < 15, "drain_timeout_s was not applied"
 
@@ -86,7 +75,7 @@ async def test_while_draining_new_streams_get_503_shutting_down(
     relay: RunningServer, session: aiohttp.ClientSession
 ) -> None:
     relay.app[DRAINING].set()
-    body = {**_story(3, rate=0), "stream": True}
+    body = {**story(3, rate=0), "stream": True}
     for path in ("/v1/chat/completions", "/v1/chat/stream", "/v1/streams"):
         async with session.post(relay.url + path, json=body) as r:
             assert r.status == 503, path
@@ -128,7 +117,7 @@ async def test_a_chat_completion_longer_than_drain_timeout_ends_with_a_shutting_
     process, url = await serve(STREAMSVC__SERVER__DRAIN_TIMEOUT_S="0.5")
     frames: list[bytes] = []
     async with aiohttp.ClientSession() as session, session.post(
-        url + "/v1/chat/completions", json={**_story(400, rate=20), "stream": True}
+        url + "/v1/chat/completions", json={**story(400, rate=20), "stream": True}
     ) as response:
         assert response.status == 200
         async for line in response.content:
@@ -141,7 +130,7 @@ async def test_a_chat_completion_longer_than_drain_timeout_ends_with_a_shutting_
     assert error["code"] == "shutting_down"
     text = "".join(json.loads(f)["choices"][0]["delta"].get("content") or ""
                    for f in frames[:-1] if json.loads(f).get("choices"))
-    assert text and "".join(generated_tokens("sim-small", PROMPT, 400)).startswith(text)
+    assert text and expected(400).startswith(text)
     assert await _exit_code(process) == 0
 
 
@@ -151,7 +140,7 @@ async def test_a_non_streamed_completion_cut_by_the_drain_gets_503_shutting_down
     process, url = await serve(STREAMSVC__SERVER__DRAIN_TIMEOUT_S="0.5")
     async with aiohttp.ClientSession() as session:
         answer = asyncio.ensure_future(session.post(
-            url + "/v1/chat/completions", json={**_story(400, rate=20), "stream": False}))
+            url + "/v1/chat/completions", json={**story(400, rate=20), "stream": False}))
         await asyncio.sleep(0.5)
         process.send_signal(signal.SIGTERM)
         async with await answer as response:

@@ -23,21 +23,12 @@ import aiohttp
 import pytest
 
 from streamsvc.server.state import JOURNAL, METRICS, REGISTRY
-from streamsvc.simulator import SimulatorServer, generated_tokens
+from streamsvc.simulator import SimulatorServer
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from tests.conftest import RunningServer, StartServer, relay_overrides, spawn_serve, wait_until
+from tests.helpers import expected, story, text_of
 
-PROMPT = "tell me a story"
 LIMIT = 16_384  # server.max_pending_bytes in these tests
-
-
-def _story(tokens: int, **more: Any) -> dict[str, Any]:
-    return {"model": "sim-small", "messages": [{"role": "user", "content": PROMPT}],
-            "simulate": {"tokens": tokens, "rate": 0}, **more}
-
-
-def _expected(tokens: int) -> str:
-    return "".join(generated_tokens("sim-small", PROMPT, tokens))
 
 
 class SlowClient:
@@ -107,18 +98,6 @@ class SlowClient:
         return SSEDecoder().feed(bytes(decoded))
 
 
-def _text(events: list[ServerSentEvent]) -> str:
-    out = []
-    for event in events:
-        if event.event == "message" and event.data != "[DONE]":
-            data = json.loads(event.data)
-            if "choices" in data:  # OpenAI format
-                out += [(c.get("delta") or {}).get("content") or "" for c in data["choices"]]
-            else:
-                out.append(data.get("content", ""))
-    return "".join(out)
-
-
 @pytest.fixture
 async def tight_relay(start_server: StartServer, simulator: SimulatorServer) -> RunningServer:
     # A reader slower than max_pending_bytes / write_timeout_s (16 KB/s here) was
@@ -159,7 +138,7 @@ async def test_slow_reader_that_keeps_reading_gets_the_whole_answer(
 ) -> None:
     """Regression: a slow reader that never stops reading was cut with a bare reset."""
     tokens = 8_000  # about 40 KB of text, far more than LIMIT
-    body = {**_story(tokens), "stream": True}
+    body = {**story(tokens), "stream": True}
     client = await SlowClient.open(tight_relay.url, "POST", path, json.dumps(body).encode())
     clients.append(client)
     # ~10 KB/s: slower than LIMIT / write_timeout_s, and than the simulator by far.
@@ -170,7 +149,7 @@ async def test_slow_reader_that_keeps_reading_gets_the_whole_answer(
         reading.cancel()
     events = client.events()
     assert _final(events) in ("done", "[DONE]")
-    assert _text(events) == _expected(tokens)
+    assert text_of(events) == expected(tokens)
     assert simulator.stats.disconnected == 0
     assert tight_relay.app[METRICS].slow_consumers._value.get() == 0
 
@@ -179,7 +158,7 @@ async def test_slow_reader_that_keeps_reading_gets_the_whole_answer(
 async def test_stalled_reader_is_cut_after_write_timeout_and_its_upstream_cancelled(
     tight_relay: RunningServer, simulator: SimulatorServer, clients: list[SlowClient], path: str,
 ) -> None:
-    body = {**_story(200_000), "stream": True}
+    body = {**story(200_000), "stream": True}
     client = await SlowClient.open(tight_relay.url, "POST", path, json.dumps(body).encode())
     clients.append(client)
     # Reads nothing: no progress for write_timeout_s (1 s) means gone.
@@ -197,7 +176,7 @@ async def test_slow_reader_of_a_resumable_stream_reads_at_its_own_pace_from_the_
     session: aiohttp.ClientSession,
 ) -> None:
     tokens = 2_000  # ~170 KB of events, ten times LIMIT
-    async with session.post(tight_relay.url + "/v1/streams", json=_story(tokens)) as r:
+    async with session.post(tight_relay.url + "/v1/streams", json=story(tokens)) as r:
         created = await r.json()
     client = await SlowClient.open(tight_relay.url, "GET", created["events_url"])
     clients.append(client)
@@ -212,7 +191,7 @@ async def test_slow_reader_of_a_resumable_stream_reads_at_its_own_pace_from_the_
         reading.cancel()
     events = client.events()
     assert events[-1].event == "done"
-    assert _text(events) == _expected(tokens)
+    assert text_of(events) == expected(tokens)
     seqs = [int(str(e.id).rpartition(":")[2]) for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
     assert simulator.stats.disconnected == 0
@@ -249,11 +228,11 @@ async def test_a_client_reading_one_byte_a_second_cannot_grow_the_relay(path: st
     try:
         # Warm up (imports, first stream) before the baseline.
         async with aiohttp.ClientSession() as session, session.post(
-            url + "/v1/chat/stream", json=_story(100)
+            url + "/v1/chat/stream", json=story(100)
         ) as r:
             await r.read()
         baseline = _rss_kib(process.pid)
-        body = {**_story(300_000), "stream": True}
+        body = {**story(300_000), "stream": True}
         client = await SlowClient.open(url, "POST", path, json.dumps(body).encode())
         peak = baseline
         for _ in range(40):  # 4 s of one byte a second

@@ -23,6 +23,7 @@ from streamsvc.server.state import METRICS
 from streamsvc.simulator import SimulatorServer
 from streamsvc.usage import Usage, UsageMeter, estimate_prompt_tokens
 from tests.conftest import FakeUpstream, RunningServer, StartServer, relay_overrides
+from tests.helpers import bearer, secured
 
 KEY_A = "sk-usage-a-1f2e3d4c5b6a-never-log-me"
 KEY_B = "sk-usage-b-9a8b7c6d5e4f-never-log-me"
@@ -35,10 +36,6 @@ LONG = {"model": "sim-small", "messages": [{"role": "user", "content": "tell me 
         "simulate": {"rate": 40, "tokens": LONG_TOKENS}}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def samples(session: aiohttp.ClientSession, url: str) -> Samples:
@@ -79,12 +76,11 @@ def done_usage(text: str) -> dict[str, Any]:
     return usage
 
 
-@pytest.fixture
-async def secured(start_server: StartServer, simulator: SimulatorServer,
-                  monkeypatch: pytest.MonkeyPatch) -> RunningServer:
-    monkeypatch.setenv("STREAMSVC_API_KEYS", f"{KEY_A},{KEY_B}")
-    return await start_server(overrides=relay_overrides(
-        simulator.url, journal={"resume_grace_s": 0.2}))
+@pytest.fixture(name="secured")
+async def secured_relay(start_server: StartServer, simulator: SimulatorServer,
+                        monkeypatch: pytest.MonkeyPatch) -> RunningServer:
+    return await secured(start_server, simulator, monkeypatch, f"{KEY_A},{KEY_B}",
+                         journal={"resume_grace_s": 0.2})
 
 
 # -- the upstream's own count --------------------------------------------------------------------
