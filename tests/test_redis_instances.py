@@ -29,7 +29,7 @@ from tests.conftest import (
     relay_overrides,
     wait_until,
 )
-from tests.helpers import expected, get_events, story, text_of
+from tests.helpers import PROMPT, expected, get_events, story, text_of
 from tests.redis_server import RedisServer
 
 
@@ -311,7 +311,7 @@ async def test_a_background_response_started_on_one_instance_is_resumed_and_canc
         numbers = [e.sequence_number for e in seen + rest]
         assert numbers == list(range(len(numbers)))
         text = "".join(e.delta for e in seen + rest if e.type == "response.output_text.delta")
-        assert text == _expected(60) and rest[-1].type == "response.completed"
+        assert text == expected(60) and rest[-1].type == "response.completed"
         assert (await on_b.responses.retrieve(seen[0].response.id)).status == "completed"
 
         long = await on_a.responses.create(
