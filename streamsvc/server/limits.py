@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from aiohttp import web
 
 from streamsvc.config import LimitsConfig
 from streamsvc.errors import LimitError
