@@ -46,8 +46,6 @@ class StreamContext:
     valve: Valve | None = None
     """Closed by a sink whose backlog is full: the upstream is then not read (backpressure)."""
 
-    def summary(self) -> dict[str, Any]:
-        return {"upstream": self.upstream, "attempts": self.attempts}
 
 
 def upstream_source(
