@@ -47,7 +47,6 @@ class StreamContext:
     """Closed by a sink whose backlog is full: the upstream is then not read (backpressure)."""
 
 
-
 def upstream_source(
     client: UpstreamClient, body: dict[str, Any], context: StreamContext
 ) -> Observable[Chunk]:
