@@ -53,3 +53,20 @@ async def test_a_client_that_hung_up_is_logged_as_499(
 
     assert await wait_until(lambda: bool(logged()), timeout=5)
     assert {getattr(r, "status", None) for r in logged()} == {499}
+
+
+async def test_sigusr1_logs_every_pending_task_and_the_process_serves_on() -> None:
+    process, url = await spawn_serve({"STREAMSVC__LOG__FORMAT": "json"}, stderr=subprocess.PIPE)
+    try:
+        process.send_signal(signal.SIGUSR1)
+        async with aiohttp.ClientSession() as session, session.get(url + "/healthz") as response:
+            assert response.status == 200  # it did not stop
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, raw = process.communicate(timeout=30)
+    assert process.returncode == 0
+    records = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    (dump,) = [r for r in records if "tasks pending" in r["message"]]
+    assert dump["level"] == "WARNING"
+    assert "Stack for <Task" in dump["message"]  # where each one waits
+    assert any(r["message"].startswith("shut down in ") for r in records)

@@ -196,7 +196,11 @@ class Cluster:
         assert instance.process is not None
         deadline = time.monotonic() + timeout
         while instance.process.poll() is None:
-            assert time.monotonic() < deadline, f"{instance.name} did not exit after SIGTERM"
+            if time.monotonic() > deadline:
+                instance.process.send_signal(signal.SIGUSR1)  # it logs what it waits on
+                await asyncio.sleep(1.0)
+                raise AssertionError(f"{instance.name} did not exit after SIGTERM\n"
+                                     f"{instance.log_tail(200)}")
             await asyncio.sleep(0.05)
         return instance.process.returncode
 

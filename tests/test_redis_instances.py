@@ -18,7 +18,7 @@ import aiohttp
 import openai
 import pytest
 
-from streamsvc.server.state import JOURNAL, REGISTRY
+from streamsvc.server.state import DRAIN_LEAVERS, DRAINING, JOURNAL, REGISTRY
 from streamsvc.simulator import SimulatorServer
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from tests.conftest import (
@@ -264,6 +264,21 @@ async def test_sigterm_lets_readers_resume_on_another_instance_while_the_answer_
         assert time.monotonic() < deadline, "the draining instance did not exit"
         await asyncio.sleep(0.05)
     assert draining.returncode == 0
+
+
+async def test_a_reader_that_comes_during_the_drain_is_let_go_at_once(
+    pair: tuple[RunningServer, RunningServer], session: aiohttp.ClientSession
+) -> None:
+    one, two = pair
+    async with session.post(one.url + "/v1/streams", json=story(60, rate=30)) as r:
+        created = await r.json()  # 2 s of answer, generated on one
+    two.app[DRAINING].set()  # two drains; its leavers were already let go
+    with pytest.raises(aiohttp.ClientError):  # the connection is closed: a proxy retries
+        async with session.get(two.url + created["events_url"]) as response:
+            await response.read()
+    assert not two.app[DRAIN_LEAVERS]  # none left behind for a drain that has passed
+    read = await get_events(session, one.url + created["events_url"])  # elsewhere: all of it
+    assert read.events[-1].event == "done" and text_of(read.events) == expected(60)
 
 
 async def test_redis_down_at_start_exits_with_a_message_naming_the_setting() -> None:

@@ -16,8 +16,7 @@ from typing import Any
 import aiohttp
 
 from streamsvc.server.connections import Connections
-from streamsvc.server.state import CONNECTIONS
-from streamsvc.server.state import DRAINING
+from streamsvc.server.state import CONNECTIONS, DRAINING, REGISTRY
 from streamsvc.sse import ServerSentEvent, SSEDecoder
 from tests.conftest import RunningServer
 from tests.helpers import expected, story, text_of
@@ -147,3 +146,22 @@ async def test_a_non_streamed_completion_cut_by_the_drain_gets_503_shutting_down
             assert response.status == 503
             assert (await response.json())["error"]["code"] == "shutting_down"
     assert await _exit_code(process) == 0
+
+
+async def test_a_drain_waits_for_a_stream_admitted_while_it_runs(
+    relay: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    async def create(tokens: int) -> str:
+        async with session.post(relay.url + "/v1/streams", json=story(tokens, rate=20)) as r:
+            assert r.status == 201
+            return str((await r.json())["events_url"])
+
+    first = await create(10)  # 0.5 s
+    drain = asyncio.ensure_future(relay.app[REGISTRY].drain(10))
+    late = await create(30)  # 1.5 s, admitted after the drain looked
+    assert await drain == 0  # nothing had to be stopped: it waited for both
+    for url in (first, late):
+        async with session.get(relay.url + url) as r:
+            events = SSEDecoder().feed(await r.read())
+        assert events[-1].event == "done", url
+        assert json.loads(events[-1].data)["finish_reason"] == "stop"

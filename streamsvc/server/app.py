@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -209,7 +210,10 @@ async def _drain(app: web.Application) -> None:
     timeout = app[CONFIG].server.drain_timeout_s
     if running:
         log.info("shutting down: waiting up to %g s for %d running streams", timeout, running)
+    started = time.monotonic()
     stopped = await app[REGISTRY].drain(timeout)
+    if running:
+        log.info("shutting down: streams ended in %.1f s", time.monotonic() - started)
     if stopped:
         log.warning("shutting down: %d streams did not finish in %g s and were cut"
                     " (shutting_down)", stopped, timeout)

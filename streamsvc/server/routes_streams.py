@@ -33,6 +33,7 @@ from streamsvc.server.state import (
     AUTH,
     CONFIG,
     DRAIN_LEAVERS,
+    DRAINING,
     JOURNAL,
     JOURNAL_SHARED,
     KEY_ID,
@@ -153,9 +154,12 @@ def _leave_at_drain(request: web.Request) -> Callable[[], None] | None:
     Its connection is closed; EventSource reconnects with Last-Event-ID,
     through the load balancer, to an instance that is not shutting down, and
     resumes from the journal while the generation here finishes into it.
-    Returns the callback registered for the drain (None: the reader stays).
+    A reader that comes while the drain is under way (on a connection the
+    proxy had open) is let go at once. Returns the callback registered for the
+    drain (None: the reader stays).
     """
-    if not request.app[JOURNAL_SHARED]:
+    app = request.app
+    if not app[JOURNAL_SHARED]:
         return None
     transport = request.transport
 
@@ -163,7 +167,10 @@ def _leave_at_drain(request: web.Request) -> Callable[[], None] | None:
         if transport is not None:
             transport.close()
 
-    request.app[DRAIN_LEAVERS].add(leave)
+    if app[DRAINING].is_set():
+        leave()
+    else:
+        app[DRAIN_LEAVERS].add(leave)
     return leave
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import io
 import re
+import signal
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +31,7 @@ from aiohttp.web_protocol import RequestHandler
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
 from streamsvc.server.middleware import error_response
 
-__all__ = ["AppRunner", "Protocol", "run_app", "unreadable_request"]
+__all__ = ["AppRunner", "Protocol", "log_tasks", "run_app", "unreadable_request"]
 
 log = logging.getLogger("streamsvc.http")
 
@@ -136,6 +139,8 @@ def run_app(
     """
 
     async def serve() -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on every platform
+            loop.add_signal_handler(signal.SIGUSR1, log_tasks, loop)
         runner = AppRunner(app, handle_signals=True, shutdown_timeout=shutdown_timeout,
                            **runner_options)
         await runner.setup()
@@ -145,7 +150,9 @@ def run_app(
             print(f"listening on {site.name}")
             await asyncio.get_running_loop().create_future()  # until GracefulExit
         finally:
+            started = time.monotonic()
             await runner.cleanup()  # the drain and the cleanup contexts
+            log.info("shut down in %.1f s", time.monotonic() - started)
 
     asyncio.set_event_loop(loop)
     task = loop.create_task(serve())
@@ -163,6 +170,16 @@ def run_app(
             _cancel_left(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+
+def log_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Log every pending task with where it waits (``kill -USR1 <pid>``: what a shutdown or a
+    stream is stuck on)."""
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    out = io.StringIO()
+    for task in tasks:
+        task.print_stack(limit=8, file=out)
+    log.warning("%d tasks pending:\n%s", len(tasks), out.getvalue())
 
 
 def _cancel_left(loop: asyncio.AbstractEventLoop) -> None:

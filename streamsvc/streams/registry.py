@@ -195,12 +195,16 @@ class StreamRegistry:
         A generation stopped here ends with the ``shutting_down`` error event
         (retryable), so a client knows its answer was cut by a restart.
 
+        Those that start meanwhile (admitted just before the drain) are waited
+        for too, within the same ``timeout_s``.
+
         Returns:
             How many generations had to be stopped.
         """
-        pending = [g.ended for g in self._running.values()]
-        if pending and timeout_s > 0:
-            await asyncio.wait(pending, timeout=timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._running and (left := deadline - loop.time()) > 0:
+            await asyncio.wait([g.ended for g in self._running.values()], timeout=left)
         return await self._stop_all()
 
     async def close(self) -> None:
