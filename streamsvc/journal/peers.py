@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from streamsvc.journal.redis import RedisJournal
+from streamsvc.tasks import stop_tasks
 
 __all__ = ["Presence", "RedisPeers"]
 
@@ -73,9 +74,8 @@ class RedisPeers:
                        asyncio.ensure_future(self._refresh())]
 
     async def close(self) -> None:
-        for task in self._loops:
-            task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        await stop_tasks(self._loops)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._loops = []
         if self._present:
             with contextlib.suppress(RedisError, OSError):

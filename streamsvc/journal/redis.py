@@ -44,6 +44,7 @@ from streamsvc.journal.base import Event, Listener, check_bounds, encode_frame, 
 from streamsvc.journal.followers import Followers
 from streamsvc.journal.redis_client import journal_unavailable
 from streamsvc.journal.redis_tail import Tailer
+from streamsvc.tasks import stop_tasks
 
 __all__ = ["RedisJournal"]
 
@@ -157,9 +158,7 @@ class RedisJournal:
                 log.warning("journal: %d stream batches were not written to Redis at shutdown",
                             len(self._queue))
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)
         self._tasks = []
         await self._tailer.close()
         try:

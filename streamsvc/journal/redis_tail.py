@@ -24,6 +24,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from streamsvc.tasks import stop_tasks
+
 __all__ = ["Tailer"]
 
 log = logging.getLogger("streamsvc.journal")
@@ -64,11 +66,7 @@ class Tailer:
             self._task = asyncio.ensure_future(self._run())
 
     async def close(self) -> None:
-        for task in (self._task, self._kicker):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._task, self._kicker) if t is not None),
-                             return_exceptions=True)
+        await stop_tasks(t for t in (self._task, self._kicker) if t is not None)
         self._task = self._kicker = None
         for tail in self._tails.values():
             _wake(tail, False)

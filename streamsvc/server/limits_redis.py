@@ -25,7 +25,6 @@ failing closed here would only turn cheap requests (``/v1/models``) into 429s.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
@@ -42,6 +41,7 @@ from streamsvc.server.limits import (
     rate_exceeded,
     streams_per_key_exceeded,
 )
+from streamsvc.tasks import stop_tasks
 
 __all__ = ["RedisLimiter"]
 
@@ -139,9 +139,7 @@ class RedisLimiter:
     async def close(self) -> None:
         """Stop refreshing and remove the slots still held here (best effort)."""
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            await stop_tasks([self._refresher])
             self._refresher = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)

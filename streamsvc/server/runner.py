@@ -30,6 +30,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
 from streamsvc.server.middleware import error_response
+from streamsvc.tasks import stop_tasks
 
 __all__ = ["AppRunner", "Protocol", "log_tasks", "run_app", "unreadable_request"]
 
@@ -183,9 +184,7 @@ def log_tasks(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _cancel_left(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel the tasks still pending after the shutdown, and wait for them."""
+    """Cancel the tasks still pending after the shutdown, and wait (a bounded time) for them."""
     left = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    for task in left:
-        task.cancel()
     if left:
-        loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        loop.run_until_complete(stop_tasks(left, within_s=5.0))

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from streamsvc.errors import ErrorCode, StreamError, StreamsvcError
 from streamsvc.streams.generation import Generation, GenerationState
+from streamsvc.tasks import stop_tasks
 
 __all__ = ["Peers", "StreamRegistry", "shutting_down"]
 
@@ -210,9 +211,7 @@ class StreamRegistry:
     async def close(self) -> None:
         """Stop every generation and wait for each to write its final event."""
         await self._stop_all()
-        for task in list(self._checks):
-            task.cancel()
-        await asyncio.gather(*self._checks, return_exceptions=True)
+        await stop_tasks(list(self._checks))
 
     async def _stop_all(self) -> int:
         generations = list(self._running.values())
