@@ -18,6 +18,8 @@ import aiohttp
 import openai
 import pytest
 
+from streamsvc.config import JournalConfig
+from streamsvc.journal.redis_client import connect_redis
 from streamsvc.server.state import DRAIN_LEAVERS, DRAINING, JOURNAL, REGISTRY
 from streamsvc.simulator import SimulatorServer
 from streamsvc.sse import ServerSentEvent, SSEDecoder
@@ -279,6 +281,19 @@ async def test_a_reader_that_comes_during_the_drain_is_let_go_at_once(
     assert not two.app[DRAIN_LEAVERS]  # none left behind for a drain that has passed
     read = await get_events(session, one.url + created["events_url"])  # elsewhere: all of it
     assert read.events[-1].event == "done" and text_of(read.events) == expected(60)
+
+
+async def test_a_pooled_connection_left_stale_by_a_redis_restart_is_retried(
+    redis_server: RedisServer,
+) -> None:
+    client = await connect_redis(JournalConfig(backend="redis", redis_url=redis_server.url))
+    try:
+        await client.set("k", b"v")  # the pool now holds a connection to the old server
+        redis_server.stop(save=True)
+        redis_server.start()
+        assert await client.get("k") == b"v"  # not ConnectionError: sent again on a new one
+    finally:
+        await client.aclose()
 
 
 async def test_redis_down_at_start_exits_with_a_message_naming_the_setting() -> None:

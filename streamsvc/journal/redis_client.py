@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from streamsvc.config import JournalConfig, redact_url
@@ -38,6 +40,10 @@ async def connect_redis(config: JournalConfig) -> Redis:
         socket_connect_timeout=5.0,
         socket_timeout=config.writer_lease_s + 10.0,
         health_check_interval=30,
+        # A pooled connection that Redis closed (a restart, a failover) fails its next
+        # command: that command is sent again on a new connection instead of failing
+        # a reader (redis-py's connections do not retry by default).
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
     )
     client = Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
     try:
