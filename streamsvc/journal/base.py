@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import NamedTuple, Protocol
+from typing import Protocol
+
+import msgspec
 
 from streamsvc.errors import ErrorCode, StreamError
 
@@ -55,11 +57,15 @@ def encode_frame(stream_id: str, seq: int, kind: str, data: bytes) -> bytes:
     return b"".join((head.encode(), b"data: ", data, b"\n\n"))
 
 
-class Event(NamedTuple):
+class Event(msgspec.Struct, frozen=True, gc=False):
     """One journaled event: ``seq`` counts from 1 within its stream.
 
     ``end`` is the byte count of the stream's frames up to and including this
     one, so a reader knows how far behind the journal it is.
+
+    Untracked by the garbage collector (``gc=False``: it holds only numbers, a
+    string and bytes, so it can be in no cycle): a journal keeps every event of
+    every stream for its retention time, and each full collection walked them all.
     """
 
     seq: int

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import io
 import re
@@ -148,6 +149,7 @@ def run_app(
         try:
             site = web.TCPSite(runner, host, port, backlog=backlog)
             await site.start()
+            _tune_gc()
             print(f"listening on {site.name}")
             await asyncio.get_running_loop().create_future()  # until GracefulExit
         finally:
@@ -171,6 +173,20 @@ def run_app(
             _cancel_left(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+
+def _tune_gc() -> None:
+    """Fewer garbage collections while serving (measured in docs/performance.md).
+
+    What start-up made (modules, classes, config, pools) lives as long as the
+    process: frozen, no full collection walks it again. The young generation
+    collects every 10,000 allocations instead of 700: tokens allocate dicts and
+    closures that almost all die by reference count, so each young collection
+    mostly walked the few objects in flight, 14 times as often.
+    """
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(10_000, middle, old)
 
 
 def log_tasks(loop: asyncio.AbstractEventLoop) -> None:
