@@ -65,11 +65,15 @@ def write_plot(report: BenchReport, path: Path) -> None:
     relays = [p for p in report.paths if p.cpu_us_per_token is not None]
     labels = [p.name.replace("-", "\n") for p in relays]
     values = [p.cpu_us_per_token or 0.0 for p in relays]
-    bars = cpu.bar(range(len(values)), values, color="tab:blue")
-    for bar, p in zip(bars, relays, strict=True):
+    redis = [p.redis_cpu_us_per_token or 0.0 for p in relays]
+    cpu.bar(range(len(values)), values, color="tab:blue", label="relay process")
+    if any(redis):
+        cpu.bar(range(len(values)), redis, bottom=values, color="tab:orange",
+                label="redis-server (Redis journal)")
+        cpu.legend(fontsize=7)
+    for x, p in enumerate(relays):
         ratio = f"\n{p.cpu_ratio_to_baseline:.2f}x" if p.cpu_ratio_to_baseline else ""
-        cpu.annotate(f"{p.cpu_us_per_token:.0f} µs{ratio}",
-                     (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        cpu.annotate(f"{p.cpu_us_per_token:.0f} µs{ratio}", (x, values[x] + redis[x]),
                      ha="center", va="bottom", fontsize=8)
     cpu.set_xticks(range(len(values)), labels, fontsize=8)
     cpu.set(ylabel="CPU µs per relayed token", title="relay CPU per token (lower is better)")

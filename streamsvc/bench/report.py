@@ -25,6 +25,7 @@ __all__ = [
     "CPU_RATIO_LIMIT",
     "RSS_PER_STREAM_LIMIT_KIB",
     "evaluate_targets",
+    "event_loops",
     "markdown",
     "notes",
     "print_report",
@@ -71,11 +72,12 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
     main_note, open_note = _scenario_note(report)
     targets: list[TargetResult] = []
     for path in report.paths:
-        if not path.name.startswith("streamsvc-"):
+        # The Redis journal is measured for what several instances cost; no target is set on it.
+        if path.relay != "streamsvc" or path.journal == "redis":
             continue
         endpoint = path.name.removeprefix("streamsvc-")
         targets.append(_target(
-            f"cpu_ratio_{endpoint}", f"CPU per token vs baseline, {path.name}",
+            f"cpu_ratio_{endpoint}", f"CPU vs baseline, {path.name}",
             CPU_RATIO_LIMIT, "x", path.cpu_ratio_to_baseline, main_note,
         ))
         targets.append(_target(
@@ -83,7 +85,7 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
             ADDED_TTFT_P99_LIMIT_MS, "ms",
             path.added_ttft_ms.p99 if path.added_ttft_ms else None, main_note,
         ))
-    if not any(o.name.startswith("streamsvc-") for o in report.open_streams):
+    if not any(o.relay == "streamsvc" for o in report.open_streams):
         for name, description, limit, unit in (
             ("added_gap_p99_open_streams", "added gap p99, open streams",
              ADDED_GAP_P99_LIMIT_MS, "ms"),
@@ -91,13 +93,17 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
         ):
             targets.append(_target(name, description, limit, unit, None,
                                    "the open-streams phase did not run (--slow-streams 0)"))
+    tagged = len(report.settings.relay_loops) > 1
     for result in report.open_streams:
-        if not result.name.startswith("streamsvc-"):
+        if result.relay != "streamsvc":
             continue
         streams = result.load.streams
+        # With several relay loops, one pair of open-stream targets per loop.
+        at = f"@{result.event_loop}" if tagged else ""
+        on = f" on {result.event_loop}" if tagged else ""
         targets.append(_target(
-            "added_gap_p99_open_streams",
-            f"added gap p99, {streams} open streams",
+            f"added_gap_p99_open_streams{at}",
+            f"added gap p99, {streams} open streams{on}",
             ADDED_GAP_P99_LIMIT_MS, "ms",
             result.added_gap_ms.p99 if result.added_gap_ms else None, open_note,
         ))
@@ -107,7 +113,7 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
                       f" {result.rss_open_streams} open at the fullest sample")
             note = "; ".join(filter(None, (note, missed)))
         targets.append(_target(
-            "rss_per_stream", f"RSS per stream, {streams} open streams",
+            f"rss_per_stream{at}", f"RSS per stream, {streams} open streams{on}",
             RSS_PER_STREAM_LIMIT_KIB, "KiB", result.rss_per_stream_kib, note,
         ))
     return targets
@@ -187,16 +193,25 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
+def event_loops(report: BenchReport) -> str:
+    """Every process of the run with its event loop, each role and loop said once."""
+    said = dict.fromkeys(f"{p.role} {p.event_loop}" for p in report.processes)
+    return ", ".join(said)
+
+
 def notes(report: BenchReport) -> list[str]:
     """What the tables do not say: the paths' names, loops, skipped paths, target notes."""
     lines = ["paths: " + "; ".join(f"{p.name} = {p.label}" for p in report.paths)]
-    lines.append("event loops: " + ", ".join(f"{p.role} {p.event_loop}"
-                                             for p in report.processes))
+    lines.append("event loops: " + event_loops(report))
     direct = report.paths[0] if report.paths else None
     if direct is not None and direct.tokens_relayed:
         client = direct.load.cpu_s / direct.tokens_relayed * 1e6
         lines.append(f"harness CPU per token (direct run): simulator"
                      f" {direct.simulator_cpu_us_per_token:.1f} µs, load client {client:.1f} µs")
+    redis = [p for p in report.paths if p.redis_cpu_us_per_token is not None]
+    if redis:
+        lines.append("redis-server CPU per token, on top of the relay's: " + ", ".join(
+            f"{p.name} {p.redis_cpu_us_per_token:.1f} µs" for p in redis))
     phases = [(p.name, p.load, p.listen_overflows, p.other_cpu_s) for p in report.paths]
     phases += [(o.name, o.load, o.listen_overflows, o.other_cpu_s) for o in report.open_streams]
     for name, load, overflows, other_cpu in phases:
@@ -258,8 +273,9 @@ def markdown(report: BenchReport) -> str:
          f" {report.duration_s:.0f} s  "),
         (f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')},"
          f" aiohttp {m.get('aiohttp')}, uvloop {m.get('uvloop') or 'not installed'},"
-         f" {m.get('nginx') or 'nginx not installed'}  "),
-        "Event loops: " + ", ".join(f"{p.role} {p.event_loop}" for p in report.processes),
+         f" {m.get('nginx') or 'nginx not installed'},"
+         f" {m.get('redis') or 'redis-server not installed'}  "),
+        "Event loops: " + event_loops(report),
         "",
         "Paths: " + "; ".join(f"`{p.name}` = {p.label}" for p in report.paths),
     ]
