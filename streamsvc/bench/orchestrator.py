@@ -84,7 +84,7 @@ _LABELS = {
     "streamsvc-events": "streamsvc POST /v1/chat/stream",
     "streamsvc-streams": "streamsvc POST /v1/streams, GET /v1/streams/{id}/events",
     "streamsvc-responses": "streamsvc POST /v1/responses",
-    "streamsvc-redis": "streamsvc GET /v1/streams/{id}/events, Redis journal",
+    "streamsvc-redis": "streamsvc-streams on the Redis journal (a redis-server of the run's)",
     "nginx": "nginx proxy_pass, buffering off",
 }
 _REDIS_LOG_LINE = "journal: Redis at "  # what streamsvc serve logs when it journals in Redis
@@ -105,11 +105,6 @@ class _Path:
     @property
     def name(self) -> str:
         return f"{self.base}@{self.loop}" if self.tagged and self.loop else self.base
-
-    @property
-    def label(self) -> str:
-        return f"{_LABELS[self.base]}, {self.loop}" if self.tagged and self.loop else _LABELS[
-            self.base]
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,8 +426,8 @@ def _path_results(measured: list[_Ran], options: BenchOptions) -> list[PathResul
             baseline_cpu.setdefault(None, cpu)
         is_relay = ran.relay is not None
         results.append(PathResult(
-            name=path.name, label=path.label, relay=ran.relay, event_loop=ran.event_loop,
-            journal=ran.journal, load=m.load, tokens_relayed=tokens, cpu_s=m.relay_cpu_s,
+            name=path.name, label=_LABELS[path.base], relay=ran.relay, relay_loop=path.loop,
+            event_loop=ran.event_loop, journal=ran.journal, load=m.load, tokens_relayed=tokens, cpu_s=m.relay_cpu_s,
             cpu_us_per_token=cpu, cpu_ratio_to_baseline=_ratio(cpu, baseline_cpu.get(path.loop)),
             redis_cpu_us_per_token=_per_token(m.redis_cpu_s, tokens),
             peak_rss_bytes=m.peak_rss_bytes,
@@ -459,8 +454,8 @@ def _open_results(measured: list[_Ran]) -> list[OpenStreamsResult]:
         if m.rss_plateau_bytes is not None and m.rss_before_bytes is not None and m.rss_open_streams:
             per_stream = (m.rss_plateau_bytes - m.rss_before_bytes) / m.rss_open_streams / 1024
         results.append(OpenStreamsResult(
-            name=path.name, label=path.label, relay=ran.relay, event_loop=ran.event_loop,
-            load=m.load, rss_before_bytes=m.rss_before_bytes,
+            name=path.name, label=_LABELS[path.base], relay=ran.relay, relay_loop=path.loop,
+            event_loop=ran.event_loop, load=m.load, rss_before_bytes=m.rss_before_bytes,
             rss_plateau_bytes=m.rss_plateau_bytes,
             rss_per_stream_kib=per_stream, rss_open_streams=m.rss_open_streams,
             plateau_reached=m.plateau_reached,

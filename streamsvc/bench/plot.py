@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from streamsvc.bench.results import BenchReport
+from streamsvc.bench.results import BenchReport, OpenStreamsResult, PathResult
 
 __all__ = ["write_plot"]
 
@@ -36,15 +36,20 @@ def write_plot(report: BenchReport, path: Path) -> None:
         f"streamsvc bench: {s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s"
         f" ({report.machine.get('cpus')} CPUs, {report.date[:10]})"
     )
+    tagged = len(s.relay_loops) > 1
+
+    def label(path: PathResult | OpenStreamsResult) -> str:
+        return f"{path.label}, {path.relay_loop}" if tagged and path.relay_loop else path.label
+
     for p in report.paths:
         xs, ys = _ccdf(p.load.gap_cdf)
-        gaps.step(xs, ys, where="post", label=p.label)
+        gaps.step(xs, ys, where="post", label=label(p))
         ttft.step([max(ms, 1e-3) for ms, _ in p.load.ttft_cdf],
-                  [level for _, level in p.load.ttft_cdf], where="post", label=p.label)
+                  [level for _, level in p.load.ttft_cdf], where="post", label=label(p))
     for o in report.open_streams:
         xs, ys = _ccdf(o.load.gap_cdf)
         gaps.step(xs, ys, where="post", linestyle="--",
-                  label=f"{o.label}, {o.load.streams} open at {o.load.rate:g}/s")
+                  label=f"{label(o)}, {o.load.streams} open at {o.load.rate:g}/s")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     for axes in (gaps, ttft):
         axes.set_xscale("log")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 from rich import box
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamsvc.bench.options import DEFAULT, BenchOptions
-from streamsvc.bench.results import BenchReport, TargetResult
+from streamsvc.bench.results import BenchReport, OpenStreamsResult, PathResult, TargetResult
 
 __all__ = [
     "ADDED_GAP_P99_LIMIT_MS",
@@ -38,6 +39,7 @@ ADDED_GAP_P99_LIMIT_MS = 50.0
 ADDED_TTFT_P99_LIMIT_MS = 10.0
 RSS_PER_STREAM_LIMIT_KIB = 64.0
 MIB = 1024 * 1024
+_P = TypeVar("_P", PathResult, OpenStreamsResult)
 # Other processes using more than this share of one CPU during a phase (and more
 # than the floor, which short phases need) make it noisy.
 BUSY_SHARE = 0.1
@@ -131,51 +133,73 @@ def _signed(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:+.{digits}f}"
 
 
+def _by_loop(report: BenchReport, paths: Sequence[_P]) -> list[tuple[str, list[_P]]]:
+    """(title suffix, paths): one group per relay loop when the run has several, each with the
+    paths no loop of ours runs (direct, the reference; nginx); else all in one."""
+    loops = report.settings.relay_loops
+    if len(loops) < 2:
+        return [("", list(paths))]
+    return [(f", relays on {loop}", [p for p in paths if p.relay_loop in (None, loop)])
+            for loop in loops]
+
+
+def _shown(name: str) -> str:
+    """A path's name in a table of one relay loop: the loop is in the title."""
+    return name.partition("@")[0]
+
+
 def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
-    """The report as (title, header, rows) tables: the same cells for the terminal and Markdown."""
+    """The report as (title, header, rows) tables: the same cells for the terminal and Markdown.
+
+    With several relay loops, each phase has one table per loop (the path names
+    then fit 80 columns without their ``@LOOP``).
+    """
     s = report.settings
     out: list[tuple[str, list[str], list[list[str]]]] = []
-    # The event loops are in the notes ("event loops: ..."), not a column.
-    rows = [
-        [
-            p.name, _f(p.cpu_us_per_token), _f(p.cpu_ratio_to_baseline, 2),
-            _mib(p.peak_rss_bytes), _f(p.load.ttft_ms.p50), _f(p.load.ttft_ms.p99),
-            _signed(p.added_ttft_ms.p99 if p.added_ttft_ms else None), str(p.load.failed),
-        ]
-        for p in report.paths
-    ]
-    out.append((
-        (f"{s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s:"
-         " CPU, memory, time to first token (ms)"),
-        ["path", "CPU µs per token", "÷ baseline", "peak RSS MiB", "TTFT p50", "TTFT p99",
-         "added TTFT p99", "failed"],
-        rows,
-    ))
-    rows = []
-    for p in report.paths:
-        gap, extra = p.load.gap_ms, p.added_gap_ms
-        rows.append([
-            p.name, _f(gap.p50), _f(gap.p99), _f(gap.max), _signed(extra.p50 if extra else None),
-            _signed(extra.p99 if extra else None), _signed(extra.max if extra else None),
-        ])
-    out.append((
-        "same run: inter-token gap (ms)",
-        ["path", "gap p50", "gap p99", "gap max", "added p50", "added p99", "added max"],
-        rows,
-    ))
-    if report.open_streams:
+    for on_loop, paths in _by_loop(report, report.paths):
         rows = [
             [
-                o.name, str(o.load.max_open), _mib(o.rss_before_bytes),
+                _shown(p.name), _f(p.cpu_us_per_token), _f(p.cpu_ratio_to_baseline, 2),
+                _mib(p.peak_rss_bytes), _f(p.load.ttft_ms.p50), _f(p.load.ttft_ms.p99),
+                _signed(p.added_ttft_ms.p99 if p.added_ttft_ms else None), str(p.load.failed),
+            ]
+            for p in paths
+        ]
+        out.append((
+            (f"{s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s{on_loop}:"
+             " CPU, memory, time to first token (ms)"),
+            ["path", "CPU µs per token", "÷ baseline", "peak RSS MiB", "TTFT p50", "TTFT p99",
+             "added TTFT p99", "failed"],
+            rows,
+        ))
+        rows = []
+        for p in paths:
+            gap, extra = p.load.gap_ms, p.added_gap_ms
+            rows.append([
+                _shown(p.name), _f(gap.p50), _f(gap.p99), _f(gap.max),
+                _signed(extra.p50 if extra else None), _signed(extra.p99 if extra else None),
+                _signed(extra.max if extra else None),
+            ])
+        out.append((
+            f"same run{on_loop}: inter-token gap (ms)",
+            ["path", "gap p50", "gap p99", "gap max", "added p50", "added p99", "added max"],
+            rows,
+        ))
+    for on_loop, open_streams in _by_loop(report, report.open_streams):
+        if not open_streams:
+            continue
+        rows = [
+            [
+                _shown(o.name), str(o.load.max_open), _mib(o.rss_before_bytes),
                 _mib(o.rss_plateau_bytes), _f(o.rss_per_stream_kib), _f(o.load.gap_ms.p99),
                 _signed(o.added_gap_ms.p99 if o.added_gap_ms else None),
                 _f(o.cpu_us_per_token), str(o.load.failed),
             ]
-            for o in report.open_streams
+            for o in open_streams
         ]
         out.append((
             (f"{s.slow_streams} open streams x {s.slow_tokens} tokens at {s.slow_rate:g}"
-             " tokens/s: memory, inter-token gap (ms)"),
+             f" tokens/s{on_loop}: memory, inter-token gap (ms)"),
             ["path", "most open", "RSS before MiB", "RSS all open MiB", "KiB per stream",
              "gap p99", "added gap p99", "CPU µs per token", "failed"],
             rows,
@@ -194,14 +218,20 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
 
 
 def event_loops(report: BenchReport) -> str:
-    """Every process of the run with its event loop, each role and loop said once."""
-    said = dict.fromkeys(f"{p.role} {p.event_loop}" for p in report.processes)
-    return ", ".join(said)
+    """Every process of the run with its event loop(s), each role once: ``baseline uvloop and
+    asyncio, ...``."""
+    loops: dict[str, dict[str, None]] = {}
+    for process in report.processes:
+        loops.setdefault(process.role, {})[process.event_loop] = None
+    return ", ".join(f"{role} {' and '.join(said)}" for role, said in loops.items())
 
 
 def notes(report: BenchReport) -> list[str]:
     """What the tables do not say: the paths' names, loops, skipped paths, target notes."""
-    lines = ["paths: " + "; ".join(f"{p.name} = {p.label}" for p in report.paths)]
+    lines = ["paths: " + "; ".join(dict.fromkeys(f"{_shown(p.name)} = {p.label}"
+                                                 for p in report.paths))
+             + ("; @LOOP: the relay's event loop" if len(report.settings.relay_loops) > 1
+                else "")]
     lines.append("event loops: " + event_loops(report))
     direct = report.paths[0] if report.paths else None
     if direct is not None and direct.tokens_relayed:
@@ -238,8 +268,10 @@ def notes(report: BenchReport) -> list[str]:
 def print_report(report: BenchReport, console: Console) -> None:
     """The tables and the notes on ``console``."""
     for title, header, rows in tables(report):
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                      collapse_padding=True)
+        # The title on its own: a table's title wraps at the table's width, which may be one
+        # column wider than the console (a pad the console then crops, with a title's letter).
+        console.print(title, highlight=False)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for i, name in enumerate(header):
             # The first column (a path name, a target) is never cut; headers wrap instead.
             words = [name] if i == 0 else name.split()
@@ -277,7 +309,8 @@ def markdown(report: BenchReport) -> str:
          f" {m.get('redis') or 'redis-server not installed'}  "),
         "Event loops: " + event_loops(report),
         "",
-        "Paths: " + "; ".join(f"`{p.name}` = {p.label}" for p in report.paths),
+        "Paths: " + "; ".join(dict.fromkeys(f"`{_shown(p.name)}` = {p.label}"
+                                            for p in report.paths)),
     ]
     for title, header, rows in tables(report):
         parts += ["", f"**{title}**", "", _markdown_table(header, rows)]

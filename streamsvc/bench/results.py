@@ -88,8 +88,9 @@ class PathResult(_Record):
     # direct | baseline | streamsvc-ENDPOINT | streamsvc-redis | nginx; with several relay
     # loops the relay paths end in @LOOP (baseline@asyncio)
     name: str
-    label: str
+    label: str  # what the path is, whatever its loop
     relay: str | None  # the relay process; None for the direct run
+    relay_loop: str | None  # the --loop it ran for (auto | asyncio | uvloop); None: direct, nginx
     event_loop: str  # the relay's (the simulator's for the direct run)
     journal: str | None  # memory | redis: streamsvc's, as its log says; None for other relays
     load: LoadResult
@@ -112,6 +113,7 @@ class OpenStreamsResult(_Record):
     name: str
     label: str
     relay: str | None
+    relay_loop: str | None
     event_loop: str
     load: LoadResult
     rss_before_bytes: int | None
