@@ -3,7 +3,7 @@
 The defaults are the target scenario (docs/performance.md): 200 concurrent
 streams of 200 tokens at 50 tokens/s, then 1,000 open streams at 20 tokens/s
 for the memory figures, the relays on asyncio and on uvloop.
-``--quick`` is a smoke run of a few seconds (what CI runs); explicit flags
+``--quick`` is a smoke run of every path (what CI runs); explicit flags
 still win over it.
 """
 
@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` flags to ``parser`` (defaults None: the preset decides)."""
     d = DEFAULT
     parser.add_argument("--quick", action="store_true",
-                        help=f"a smoke run of a few seconds: K={QUICK.streams},"
+                        help=f"a smoke run of every path: K={QUICK.streams},"
                              f" N={QUICK.tokens}, R={QUICK.rate:g}, M={QUICK.slow_streams}")
     parser.add_argument("-k", "--streams", type=int, metavar="K",
                         help=f"concurrent streams per path (default {d.streams})")
