@@ -56,8 +56,8 @@ from streamsvc.bench.load import LoadSpec, request_body
 from streamsvc.bench.machine import machine_info
 from streamsvc.bench.nginx import nginx_binary, nginx_command, nginx_version, write_config
 from streamsvc.bench.options import ENDPOINTS, BenchOptions, RelayLoop
-from streamsvc.bench.redis_server import redis_binary, redis_command, redis_version
 from streamsvc.bench.procfs import busy_cpu_seconds, listen_overflows
+from streamsvc.bench.redis_server import redis_binary, redis_command, redis_version
 from streamsvc.bench.report import evaluate_targets, print_report, write_outputs
 from streamsvc.bench.results import (
     BenchReport,
@@ -427,7 +427,8 @@ def _path_results(measured: list[_Ran], options: BenchOptions) -> list[PathResul
         is_relay = ran.relay is not None
         results.append(PathResult(
             name=path.name, label=_LABELS[path.base], relay=ran.relay, relay_loop=path.loop,
-            event_loop=ran.event_loop, journal=ran.journal, load=m.load, tokens_relayed=tokens, cpu_s=m.relay_cpu_s,
+            event_loop=ran.event_loop, journal=ran.journal, load=m.load, tokens_relayed=tokens,
+            cpu_s=m.relay_cpu_s,
             cpu_us_per_token=cpu, cpu_ratio_to_baseline=_ratio(cpu, baseline_cpu.get(path.loop)),
             redis_cpu_us_per_token=_per_token(m.redis_cpu_s, tokens),
             peak_rss_bytes=m.peak_rss_bytes,
