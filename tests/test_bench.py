@@ -1,11 +1,14 @@
 """``streamsvc bench``: the quick run completes and reports every figure.
 
 Speed is never asserted: the figures must be there, finite, and positive
-where a measurement cannot be zero (CPU per token, RSS, latencies).
+where a measurement cannot be zero (CPU per token, RSS, latencies). The
+quick run measures every path of the default run: both relay loops, the
+journal endpoint, the Redis journal (with a redis-server on PATH) and nginx.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -24,16 +27,27 @@ from pytest_aiohttp import AiohttpClient
 from streamsvc.bench.baseline import create_baseline_app
 from streamsvc.bench.load import LoadSpec, run_load
 from streamsvc.bench.nginx import nginx_binary
-from streamsvc.bench.options import BenchOptions
+from streamsvc.bench.options import BenchOptions, add_arguments, options_from_args
+from streamsvc.bench.orchestrator import _main_paths, _Run
+from streamsvc.bench.redis_server import redis_binary
 from streamsvc.bench.report import evaluate_targets, notes, write_outputs
 from streamsvc.bench.results import BenchReport, Skipped
 from streamsvc.bench.stats import percentile, summarize
+from streamsvc.eventloop import uvloop_available
 from streamsvc.simulator import SimulatorServer
-from tests.conftest import free_port
+from tests.conftest import RunningServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LOOPS = {"asyncio", "uvloop"}
+# The relay loops of the default --loop both, in their order; one loop: names carry none.
+RELAY_LOOPS = ("uvloop", "asyncio") if uvloop_available() else ("asyncio",)
+ENDPOINTS = ("openai", "events", "streams")  # the default --endpoints
+
+
+def on(name: str, loop: str) -> str:
+    """A relay path's name on ``loop``, as the run names it."""
+    return f"{name}@{loop}" if len(RELAY_LOOPS) > 1 else name
 
 
 def finite(value: Any) -> bool:
@@ -56,8 +70,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     env.pop("COLUMNS", None)  # piped: rich's own width, 80 columns
     result = subprocess.run(
         [sys.executable, "-m", "streamsvc", "bench", "--quick", "--json", "out.json",
-         "--plot", "out.png"],
-        capture_output=True, text=True, timeout=120, cwd=tmp, env=env, check=False,
+         "--plot", "out.png", "--keep-logs", "logs"],
+        capture_output=True, text=True, timeout=100, cwd=tmp, env=env, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     yield result, json.loads((tmp / "out.json").read_text(encoding="utf-8")), tmp
@@ -66,13 +80,18 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
 def test_quick_bench_measures_every_path(quick_run: Any) -> None:
     _, report, _ = quick_run
     names = [path["name"] for path in report["paths"]]
-    expected = ["direct", "baseline", "streamsvc-openai", "streamsvc-events"]
+    relays = ["baseline", *(f"streamsvc-{e}" for e in ENDPOINTS)]
+    if redis_binary() is not None:
+        relays.append("streamsvc-redis")
+    expected = ["direct", *(on(name, loop) for loop in RELAY_LOOPS for name in relays)]
     if nginx_binary() is not None:
         expected.append("nginx")
-    else:
-        assert [s["name"] for s in report["skipped"]] == ["nginx"]
+    skipped = {s["name"] for s in report["skipped"]}
+    assert ("nginx" in skipped) == (nginx_binary() is None)
+    assert ("streamsvc-redis" in skipped) == (redis_binary() is None)
     assert names == expected
     assert report["failed_streams"] == 0
+    assert report["settings"]["relay_loops"] == list(RELAY_LOOPS)
     settings = report["settings"]
     for path in report["paths"]:
         load = path["load"]
@@ -91,12 +110,41 @@ def test_quick_bench_measures_every_path(quick_run: Any) -> None:
             assert positive(path[key]), (path["name"], key)
         for figure in ("added_ttft_ms", "added_gap_ms"):
             assert all(finite(path[figure][key]) for key in ("p50", "p99", "max"))
+        if path["relay_loop"] is not None:  # each relay ran on the loop its name says
+            assert path["event_loop"] == path["relay_loop"] and path["event_loop"] in LOOPS
+            assert path["name"] == on(path["name"].partition("@")[0], path["relay_loop"])
+
+
+def test_quick_bench_measures_the_journal_endpoint_and_the_redis_journal(
+    quick_run: Any,
+) -> None:
+    _, report, tmp = quick_run
+    paths = {path["name"]: path for path in report["paths"]}
+    for loop in RELAY_LOOPS:
+        streams = paths[on("streamsvc-streams", loop)]
+        assert streams["load"]["endpoint"] == "streams" and streams["journal"] == "memory"
+        assert streams["load"]["url"].endswith("/v1/streams")
+        assert streams["redis_cpu_us_per_token"] is None
+    if redis_binary() is None:
+        (skip,) = [s for s in report["skipped"] if s["name"] == "streamsvc-redis"]
+        assert "no redis-server on PATH" in skip["reason"]
+        return
+    for loop in RELAY_LOOPS:
+        redis = paths[on("streamsvc-redis", loop)]
+        # The relay's own log said it journals in Redis, and Redis did work for it.
+        assert redis["journal"] == "redis" and redis["load"]["endpoint"] == "streams"
+        assert positive(redis["redis_cpu_us_per_token"]) and positive(redis["cpu_us_per_token"])
+    logs = [log.read_text() for log in (tmp / "logs").glob("streamsvc-*.log")]
+    assert sum("journal: Redis at redis://127.0.0.1:" in log for log in logs) == len(RELAY_LOOPS)
+    assert report["machine"]["redis"].startswith("redis-server ")
+    assert "redis-server CPU per token" in "\n".join(notes(_typed(report)))
 
 
 def test_quick_bench_measures_open_streams(quick_run: Any) -> None:
     _, report, _ = quick_run
     rows = {row["name"]: row for row in report["open_streams"]}
-    assert list(rows) == ["direct", "baseline", "streamsvc-openai"]
+    assert list(rows) == ["direct", *(on(name, loop) for loop in RELAY_LOOPS
+                                      for name in ("baseline", "streamsvc-openai"))]
     for name, row in rows.items():
         assert row["load"]["streams"] == report["settings"]["slow_streams"]
         assert row["load"]["failed"] == 0 and row["load"]["max_open"] > 0
@@ -112,9 +160,12 @@ def test_quick_bench_measures_open_streams(quick_run: Any) -> None:
 def test_quick_bench_judges_every_target(quick_run: Any) -> None:
     _, report, _ = quick_run
     targets = {t["name"]: t for t in report["targets"]}
-    assert set(targets) == {
-        "cpu_ratio_openai", "cpu_ratio_events", "added_ttft_p99_openai",
-        "added_ttft_p99_events", "added_gap_p99_open_streams", "rss_per_stream",
+    at = {loop: f"@{loop}" if len(RELAY_LOOPS) > 1 else "" for loop in RELAY_LOOPS}
+    assert set(targets) == {  # none on the Redis journal: it has no target of its own
+        *(f"{figure}_{e}{at[loop]}" for figure in ("cpu_ratio", "added_ttft_p99")
+          for e in ENDPOINTS for loop in RELAY_LOOPS),
+        *(f"{figure}{at[loop]}" for figure in ("added_gap_p99_open_streams", "rss_per_stream")
+          for loop in RELAY_LOOPS),
     }
     for target in targets.values():
         assert finite(target["value"]) and isinstance(target["met"], bool)
@@ -128,10 +179,18 @@ def test_quick_bench_says_what_ran_where(quick_run: Any) -> None:
     assert report["date"] and positive(report["duration_s"])
     machine = report["machine"]
     assert positive(machine["cpus"]) and machine["python"] and machine["aiohttp"]
-    loops = {p["role"]: p["event_loop"] for p in report["processes"]}
-    assert {"simulator", "baseline", "streamsvc"} <= set(loops)
-    assert all(loops[role] in LOOPS for role in ("simulator", "baseline", "streamsvc"))
+    loops: dict[str, set[str]] = {}
+    for process in report["processes"]:
+        loops.setdefault(process["role"], set()).add(process["event_loop"])
+    assert {"simulator", "load client", "baseline", "streamsvc"} <= set(loops)
+    assert len(loops["simulator"]) == len(loops["load client"]) == 1  # one for the whole run
+    assert loops["simulator"] | loops["load client"] <= LOOPS
+    assert loops["baseline"] == loops["streamsvc"] == set(RELAY_LOOPS)
+    if redis_binary() is not None:
+        assert loops["redis-server"] == {"n/a (C, its own ae loop)"}
     assert all(path["load"]["event_loop"] in LOOPS for path in report["paths"])
+    (said,) = [line for line in result.stdout.splitlines() if line.startswith("event loops: ")]
+    assert "load client" in result.stdout and "simulator" in said
     # The table went to stdout; the report parses back into its typed form.
     assert "targets (docs/performance.md)" in result.stdout and "issue" not in result.stdout
     msgspec.json.decode(json.dumps(report), type=BenchReport)
@@ -144,7 +203,11 @@ def test_quick_bench_tables_are_whole_at_80_columns_when_piped(quick_run: Any) -
     assert max(len(line.rstrip()) for line in tables.splitlines()) <= 80
     rows = [line.split()[0] for line in tables.splitlines() if line.startswith(" ") and line.strip()]
     for path in report["paths"]:
-        assert path["name"] in rows  # never cut, so two paths never read the same
+        # never cut, so two paths never read the same; the loop is in the table's title
+        assert path["name"].partition("@")[0] in rows
+    if len(RELAY_LOOPS) > 1:
+        titles = " ".join(tables.split())
+        assert all(f"relays on {loop}:" in titles for loop in RELAY_LOOPS)
     for target in report["targets"]:
         assert target["description"] in tables and target["name"] not in tables
 
@@ -226,6 +289,49 @@ async def test_baseline_relays_the_simulator_stream_unchanged(
         assert resp.status == 200 and resp.content_type == "text/event-stream"
         assert (await resp.read()).endswith(b"data: [DONE]\n\n")
     assert result.completed == 3 and result.failed == 0 and result.gap_ms.count > 0
+
+
+async def test_load_client_creates_a_stream_then_reads_its_events_url(
+    relay: RunningServer,
+) -> None:
+    result = await run_load(LoadSpec(url=relay.url, endpoint="streams", streams=3, tokens=15,
+                                     rate=200.0, ramp_s=0.0), progress_interval=10.0)
+    assert result.completed == 3 and result.failed == 0, result.errors
+    assert result.ttft_ms.count == 3 and result.gap_ms.count > 0
+    assert result.url == relay.url + "/v1/streams"
+
+
+def _bench_options(*argv: str) -> BenchOptions:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return options_from_args(parser.parse_args(argv))
+
+
+def test_loop_both_is_the_default_and_runs_the_relays_on_each_loop() -> None:
+    assert _bench_options().loop == "both"
+    assert _bench_options().relay_loops == RELAY_LOOPS
+    assert _bench_options("--loop", "asyncio").relay_loops == ("asyncio",)
+    assert _bench_options("--endpoints", "streams,openai").endpoints == ("streams", "openai")
+    assert _bench_options("--quick", "--no-redis").redis is False
+
+
+def test_without_redis_server_the_redis_path_is_left_out_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rich.progress import Progress
+
+    import streamsvc.bench.orchestrator as orchestrator
+
+    monkeypatch.setattr(orchestrator, "redis_binary", lambda: None)
+    run = _Run(BenchOptions(loop="asyncio", nginx=False), tmp_path, Progress())
+    names = [path.name for path in _main_paths(run)]
+    assert names == ["direct", "baseline", "streamsvc-openai", "streamsvc-events",
+                     "streamsvc-streams"]
+    assert [(s.name, s.reason) for s in run.skipped] == [
+        ("streamsvc-redis", "no redis-server on PATH: install redis-server to measure the"
+                            " Redis journal"),
+        ("nginx", "left out by --no-nginx"),
+    ]
 
 
 def test_bench_flag_out_of_range_exits_2() -> None:

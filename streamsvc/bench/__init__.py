@@ -5,7 +5,8 @@ read from ``/proc`` and none slows another down through a shared event loop::
 
     orchestrator (streamsvc bench) ── starts, samples /proc, reports
       ├── simulator        streamsvc simulate            (the upstream of every path)
-      ├── relay under test streamsvc serve | baseline | nginx
+      ├── relay under test streamsvc serve | baseline | nginx (relays once per --loop)
+      ├── redis-server     the Redis journal path's own (when redis-server is installed)
       └── load client      python -m streamsvc.bench.load (K streams, one JSON result)
 
 Modules, one job each:
@@ -14,6 +15,7 @@ Modules, one job each:
 - ``load``: the load client process.
 - ``baseline``: the byte-for-byte aiohttp relay (the control).
 - ``nginx``: the nginx ``proxy_pass`` config (the floor, when nginx is installed).
+- ``redis_server``: the ``redis-server`` command of the Redis journal path.
 - ``procfs``: CPU seconds and RSS of a process, from ``/proc``.
 - ``services``: starting, watching and stopping the processes.
 - ``stats``: percentiles and distributions (pure).

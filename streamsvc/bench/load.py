@@ -5,7 +5,9 @@ a relay in front of it), their starts spread at random over ``--ramp``
 seconds, and measures per stream:
 
 - time to first token: from sending the request to the first read that
-  brings content text;
+  brings content text (``streams``: the ``POST /v1/streams`` and its answer,
+  then the ``GET`` of its ``events_url`` on the same connection, are inside
+  it, as an EventSource page waits for both);
 - inter-token gaps: between successive reads that bring content text. A
   relay that merges two pending tokens into one event shows as one longer
   gap, which is what a reader sees.
@@ -103,9 +105,14 @@ class _TextDelta(msgspec.Struct):
     delta: str = ""
 
 
+class _Created(msgspec.Struct):
+    events_url: str
+
+
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _decode_delta = msgspec.json.Decoder(_Delta).decode
 _decode_text_delta = msgspec.json.Decoder(_TextDelta).decode
+_decode_created = msgspec.json.Decoder(_Created).decode
 
 
 class EventSplitter:
@@ -179,7 +186,8 @@ def _responses_event(event: bytes, data: bytes) -> tuple[str, bool]:
     return "", False
 
 
-_PARSERS = {"openai": _openai_event, "events": _streamsvc_event, "responses": _responses_event}
+_PARSERS = {"openai": _openai_event, "events": _streamsvc_event, "streams": _streamsvc_event,
+            "responses": _responses_event}
 
 
 class _Load:
@@ -194,11 +202,13 @@ class _Load:
         self.url = f"{spec.url.rstrip('/')}{ENDPOINTS[spec.endpoint]}"
         body = msgspec.json.encode(
             request_body(spec.model, spec.tokens, spec.rate, spec.endpoint))
+        self.netloc = split.netloc
         self.request = (
             f"POST {path} HTTP/1.1\r\nHost: {split.netloc}\r\n"
             "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode("ascii") + body
+        self.creates = spec.endpoint == "streams"  # POST answers 201 + events_url, then GET
         self.expected = "".join(generated_tokens(spec.model, PROMPT, spec.tokens))
         self.parse = _PARSERS[spec.endpoint]
         pace_s = spec.tokens / spec.rate if spec.rate > 0 else 0.0
@@ -255,10 +265,14 @@ class _Stream(asyncio.Protocol):
         self.got = 0
         self.ended = False
         self.counted_open = False
+        self.creating = load.creates  # reading the answer to POST /v1/streams
+        self.created = b""
+        self.transport: asyncio.WriteTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but write the same.
-        cast(asyncio.WriteTransport, transport).write(self.load.request)
+        self.transport = cast(asyncio.WriteTransport, transport)
+        self.transport.write(self.load.request)
 
     def data_received(self, data: bytes) -> None:
         if self.finished.done():
@@ -293,6 +307,10 @@ class _Stream(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if self.creating:
+            if status != 201:
+                raise _Failed(f"http {status} to POST /v1/streams")
+            return
         if status != 200:
             raise _Failed(f"http {status}")
         self.counted_open = True
@@ -300,6 +318,9 @@ class _Stream(asyncio.Protocol):
         self.load.max_open = max(self.load.max_open, self.load.open)
 
     def on_body(self, body: bytes) -> None:
+        if self.creating:
+            self.created += body
+            return
         parse = self.load.parse
         for event, data in self.splitter.feed(body):
             text, end = parse(event, data)
@@ -309,10 +330,25 @@ class _Stream(asyncio.Protocol):
             self.ended = self.ended or end
 
     def on_message_complete(self) -> None:
+        if self.creating:
+            self._read_events()
+            return
         if self.ended:
             self._finish(None)
         else:
             self._finish(_Failed("ended without [DONE] or done"))
+
+    def _read_events(self) -> None:
+        """The stream is created: GET its ``events_url`` on the same (kept-alive) connection."""
+        self.creating = False
+        if not self.parser.should_keep_alive():
+            raise _Failed("POST /v1/streams closed the connection")
+        target = urlsplit(_decode_created(self.created).events_url)
+        path = target.path + (f"?{target.query}" if target.query else "")
+        assert self.transport is not None
+        self.transport.write(
+            f"GET {path} HTTP/1.1\r\nHost: {self.load.netloc}\r\n"
+            "Accept: text/event-stream\r\n\r\n".encode("ascii"))
 
     def _finish(self, failure: _Failed | None) -> None:
         if self.counted_open:

@@ -37,7 +37,9 @@ def _version(package: str) -> str | None:
         return None
 
 
-def machine_info(*, nginx: str | None = None) -> dict[str, str | int | float | None]:
+def machine_info(
+    *, nginx: str | None = None, redis: str | None = None
+) -> dict[str, str | int | float | None]:
     """CPU, memory, OS, Python and the versions of the packages that carry the relays."""
     return {
         "cpu_model": _cpu_model(),
@@ -53,4 +55,5 @@ def machine_info(*, nginx: str | None = None) -> dict[str, str | int | float | N
         "msgspec": _version("msgspec"),
         "uvloop": _version("uvloop"),
         "nginx": nginx,
+        "redis": redis,
     }

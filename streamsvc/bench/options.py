@@ -2,8 +2,8 @@
 
 The defaults are the target scenario (docs/performance.md): 200 concurrent
 streams of 200 tokens at 50 tokens/s, then 1,000 open streams at 20 tokens/s
-for the memory figures.
-``--quick`` is a smoke run of a few seconds (what CI runs); explicit flags
+for the memory figures, the relays on asyncio and on uvloop.
+``--quick`` is a smoke run of every path (what CI runs); explicit flags
 still win over it.
 """
 
@@ -11,25 +11,33 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeGuard
 
 from streamsvc.eventloop import uvloop_available
 
 __all__ = [
     "DEFAULT",
     "ENDPOINTS",
+    "LOOP_CHOICES",
     "QUICK",
     "BenchOptions",
+    "RelayLoop",
     "add_arguments",
     "options_from_args",
 ]
 
-Endpoint = Literal["openai", "events", "responses"]
+Endpoint = Literal["openai", "events", "streams", "responses"]
 ENDPOINTS: dict[str, str] = {
     "openai": "/v1/chat/completions",  # the OpenAI wire format, byte-comparable to the baseline
     "events": "/v1/chat/stream",  # the streamsvc event format
+    # POST creates the stream, then its events_url (GET /v1/streams/{id}/events) is read:
+    # the journal endpoint.
+    "streams": "/v1/streams",
     "responses": "/v1/responses",  # the OpenAI Responses API's events (journaled)
 }
+RelayLoop = Literal["auto", "asyncio", "uvloop"]
+LoopChoice = Literal["auto", "asyncio", "uvloop", "both"]
+LOOP_CHOICES: tuple[LoopChoice, ...] = ("both", "auto", "asyncio", "uvloop")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -44,10 +52,11 @@ class BenchOptions:
     slow_rate: float = 20.0
     slow_tokens: int = 240  # 12 s at 20 tokens/s: a plateau of 8 s after the ramp
     slow_ramp_s: float = 4.0  # 250 connections/s: a burst of 1,000 would measure accept queues
-    endpoints: tuple[Endpoint, ...] = ("openai", "events")
-    loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    endpoints: tuple[Endpoint, ...] = ("openai", "events", "streams")
+    loop: LoopChoice = "both"  # of the relays under test; "both": every relay path once per loop
     model: str = "sim-small"
     nginx: bool = True  # include nginx when the binary is installed
+    redis: bool = True  # include the Redis journal when redis-server is installed
     quick: bool = False
     json_path: str | None = None
     plot_path: str | None = None
@@ -70,6 +79,13 @@ class BenchOptions:
         if not self.endpoints:
             raise ValueError("--endpoints must name at least one of: " + ", ".join(ENDPOINTS))
 
+    @property
+    def relay_loops(self) -> tuple[RelayLoop, ...]:
+        """The loops the relay paths run on, in order; ``both`` without uvloop: asyncio only."""
+        if self.loop != "both":
+            return (self.loop,)
+        return ("uvloop", "asyncio") if uvloop_available() else ("asyncio",)
+
 
 DEFAULT = BenchOptions()
 QUICK = BenchOptions(
@@ -78,20 +94,18 @@ QUICK = BenchOptions(
 )
 
 
+def _is_endpoint(name: str) -> TypeGuard[Endpoint]:
+    return name in ENDPOINTS
+
+
 def _endpoints(text: str) -> tuple[Endpoint, ...]:
-    names = tuple(part.strip() for part in text.split(",") if part.strip())
     chosen: list[Endpoint] = []
-    for name in names:
-        if name == "openai":
-            chosen.append("openai")
-        elif name == "events":
-            chosen.append("events")
-        elif name == "responses":
-            chosen.append("responses")
-        else:
+    for name in (part.strip() for part in text.split(",") if part.strip()):
+        if not _is_endpoint(name):
             raise argparse.ArgumentTypeError(
                 f"unknown endpoint {name!r}; choose from {', '.join(ENDPOINTS)}"
             )
+        chosen.append(name)
     return tuple(chosen)
 
 
@@ -99,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` flags to ``parser`` (defaults None: the preset decides)."""
     d = DEFAULT
     parser.add_argument("--quick", action="store_true",
-                        help=f"a smoke run of a few seconds: K={QUICK.streams},"
+                        help=f"a smoke run of every path: K={QUICK.streams},"
                              f" N={QUICK.tokens}, R={QUICK.rate:g}, M={QUICK.slow_streams}")
     parser.add_argument("-k", "--streams", type=int, metavar="K",
                         help=f"concurrent streams per path (default {d.streams})")
@@ -122,13 +136,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoints", type=_endpoints, metavar="LIST",
                         help="streamsvc endpoints to measure, comma-separated: openai"
                              " (POST /v1/chat/completions), events (POST /v1/chat/stream),"
-                             " responses (POST /v1/responses) (default openai,events)")
-    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"),
+                             " streams (POST /v1/streams, then GET its events_url),"
+                             " responses (POST /v1/responses)"
+                             f" (default {','.join(d.endpoints)})")
+    parser.add_argument("--loop", choices=LOOP_CHOICES,
                         help="event loop of the relays under test (streamsvc and the"
-                             " baseline; default auto: uvloop when installed)")
+                             " baseline): both (default: every relay path on uvloop, then on"
+                             " asyncio; asyncio alone without uvloop), auto (uvloop when"
+                             " installed), asyncio, uvloop")
     parser.add_argument("--model", help=f"simulator model (default {d.model})")
     parser.add_argument("--no-nginx", action="store_false", dest="nginx", default=None,
                         help="leave nginx out even when it is installed")
+    parser.add_argument("--no-redis", action="store_false", dest="redis", default=None,
+                        help="leave the Redis journal out even when redis-server is installed")
     parser.add_argument("--json", metavar="FILE", dest="json_path",
                         help="write every figure, the machine and the command to FILE")
     parser.add_argument("--plot", metavar="FILE.png", dest="plot_path",
@@ -171,7 +191,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """
     preset = QUICK if args.quick else DEFAULT
     fields = ("streams", "tokens", "rate", "ramp_s", "slow_streams", "slow_rate",
-              "slow_tokens", "slow_ramp_s", "endpoints", "loop", "model", "nginx", "json_path",
-              "plot_path", "markdown_path", "keep_logs")
+              "slow_tokens", "slow_ramp_s", "endpoints", "loop", "model", "nginx", "redis",
+              "json_path", "plot_path", "markdown_path", "keep_logs")
     given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     return replace(preset, **given)

@@ -6,15 +6,25 @@ Main phase, once per path, all against the same simulator process::
     baseline          load client -> baseline relay -> simulator
     streamsvc-openai  load client -> streamsvc serve -> simulator   POST /v1/chat/completions
     streamsvc-events  load client -> streamsvc serve -> simulator   POST /v1/chat/stream
+    streamsvc-streams load client -> streamsvc serve -> simulator   POST /v1/streams, then
+                                                                    GET /v1/streams/{id}/events
     streamsvc-responses  (with --endpoints ...,responses)           POST /v1/responses
+    streamsvc-redis   as streamsvc-streams, journal.backend = "redis" against a redis-server
+                      of the run's own                        (when redis-server is installed)
     nginx             load client -> nginx -> simulator       (when nginx is installed)
 
-Open-streams phase: M slow streams at once, direct, through the baseline and
-through streamsvc, sampling the relay's RSS while they are all open.
+The relay paths (baseline, streamsvc-*) run once per relay loop (``--loop
+both``: uvloop, then asyncio), each named ``PATH@LOOP`` when there are two;
+the simulator and the load clients keep one loop for the whole run, so the
+direct path is the reference of both.
 
-Every relay is a fresh process, warmed up with a few streams before it is
-measured, and stopped after its path; its CPU is read from ``/proc`` just
-before its load client starts and just after it exits.
+Open-streams phase: M slow streams at once, direct, through the baseline and
+through streamsvc (per relay loop), sampling the relay's RSS while they are all open.
+
+Every relay is a fresh process (and so is the Redis path's redis-server),
+warmed up with a few streams before it is measured, and stopped after its
+path; its CPU is read from ``/proc`` just before its load client starts and
+just after it exits.
 """
 
 from __future__ import annotations
@@ -26,10 +36,10 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 import msgspec
@@ -45,8 +55,9 @@ from rich.progress import Progress as ProgressBar
 from streamsvc.bench.load import LoadSpec, request_body
 from streamsvc.bench.machine import machine_info
 from streamsvc.bench.nginx import nginx_binary, nginx_command, nginx_version, write_config
-from streamsvc.bench.options import ENDPOINTS, BenchOptions
+from streamsvc.bench.options import ENDPOINTS, BenchOptions, RelayLoop
 from streamsvc.bench.procfs import busy_cpu_seconds, listen_overflows
+from streamsvc.bench.redis_server import redis_binary, redis_command, redis_version
 from streamsvc.bench.report import evaluate_targets, print_report, write_outputs
 from streamsvc.bench.results import (
     BenchReport,
@@ -58,7 +69,7 @@ from streamsvc.bench.results import (
     Progress,
     Skipped,
 )
-from streamsvc.bench.services import Service, ServiceError, free_port, run_client
+from streamsvc.bench.services import Service, ServiceError, client_command, free_port, run_client
 from streamsvc.bench.stats import added
 
 __all__ = ["run_bench"]
@@ -71,16 +82,29 @@ _LABELS = {
     "baseline": "baseline aiohttp byte relay",
     "streamsvc-openai": "streamsvc POST /v1/chat/completions",
     "streamsvc-events": "streamsvc POST /v1/chat/stream",
+    "streamsvc-streams": "streamsvc POST /v1/streams, GET /v1/streams/{id}/events",
     "streamsvc-responses": "streamsvc POST /v1/responses",
+    "streamsvc-redis": "streamsvc-streams on the Redis journal (a redis-server of the run's)",
     "nginx": "nginx proxy_pass, buffering off",
 }
+_REDIS_LOG_LINE = "journal: Redis at "  # what streamsvc serve logs when it journals in Redis
+_REDIS_LOOP = "n/a (C, its own ae loop)"
+_NGINX_LOOP = "n/a (C, epoll)"
+Relay = Literal["baseline", "streamsvc", "nginx"]
 
 
 @dataclass(frozen=True, slots=True)
 class _Path:
-    name: str
+    base: str  # a key of _LABELS
     endpoint: str
-    relay: Callable[[], Service] | None  # a fresh relay process; None: direct
+    relay: Relay | None = None  # a fresh process of it per path; None: direct
+    loop: RelayLoop | None = None  # None: not the relays' loop to choose (direct, nginx)
+    redis: bool = False  # the relay journals in a redis-server of the path's own
+    tagged: bool = False  # the run has several relay loops: the name says which
+
+    @property
+    def name(self) -> str:
+        return f"{self.base}@{self.loop}" if self.tagged and self.loop else self.base
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +115,22 @@ class _Measured:
     peak_rss_bytes: int | None
     listen_overflows: int
     other_cpu_s: float
+    redis_cpu_s: float | None = None
     rss_before_bytes: int | None = None
     rss_plateau_bytes: int | None = None
     rss_open_streams: int = 0  # streams open when rss_plateau_bytes was read
     plateau_reached: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Ran:
+    """One path measured, with what its processes said of themselves."""
+
+    path: _Path
+    measured: _Measured
+    event_loop: str  # the relay's (the simulator's for direct)
+    relay: str | None  # the relay's role; None for direct
+    journal: str | None  # streamsvc's journal as its log says: memory | redis
 
 
 class _Run:
@@ -107,6 +143,7 @@ class _Run:
         self.processes: list[ProcessInfo] = []
         self.skipped: list[Skipped] = []
         self.nginx_version: str | None = None
+        self.redis_version: str | None = None
         self.simulator: Service | None = None
 
     # -- processes ---------------------------------------------------------------------------
@@ -125,28 +162,54 @@ class _Run:
     def simulator_service(self) -> Service:
         return self._python("simulator", ["-m", "streamsvc", "simulate", "--port", "{port}"])
 
-    def baseline_service(self) -> Service:
-        return self._python("baseline", ["-m", "streamsvc.bench.baseline", "--upstream",
-                                         self.upstream, "--port", "{port}",
-                                         "--loop", self.options.loop])
+    def relay_service(self, path: _Path, redis: Service | None) -> Service:
+        """A fresh process of ``path``'s relay (not started)."""
+        if path.relay == "nginx":
+            return self.nginx_service()
+        assert path.relay is not None and path.loop is not None
+        loop = path.loop
+        if path.relay == "baseline":
+            return self._python("baseline", ["-m", "streamsvc.bench.baseline", "--upstream",
+                                             self.upstream, "--port", "{port}", "--loop", loop])
+        env: dict[str, str] = {"STREAMSVC__SERVER__EVENT_LOOP": loop}
+        if redis is not None:
+            env |= {"STREAMSVC__JOURNAL__BACKEND": "redis",
+                    "STREAMSVC__JOURNAL__REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"}
+        return self._python("streamsvc", ["-m", "streamsvc", "serve", "--upstream",
+                                          self.upstream, "--port", "{port}"], env=env)
 
-    def streamsvc_service(self) -> Service:
-        return self._python(
-            "streamsvc", ["-m", "streamsvc", "serve", "--upstream", self.upstream,
-                          "--port", "{port}"],
-            env={"STREAMSVC__SERVER__EVENT_LOOP": self.options.loop},
-        )
+    def _left_out(self, name: str, flag: bool, flag_name: str, binary: str | None,
+                  missing: str) -> bool:
+        """Whether a path of an optional program sits this run out; records why."""
+        if not flag:
+            reason = f"left out by {flag_name}"
+        elif binary is None:
+            reason = missing
+        else:
+            return False
+        self.skipped.append(Skipped(name=name, reason=reason))
+        return True
 
     def nginx_skipped(self) -> bool:
         """Whether nginx sits this run out; records why."""
-        if not self.options.nginx:
-            reason = "left out by --no-nginx"
-        elif nginx_binary() is None:
-            reason = "no nginx binary on PATH: install nginx to measure the floor"
-        else:
-            return False
-        self.skipped.append(Skipped(name="nginx", reason=reason))
-        return True
+        return self._left_out("nginx", self.options.nginx, "--no-nginx", nginx_binary(),
+                              "no nginx binary on PATH: install nginx to measure the floor")
+
+    def redis_skipped(self) -> bool:
+        """Whether the Redis journal sits this run out; records why."""
+        return self._left_out(
+            "streamsvc-redis", self.options.redis, "--no-redis", redis_binary(),
+            "no redis-server on PATH: install redis-server to measure the Redis journal")
+
+    def redis_service(self) -> Service:
+        binary = redis_binary()
+        assert binary is not None
+        self.redis_version = redis_version(binary)
+        port = free_port()
+        return Service("redis-server",
+                       redis_command(binary, port=port, workdir=self.workdir / f"redis-{port}"),
+                       port=port, log_path=self.workdir / f"redis-{port}.log",
+                       native_loop=_REDIS_LOOP)
 
     def nginx_service(self) -> Service:
         binary = nginx_binary()
@@ -157,13 +220,20 @@ class _Run:
         config = write_config(prefix, port=port, upstream_host="127.0.0.1",
                               upstream_port=self.simulator.port)
         return Service("nginx", nginx_command(binary, prefix, config), port=port,
-                       log_path=self.workdir / f"nginx-{port}.log")
+                       log_path=self.workdir / f"nginx-{port}.log", native_loop=_NGINX_LOOP)
 
-    def note_process(self, service: Service) -> None:
-        loop = service.event_loop() if service.role != "nginx" else "n/a (C, epoll)"
-        if not any(p.role == service.role for p in self.processes):
-            self.processes.append(ProcessInfo(role=service.role, command=service.command,
-                                              event_loop=loop))
+    def note_process(self, role: str, command: list[str], event_loop: str,
+                     settings: dict[str, str] | None = None) -> None:
+        """Record a process of the run, once per role, loop and settings."""
+        info = ProcessInfo(role=role, command=command, event_loop=event_loop,
+                           settings=settings or {})
+        if not any((p.role, p.event_loop, p.settings) == (role, event_loop, info.settings)
+                   for p in self.processes):
+            self.processes.append(info)
+
+    def note_service(self, service: Service) -> None:
+        self.note_process(service.role, service.command, service.event_loop(),
+                          service.settings)
 
     # -- measuring ---------------------------------------------------------------------------
 
@@ -171,19 +241,29 @@ class _Run:
         """A few fast streams, so that the measured run pays no first-call costs."""
         body = request_body(self.options.model, WARM_UP_TOKENS, 1000.0, endpoint)
 
+        async def read(response: aiohttp.ClientResponse, status: int) -> bytes:
+            text = await response.read()
+            if response.status != status:
+                raise ServiceError(f"warm-up request to {response.url} answered"
+                                   f" {response.status}: {text[:300]!r}")
+            return text
+
         async def one(session: aiohttp.ClientSession) -> None:
+            creates = endpoint == "streams"
             async with session.post(url + ENDPOINTS[endpoint], json=body) as resp:
-                text = await resp.read()
-                if resp.status != 200:
-                    raise ServiceError(f"warm-up request to {url} answered {resp.status}:"
-                                       f" {text[:300]!r}")
+                text = await read(resp, 201 if creates else 200)
+            if creates:
+                events_url = msgspec.json.decode(text)["events_url"]
+                async with session.get(url + events_url) as resp:
+                    await read(resp, 200)
 
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             await asyncio.gather(*(one(session) for _ in range(WARM_UP_STREAMS)))
 
     async def measure(
-        self, name: str, spec: LoadSpec, relay: Service | None, *, track_rss: bool = False
+        self, name: str, spec: LoadSpec, relay: Service | None, *, redis: Service | None = None,
+        track_rss: bool = False,
     ) -> _Measured:
         assert self.simulator is not None
         # The tables' path names, short enough for the bar to fit 80 columns.
@@ -205,6 +285,7 @@ class _Run:
                         plateau.append(rss)
 
         relay_before = relay.sample() if relay is not None else None
+        redis_before = redis.sample().cpu_s if redis is not None else 0.0
         simulator_before = self.simulator.sample().cpu_s
         overflows_before = listen_overflows()
         busy_before, own_before = busy_cpu_seconds(), time.process_time()
@@ -213,11 +294,14 @@ class _Run:
         overflows = listen_overflows() - overflows_before
         simulator_cpu = self.simulator.sample().cpu_s - simulator_before
         relay_after = relay.sample() if relay is not None else None
+        redis_cpu = redis.sample().cpu_s - redis_before if redis is not None else None
+        self.note_process("load client", client_command(spec, workdir=self.workdir, name=name),
+                          load.event_loop)
         self.bar.update(task, status=f"done {load.completed}"
                         + (f" · failed {load.failed}" if load.failed else ""))
         relay_cpu = peak = rss_before = rss_plateau = None
         rss_open = 0
-        other = busy - own - simulator_cpu - load.process_cpu_s
+        other = busy - own - simulator_cpu - load.process_cpu_s - (redis_cpu or 0.0)
         if relay_before is not None and relay_after is not None:
             relay_cpu = relay_after.cpu_s - relay_before.cpu_s
             other -= relay_cpu
@@ -231,30 +315,34 @@ class _Run:
                 rss_open, rss_plateau = max(rss_at_max_open)
         return _Measured(load=load, relay_cpu_s=relay_cpu, simulator_cpu_s=simulator_cpu,
                          peak_rss_bytes=peak, listen_overflows=overflows,
-                         other_cpu_s=max(other, 0.0),
+                         other_cpu_s=max(other, 0.0), redis_cpu_s=redis_cpu,
                          rss_before_bytes=rss_before,
                          rss_plateau_bytes=rss_plateau, rss_open_streams=rss_open,
                          plateau_reached=bool(plateau))
 
-    async def run_path(
-        self, path: _Path, spec: LoadSpec, *, track_rss: bool = False, suffix: str = ""
-    ) -> tuple[_Measured, str, str | None] | None:
-        """Measure one path; (figures, the relay's event loop, relay role), None if skipped."""
+    async def run_path(self, path: _Path, spec: LoadSpec, *, track_rss: bool = False) -> _Ran:
+        """Measure one path, in fresh processes of its own (but the simulator)."""
         assert self.simulator is not None
         await asyncio.sleep(SETTLE_S)
+        name = path.name + ("-open" if track_rss else "")
         if path.relay is None:
-            measured = await self.measure(path.name + suffix, _retarget(spec, self.simulator.url,
-                                                                         "openai"),
+            measured = await self.measure(name, _retarget(spec, self.simulator.url, "openai"),
                                           None, track_rss=track_rss)
-            return measured, self.simulator.event_loop(), None
-        service = path.relay()
-        async with service:
-            self.note_process(service)
+            return _Ran(path, measured, self.simulator.event_loop(), None, None)
+        async with contextlib.AsyncExitStack() as stack:
+            redis = None
+            if path.redis:
+                redis = await stack.enter_async_context(self.redis_service())
+                self.note_service(redis)
+            service = await stack.enter_async_context(self.relay_service(path, redis))
+            self.note_service(service)
             await self.warm_up(service.url, path.endpoint)
-            measured = await self.measure(path.name + suffix,
-                                          _retarget(spec, service.url, path.endpoint),
-                                          service, track_rss=track_rss)
-            return measured, service.event_loop(), service.role
+            measured = await self.measure(name, _retarget(spec, service.url, path.endpoint),
+                                          service, redis=redis, track_rss=track_rss)
+            journal = None
+            if path.relay == "streamsvc":
+                journal = "redis" if _REDIS_LOG_LINE in service.log() else "memory"
+            return _Ran(path, measured, service.event_loop(), service.role, journal)
 
 
 def _retarget(spec: LoadSpec, url: str, endpoint: str) -> LoadSpec:
@@ -266,95 +354,116 @@ def _per_token(cpu_s: float | None, tokens: int) -> float | None:
     return cpu_s / tokens * 1e6 if cpu_s is not None and tokens > 0 else None
 
 
+def _main_paths(run: _Run) -> list[_Path]:
+    """direct, then per relay loop the baseline and streamsvc's paths, then nginx."""
+    options = run.options
+    loops = options.relay_loops
+    tagged = len(loops) > 1
+    if not tagged and options.loop == "both":
+        run.skipped.append(Skipped(name="uvloop", reason="uvloop is not installed (pip install"
+                                   " 'streamsvc[fast]'): the relays ran on asyncio only"))
+    redis = not run.redis_skipped()
+    paths = [_Path("direct", "openai")]
+    for loop in loops:
+        paths.append(_Path("baseline", "openai", "baseline", loop, tagged=tagged))
+        paths += [_Path(f"streamsvc-{endpoint}", endpoint, "streamsvc", loop, tagged=tagged)
+                  for endpoint in options.endpoints]
+        if redis:
+            paths.append(_Path("streamsvc-redis", "streams", "streamsvc", loop, redis=True,
+                               tagged=tagged))
+    if not run.nginx_skipped():
+        paths.append(_Path("nginx", "openai", "nginx"))
+    return paths
+
+
+def _open_paths(options: BenchOptions) -> list[_Path]:
+    """direct, then per relay loop the baseline and streamsvc's first endpoint."""
+    loops = options.relay_loops
+    tagged = len(loops) > 1
+    endpoint = options.endpoints[0]
+    paths = [_Path("direct", "openai")]
+    for loop in loops:
+        paths += [_Path("baseline", "openai", "baseline", loop, tagged=tagged),
+                  _Path(f"streamsvc-{endpoint}", endpoint, "streamsvc", loop, tagged=tagged)]
+    return paths
+
+
 async def _run(options: BenchOptions, workdir: Path, bar: ProgressBar) -> tuple[
     list[PathResult], list[OpenStreamsResult], _Run
 ]:
     run = _Run(options, workdir, bar)
     run.simulator = run.simulator_service()
     async with run.simulator:
-        run.note_process(run.simulator)
+        run.note_service(run.simulator)
         await run.warm_up(run.simulator.url, "openai")
-        paths = [_Path("direct", "openai", None), _Path("baseline", "openai", run.baseline_service)]
-        paths += [_Path(f"streamsvc-{endpoint}", endpoint, run.streamsvc_service)
-                  for endpoint in options.endpoints]
-        if not run.nginx_skipped():
-            paths.append(_Path("nginx", "openai", run.nginx_service))
-
         main_spec = LoadSpec(url="", streams=options.streams, tokens=options.tokens,
                              rate=options.rate, ramp_s=options.ramp_s, model=options.model)
-        measured: list[tuple[_Path, _Measured, str, str | None]] = []
-        for path in paths:
-            result = await run.run_path(path, main_spec)
-            if result is not None:
-                measured.append((path, *result))
-
-        open_results: list[tuple[_Path, _Measured, str, str | None]] = []
+        measured = [await run.run_path(path, main_spec) for path in _main_paths(run)]
+        open_results: list[_Ran] = []
         if options.slow_streams > 0:
             slow_spec = LoadSpec(url="", streams=options.slow_streams, tokens=options.slow_tokens,
                                  rate=options.slow_rate, ramp_s=options.slow_ramp_s,
                                  model=options.model)
-            endpoint = options.endpoints[0]
-            for path in (paths[0], paths[1], _Path(f"streamsvc-{endpoint}", endpoint,
-                                                   run.streamsvc_service)):
-                result = await run.run_path(path, slow_spec, track_rss=True, suffix="-open")
-                if result is not None:
-                    open_results.append((path, *result))
+            open_results = [await run.run_path(path, slow_spec, track_rss=True)
+                            for path in _open_paths(options)]
         else:
             run.skipped.append(Skipped(name="open streams", reason="--slow-streams 0"))
 
     return _path_results(measured, options), _open_results(open_results), run
 
 
-def _path_results(
-    measured: list[tuple[_Path, _Measured, str, str | None]], options: BenchOptions
-) -> list[PathResult]:
-    direct = measured[0][1].load
-    baseline_cpu: float | None = None
+def _path_results(measured: list[_Ran], options: BenchOptions) -> list[PathResult]:
+    direct = measured[0].measured.load
+    # Each relay is held to the baseline on its own loop; nginx (no loop of ours) to the first.
+    baseline_cpu: dict[RelayLoop | None, float | None] = {}
     results: list[PathResult] = []
-    for path, m, loop, relay in measured:
+    for ran in measured:
+        m, path = ran.measured, ran.path
         tokens = m.load.completed * options.tokens
         cpu = _per_token(m.relay_cpu_s, tokens)
-        if path.name == "baseline":
-            baseline_cpu = cpu
-        is_relay = relay is not None
+        if path.relay == "baseline":
+            baseline_cpu.setdefault(path.loop, cpu)
+            baseline_cpu.setdefault(None, cpu)
+        is_relay = ran.relay is not None
         results.append(PathResult(
-            name=path.name, label=_LABELS[path.name], relay=relay, event_loop=loop, load=m.load,
-            tokens_relayed=tokens, cpu_s=m.relay_cpu_s, cpu_us_per_token=cpu,
-            cpu_ratio_to_baseline=None, peak_rss_bytes=m.peak_rss_bytes,
+            name=path.name, label=_LABELS[path.base], relay=ran.relay, relay_loop=path.loop,
+            event_loop=ran.event_loop, journal=ran.journal, load=m.load, tokens_relayed=tokens,
+            cpu_s=m.relay_cpu_s,
+            cpu_us_per_token=cpu, cpu_ratio_to_baseline=_ratio(cpu, baseline_cpu.get(path.loop)),
+            redis_cpu_us_per_token=_per_token(m.redis_cpu_s, tokens),
+            peak_rss_bytes=m.peak_rss_bytes,
             simulator_cpu_us_per_token=_per_token(m.simulator_cpu_s, tokens) or 0.0,
             listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
             added_ttft_ms=added(m.load.ttft_ms, direct.ttft_ms) if is_relay else None,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if is_relay else None,
         ))
-    return [
-        msgspec.structs.replace(
-            r, cpu_ratio_to_baseline=r.cpu_us_per_token / baseline_cpu
-            if r.cpu_us_per_token is not None and baseline_cpu else None,
-        )
-        for r in results
-    ]
+    return results
 
 
-def _open_results(
-    measured: list[tuple[_Path, _Measured, str, str | None]],
-) -> list[OpenStreamsResult]:
+def _ratio(cpu: float | None, baseline: float | None) -> float | None:
+    return cpu / baseline if cpu is not None and baseline else None
+
+
+def _open_results(measured: list[_Ran]) -> list[OpenStreamsResult]:
     if not measured:
         return []
-    direct = measured[0][1].load
+    direct = measured[0].measured.load
     results = []
-    for path, m, loop, relay in measured:
+    for ran in measured:
+        m, path = ran.measured, ran.path
         per_stream = None
         if m.rss_plateau_bytes is not None and m.rss_before_bytes is not None and m.rss_open_streams:
             per_stream = (m.rss_plateau_bytes - m.rss_before_bytes) / m.rss_open_streams / 1024
         results.append(OpenStreamsResult(
-            name=path.name, label=_LABELS[path.name], relay=relay, event_loop=loop, load=m.load,
-            rss_before_bytes=m.rss_before_bytes, rss_plateau_bytes=m.rss_plateau_bytes,
+            name=path.name, label=_LABELS[path.base], relay=ran.relay, relay_loop=path.loop,
+            event_loop=ran.event_loop, load=m.load, rss_before_bytes=m.rss_before_bytes,
+            rss_plateau_bytes=m.rss_plateau_bytes,
             rss_per_stream_kib=per_stream, rss_open_streams=m.rss_open_streams,
             plateau_reached=m.plateau_reached,
             peak_rss_bytes=m.peak_rss_bytes,
             cpu_us_per_token=_per_token(m.relay_cpu_s, m.load.completed * m.load.tokens),
             listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
-            added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if relay is not None else None,
+            added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if ran.relay is not None else None,
         ))
     return results
 
@@ -404,14 +513,15 @@ def run_bench(options: BenchOptions, *, command: list[str]) -> int:
         command=command,
         command_line=shlex.join(command),
         duration_s=time.monotonic() - started,
-        machine=machine_info(nginx=run.nginx_version),
+        machine=machine_info(nginx=run.nginx_version, redis=run.redis_version),
         settings=BenchSettings(
             streams=options.streams, tokens=options.tokens, rate=options.rate,
             ramp_s=options.ramp_s, slow_streams=options.slow_streams,
             slow_rate=options.slow_rate, slow_tokens=options.slow_tokens,
             slow_ramp_s=options.slow_ramp_s,
-            endpoints=list(options.endpoints), loop=options.loop, model=options.model,
-            quick=options.quick, nginx=options.nginx,
+            endpoints=list(options.endpoints), loop=options.loop,
+            relay_loops=list(options.relay_loops), model=options.model,
+            quick=options.quick, nginx=options.nginx, redis=options.redis,
         ),
         processes=run.processes,
         paths=paths,

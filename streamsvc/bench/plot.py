@@ -15,7 +15,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from streamsvc.bench.results import BenchReport
+from streamsvc.bench.results import BenchReport, OpenStreamsResult, PathResult
 
 __all__ = ["write_plot"]
 
@@ -36,15 +36,20 @@ def write_plot(report: BenchReport, path: Path) -> None:
         f"streamsvc bench: {s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s"
         f" ({report.machine.get('cpus')} CPUs, {report.date[:10]})"
     )
+    tagged = len(s.relay_loops) > 1
+
+    def label(path: PathResult | OpenStreamsResult) -> str:
+        return f"{path.label}, {path.relay_loop}" if tagged and path.relay_loop else path.label
+
     for p in report.paths:
         xs, ys = _ccdf(p.load.gap_cdf)
-        gaps.step(xs, ys, where="post", label=p.label)
+        gaps.step(xs, ys, where="post", label=label(p))
         ttft.step([max(ms, 1e-3) for ms, _ in p.load.ttft_cdf],
-                  [level for _, level in p.load.ttft_cdf], where="post", label=p.label)
+                  [level for _, level in p.load.ttft_cdf], where="post", label=label(p))
     for o in report.open_streams:
         xs, ys = _ccdf(o.load.gap_cdf)
         gaps.step(xs, ys, where="post", linestyle="--",
-                  label=f"{o.label}, {o.load.streams} open at {o.load.rate:g}/s")
+                  label=f"{label(o)}, {o.load.streams} open at {o.load.rate:g}/s")
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     for axes in (gaps, ttft):
         axes.set_xscale("log")
@@ -65,11 +70,15 @@ def write_plot(report: BenchReport, path: Path) -> None:
     relays = [p for p in report.paths if p.cpu_us_per_token is not None]
     labels = [p.name.replace("-", "\n") for p in relays]
     values = [p.cpu_us_per_token or 0.0 for p in relays]
-    bars = cpu.bar(range(len(values)), values, color="tab:blue")
-    for bar, p in zip(bars, relays, strict=True):
+    redis = [p.redis_cpu_us_per_token or 0.0 for p in relays]
+    cpu.bar(range(len(values)), values, color="tab:blue", label="relay process")
+    if any(redis):
+        cpu.bar(range(len(values)), redis, bottom=values, color="tab:orange",
+                label="redis-server (Redis journal)")
+        cpu.legend(fontsize=7)
+    for x, p in enumerate(relays):
         ratio = f"\n{p.cpu_ratio_to_baseline:.2f}x" if p.cpu_ratio_to_baseline else ""
-        cpu.annotate(f"{p.cpu_us_per_token:.0f} µs{ratio}",
-                     (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        cpu.annotate(f"{p.cpu_us_per_token:.0f} µs{ratio}", (x, values[x] + redis[x]),
                      ha="center", va="bottom", fontsize=8)
     cpu.set_xticks(range(len(values)), labels, fontsize=8)
     cpu.set(ylabel="CPU µs per relayed token", title="relay CPU per token (lower is better)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 from rich import box
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from streamsvc.bench.options import DEFAULT, BenchOptions
-from streamsvc.bench.results import BenchReport, TargetResult
+from streamsvc.bench.results import BenchReport, OpenStreamsResult, PathResult, TargetResult
 
 __all__ = [
     "ADDED_GAP_P99_LIMIT_MS",
@@ -25,6 +26,7 @@ __all__ = [
     "CPU_RATIO_LIMIT",
     "RSS_PER_STREAM_LIMIT_KIB",
     "evaluate_targets",
+    "event_loops",
     "markdown",
     "notes",
     "print_report",
@@ -37,6 +39,7 @@ ADDED_GAP_P99_LIMIT_MS = 50.0
 ADDED_TTFT_P99_LIMIT_MS = 10.0
 RSS_PER_STREAM_LIMIT_KIB = 64.0
 MIB = 1024 * 1024
+_P = TypeVar("_P", PathResult, OpenStreamsResult)
 # Other processes using more than this share of one CPU during a phase (and more
 # than the floor, which short phases need) make it noisy.
 BUSY_SHARE = 0.1
@@ -71,11 +74,12 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
     main_note, open_note = _scenario_note(report)
     targets: list[TargetResult] = []
     for path in report.paths:
-        if not path.name.startswith("streamsvc-"):
+        # The Redis journal is measured for what several instances cost; no target is set on it.
+        if path.relay != "streamsvc" or path.journal == "redis":
             continue
         endpoint = path.name.removeprefix("streamsvc-")
         targets.append(_target(
-            f"cpu_ratio_{endpoint}", f"CPU per token vs baseline, {path.name}",
+            f"cpu_ratio_{endpoint}", f"CPU vs baseline, {path.name}",
             CPU_RATIO_LIMIT, "x", path.cpu_ratio_to_baseline, main_note,
         ))
         targets.append(_target(
@@ -83,7 +87,7 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
             ADDED_TTFT_P99_LIMIT_MS, "ms",
             path.added_ttft_ms.p99 if path.added_ttft_ms else None, main_note,
         ))
-    if not any(o.name.startswith("streamsvc-") for o in report.open_streams):
+    if not any(o.relay == "streamsvc" for o in report.open_streams):
         for name, description, limit, unit in (
             ("added_gap_p99_open_streams", "added gap p99, open streams",
              ADDED_GAP_P99_LIMIT_MS, "ms"),
@@ -91,13 +95,17 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
         ):
             targets.append(_target(name, description, limit, unit, None,
                                    "the open-streams phase did not run (--slow-streams 0)"))
+    tagged = len(report.settings.relay_loops) > 1
     for result in report.open_streams:
-        if not result.name.startswith("streamsvc-"):
+        if result.relay != "streamsvc":
             continue
         streams = result.load.streams
+        # With several relay loops, one pair of open-stream targets per loop.
+        at = f"@{result.event_loop}" if tagged else ""
+        on = f" on {result.event_loop}" if tagged else ""
         targets.append(_target(
-            "added_gap_p99_open_streams",
-            f"added gap p99, {streams} open streams",
+            f"added_gap_p99_open_streams{at}",
+            f"added gap p99, {streams} open streams{on}",
             ADDED_GAP_P99_LIMIT_MS, "ms",
             result.added_gap_ms.p99 if result.added_gap_ms else None, open_note,
         ))
@@ -107,7 +115,7 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
                       f" {result.rss_open_streams} open at the fullest sample")
             note = "; ".join(filter(None, (note, missed)))
         targets.append(_target(
-            "rss_per_stream", f"RSS per stream, {streams} open streams",
+            f"rss_per_stream{at}", f"RSS per stream, {streams} open streams{on}",
             RSS_PER_STREAM_LIMIT_KIB, "KiB", result.rss_per_stream_kib, note,
         ))
     return targets
@@ -125,51 +133,73 @@ def _signed(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:+.{digits}f}"
 
 
+def _by_loop(report: BenchReport, paths: Sequence[_P]) -> list[tuple[str, list[_P]]]:
+    """(title suffix, paths): one group per relay loop when the run has several, each with the
+    paths no loop of ours runs (direct, the reference; nginx); else all in one."""
+    loops = report.settings.relay_loops
+    if len(loops) < 2:
+        return [("", list(paths))]
+    return [(f", relays on {loop}", [p for p in paths if p.relay_loop in (None, loop)])
+            for loop in loops]
+
+
+def _shown(name: str) -> str:
+    """A path's name in a table of one relay loop: the loop is in the title."""
+    return name.partition("@")[0]
+
+
 def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
-    """The report as (title, header, rows) tables: the same cells for the terminal and Markdown."""
+    """The report as (title, header, rows) tables: the same cells for the terminal and Markdown.
+
+    With several relay loops, each phase has one table per loop (the path names
+    then fit 80 columns without their ``@LOOP``).
+    """
     s = report.settings
     out: list[tuple[str, list[str], list[list[str]]]] = []
-    # The event loops are in the notes ("event loops: ..."), not a column.
-    rows = [
-        [
-            p.name, _f(p.cpu_us_per_token), _f(p.cpu_ratio_to_baseline, 2),
-            _mib(p.peak_rss_bytes), _f(p.load.ttft_ms.p50), _f(p.load.ttft_ms.p99),
-            _signed(p.added_ttft_ms.p99 if p.added_ttft_ms else None), str(p.load.failed),
-        ]
-        for p in report.paths
-    ]
-    out.append((
-        (f"{s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s:"
-         " CPU, memory, time to first token (ms)"),
-        ["path", "CPU µs per token", "÷ baseline", "peak RSS MiB", "TTFT p50", "TTFT p99",
-         "added TTFT p99", "failed"],
-        rows,
-    ))
-    rows = []
-    for p in report.paths:
-        gap, extra = p.load.gap_ms, p.added_gap_ms
-        rows.append([
-            p.name, _f(gap.p50), _f(gap.p99), _f(gap.max), _signed(extra.p50 if extra else None),
-            _signed(extra.p99 if extra else None), _signed(extra.max if extra else None),
-        ])
-    out.append((
-        "same run: inter-token gap (ms)",
-        ["path", "gap p50", "gap p99", "gap max", "added p50", "added p99", "added max"],
-        rows,
-    ))
-    if report.open_streams:
+    for on_loop, paths in _by_loop(report, report.paths):
         rows = [
             [
-                o.name, str(o.load.max_open), _mib(o.rss_before_bytes),
+                _shown(p.name), _f(p.cpu_us_per_token), _f(p.cpu_ratio_to_baseline, 2),
+                _mib(p.peak_rss_bytes), _f(p.load.ttft_ms.p50), _f(p.load.ttft_ms.p99),
+                _signed(p.added_ttft_ms.p99 if p.added_ttft_ms else None), str(p.load.failed),
+            ]
+            for p in paths
+        ]
+        out.append((
+            (f"{s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s{on_loop}:"
+             " CPU, memory, time to first token (ms)"),
+            ["path", "CPU µs per token", "÷ baseline", "peak RSS MiB", "TTFT p50", "TTFT p99",
+             "added TTFT p99", "failed"],
+            rows,
+        ))
+        rows = []
+        for p in paths:
+            gap, extra = p.load.gap_ms, p.added_gap_ms
+            rows.append([
+                _shown(p.name), _f(gap.p50), _f(gap.p99), _f(gap.max),
+                _signed(extra.p50 if extra else None), _signed(extra.p99 if extra else None),
+                _signed(extra.max if extra else None),
+            ])
+        out.append((
+            f"same run{on_loop}: inter-token gap (ms)",
+            ["path", "gap p50", "gap p99", "gap max", "added p50", "added p99", "added max"],
+            rows,
+        ))
+    for on_loop, open_streams in _by_loop(report, report.open_streams):
+        if not open_streams:
+            continue
+        rows = [
+            [
+                _shown(o.name), str(o.load.max_open), _mib(o.rss_before_bytes),
                 _mib(o.rss_plateau_bytes), _f(o.rss_per_stream_kib), _f(o.load.gap_ms.p99),
                 _signed(o.added_gap_ms.p99 if o.added_gap_ms else None),
                 _f(o.cpu_us_per_token), str(o.load.failed),
             ]
-            for o in report.open_streams
+            for o in open_streams
         ]
         out.append((
             (f"{s.slow_streams} open streams x {s.slow_tokens} tokens at {s.slow_rate:g}"
-             " tokens/s: memory, inter-token gap (ms)"),
+             f" tokens/s{on_loop}: memory, inter-token gap (ms)"),
             ["path", "most open", "RSS before MiB", "RSS all open MiB", "KiB per stream",
              "gap p99", "added gap p99", "CPU µs per token", "failed"],
             rows,
@@ -187,16 +217,31 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
+def event_loops(report: BenchReport) -> str:
+    """Every process of the run with its event loop(s), each role once: ``baseline uvloop and
+    asyncio, ...``."""
+    loops: dict[str, dict[str, None]] = {}
+    for process in report.processes:
+        loops.setdefault(process.role, {})[process.event_loop] = None
+    return ", ".join(f"{role} {' and '.join(said)}" for role, said in loops.items())
+
+
 def notes(report: BenchReport) -> list[str]:
     """What the tables do not say: the paths' names, loops, skipped paths, target notes."""
-    lines = ["paths: " + "; ".join(f"{p.name} = {p.label}" for p in report.paths)]
-    lines.append("event loops: " + ", ".join(f"{p.role} {p.event_loop}"
-                                             for p in report.processes))
+    lines = ["paths: " + "; ".join(dict.fromkeys(f"{_shown(p.name)} = {p.label}"
+                                                 for p in report.paths))
+             + ("; @LOOP: the relay's event loop" if len(report.settings.relay_loops) > 1
+                else "")]
+    lines.append("event loops: " + event_loops(report))
     direct = report.paths[0] if report.paths else None
     if direct is not None and direct.tokens_relayed:
         client = direct.load.cpu_s / direct.tokens_relayed * 1e6
         lines.append(f"harness CPU per token (direct run): simulator"
                      f" {direct.simulator_cpu_us_per_token:.1f} µs, load client {client:.1f} µs")
+    redis = [p for p in report.paths if p.redis_cpu_us_per_token is not None]
+    if redis:
+        lines.append("redis-server CPU per token, on top of the relay's: " + ", ".join(
+            f"{p.name} {p.redis_cpu_us_per_token:.1f} µs" for p in redis))
     phases = [(p.name, p.load, p.listen_overflows, p.other_cpu_s) for p in report.paths]
     phases += [(o.name, o.load, o.listen_overflows, o.other_cpu_s) for o in report.open_streams]
     for name, load, overflows, other_cpu in phases:
@@ -223,8 +268,10 @@ def notes(report: BenchReport) -> list[str]:
 def print_report(report: BenchReport, console: Console) -> None:
     """The tables and the notes on ``console``."""
     for title, header, rows in tables(report):
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
-                      collapse_padding=True)
+        # The title on its own: a table's title wraps at the table's width, which may be one
+        # column wider than the console (a pad the console then crops, with a title's letter).
+        console.print(title, highlight=False)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for i, name in enumerate(header):
             # The first column (a path name, a target) is never cut; headers wrap instead.
             words = [name] if i == 0 else name.split()
@@ -258,10 +305,12 @@ def markdown(report: BenchReport) -> str:
          f" {report.duration_s:.0f} s  "),
         (f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')},"
          f" aiohttp {m.get('aiohttp')}, uvloop {m.get('uvloop') or 'not installed'},"
-         f" {m.get('nginx') or 'nginx not installed'}  "),
-        "Event loops: " + ", ".join(f"{p.role} {p.event_loop}" for p in report.processes),
+         f" {m.get('nginx') or 'nginx not installed'},"
+         f" {m.get('redis') or 'redis-server not installed'}  "),
+        "Event loops: " + event_loops(report),
         "",
-        "Paths: " + "; ".join(f"`{p.name}` = {p.label}" for p in report.paths),
+        "Paths: " + "; ".join(dict.fromkeys(f"`{_shown(p.name)}` = {p.label}"
+                                            for p in report.paths)),
     ]
     for title, header, rows in tables(report):
         parts += ["", f"**{title}**", "", _markdown_table(header, rows)]

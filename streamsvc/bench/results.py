@@ -85,15 +85,20 @@ class LoadResult(_Record):
 class PathResult(_Record):
     """One path of the main phase: clients -> (relay) -> simulator."""
 
-    name: str  # direct | baseline | streamsvc-openai | streamsvc-events | nginx
-    label: str
+    # direct | baseline | streamsvc-ENDPOINT | streamsvc-redis | nginx; with several relay
+    # loops the relay paths end in @LOOP (baseline@asyncio)
+    name: str
+    label: str  # what the path is, whatever its loop
     relay: str | None  # the relay process; None for the direct run
-    event_loop: str
+    relay_loop: str | None  # the --loop it ran for (auto | asyncio | uvloop); None: direct, nginx
+    event_loop: str  # the relay's (the simulator's for the direct run)
+    journal: str | None  # memory | redis: streamsvc's, as its log says; None for other relays
     load: LoadResult
     tokens_relayed: int
     cpu_s: float | None
     cpu_us_per_token: float | None
-    cpu_ratio_to_baseline: float | None
+    cpu_ratio_to_baseline: float | None  # ÷ the baseline on the same loop
+    redis_cpu_us_per_token: float | None  # redis-server's own CPU, on top of the relay's
     peak_rss_bytes: int | None  # the relay's VmHWM over its whole life (warm-up included)
     simulator_cpu_us_per_token: float
     listen_overflows: int  # SYNs the kernel dropped during the run (a full accept queue)
@@ -108,6 +113,7 @@ class OpenStreamsResult(_Record):
     name: str
     label: str
     relay: str | None
+    relay_loop: str | None
     event_loop: str
     load: LoadResult
     rss_before_bytes: int | None
@@ -147,6 +153,7 @@ class ProcessInfo(_Record):
     role: str
     command: list[str]
     event_loop: str
+    settings: dict[str, str] = msgspec.field(default_factory=dict)  # its environment overrides
 
 
 class BenchSettings(_Record):
@@ -162,9 +169,11 @@ class BenchSettings(_Record):
     slow_ramp_s: float
     endpoints: list[str]
     loop: str
+    relay_loops: list[str]  # the loops the relay paths ran on, in order
     model: str
     quick: bool
     nginx: bool
+    redis: bool
 
 
 class BenchReport(_Record):

@@ -28,7 +28,7 @@ from streamsvc.bench.load import LoadSpec
 from streamsvc.bench.procfs import ProcSample, sample
 from streamsvc.bench.results import LoadResult, Progress
 
-__all__ = ["Service", "ServiceError", "child_env", "free_port", "run_client"]
+__all__ = ["Service", "ServiceError", "child_env", "client_command", "free_port", "run_client"]
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -82,11 +82,14 @@ class Service:
         port: int,
         log_path: Path,
         env: Mapping[str, str] | None = None,
+        native_loop: str | None = None,
     ) -> None:
         self.role = role
         self.command = list(command)
         self.port = port
         self.log_path = log_path
+        self.settings = dict(env or {})  # what the run sets for it, beyond the defaults
+        self.native_loop = native_loop  # a program in C says its loop here, not in its log
         self._env = child_env(env)
         self._process: asyncio.subprocess.Process | None = None
 
@@ -135,9 +138,15 @@ class Service:
         """CPU seconds, RSS and peak RSS now."""
         return sample(self.pid)
 
+    def log(self) -> str:
+        """What the process has written to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
     def event_loop(self) -> str:
         """The loop the process reported on start-up (``event loop: NAME``), else ``"n/a"``."""
-        found = _LOOP_LINE.search(self.log_path.read_text(errors="replace"))
+        if self.native_loop is not None:
+            return self.native_loop
+        found = _LOOP_LINE.search(self.log())
         return found.group(1) if found else "n/a"
 
     async def stop(self) -> None:
@@ -169,6 +178,17 @@ class Service:
         await self.stop()
 
 
+def client_command(spec: LoadSpec, *, workdir: Path, name: str) -> list[str]:
+    """The load client's command for ``spec``; its result goes to ``workdir/NAME.load.json``."""
+    return [
+        sys.executable, "-m", "streamsvc.bench.load", "--url", spec.url,
+        "--endpoint", spec.endpoint, "--streams", str(spec.streams),
+        "--tokens", str(spec.tokens), "--rate", str(spec.rate), "--ramp", str(spec.ramp_s),
+        "--model", spec.model, "--seed", str(spec.seed),
+        "--out", str(workdir / f"{name}.load.json"),
+    ]
+
+
 async def run_client(
     spec: LoadSpec,
     *,
@@ -183,12 +203,7 @@ async def run_client(
     """
     out = workdir / f"{name}.load.json"
     log = workdir / f"{name}.load.log"
-    command = [
-        sys.executable, "-m", "streamsvc.bench.load", "--url", spec.url,
-        "--endpoint", spec.endpoint, "--streams", str(spec.streams),
-        "--tokens", str(spec.tokens), "--rate", str(spec.rate), "--ramp", str(spec.ramp_s),
-        "--model", spec.model, "--seed", str(spec.seed), "--out", str(out),
-    ]
+    command = client_command(spec, workdir=workdir, name=name)
     decode = msgspec.json.Decoder(Progress).decode
     with log.open("wb") as errors:
         process = await asyncio.create_subprocess_exec(
