@@ -530,6 +530,9 @@ class _Exchange:
                 code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
             ), exc))
             return
+        except Exception as exc:  # noqa: BLE001 - a task's failure would otherwise go unseen
+            self._fail(exc)
+            return
         if self._state is not _State.CONNECTING:  # disposed meanwhile
             connection.close()
             return

@@ -17,14 +17,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 import zlib
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 import httptools
 
 __all__ = ["Connection", "Origin", "ResponseHandler", "open_connection"]
-
-# The delay before a second address family is tried (RFC 8305's recommended 250 ms).
-_HAPPY_EYEBALLS_DELAY_S = 0.25
 
 
 class Origin(NamedTuple):
@@ -77,8 +74,7 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -214,6 +210,5 @@ async def open_connection(origin: Origin, ssl_context: ssl.SSLContext | None) ->
     _, connection = await loop.create_connection(
         lambda: Connection(origin), origin.host, origin.port,
         ssl=ssl_context, server_hostname=origin.host if ssl_context is not None else None,
-        happy_eyeballs_delay=_HAPPY_EYEBALLS_DELAY_S,
     )
     return connection
