@@ -11,7 +11,6 @@ from reactivex import Observable
 from streamsvc.chunks import Chunk
 from streamsvc.config import PipelineConfig
 from streamsvc.reactive.backpressure import Valve
-from streamsvc.reactive.bridge import from_async_iterable
 from streamsvc.reactive.operators._attempts import attempts_
 from streamsvc.reactive.operators._continue import continue_on_failure_
 from streamsvc.reactive.operators import (
@@ -52,14 +51,13 @@ def upstream_source(
 ) -> Observable[Chunk]:
     """One cold Observable per upstream: each subscription is one HTTP request."""
 
+    def started() -> None:
+        context.attempts += 1
+
     def opened() -> None:
         context.upstream = client.name
 
-    def start() -> Any:
-        context.attempts += 1
-        return client.stream(body, on_open=opened, valve=context.valve)
-
-    return from_async_iterable(start)
+    return client.chunks(body, on_start=started, on_open=opened, valve=context.valve)
 
 
 def build_pipeline(

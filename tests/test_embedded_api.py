@@ -2,7 +2,8 @@
 
 The embedded API is the server's own chain (``build_pipeline`` over an
 ``UpstreamClient``); these tests pin what only it promises: a caller's
-``ClientSession`` carries every request and stays the caller's, each
+``ClientSession`` carries every request and stays the caller's (without one,
+each stream's own connection is closed at its end), each
 subscription is one request, and disposing a subscription hangs up on the
 upstream.
 """
@@ -21,6 +22,8 @@ from reactivex import Observable
 from reactivex.scheduler.eventloop import AsyncIOScheduler
 
 import streamsvc
+from streamsvc.upstream import client as client_module
+from streamsvc.upstream.http_stream import Connection
 from tests.conftest import wait_until
 from tests.test_cancellation import HANGUP_LIMIT_S
 
@@ -99,18 +102,22 @@ async def test_two_subscriptions_make_two_requests_through_the_session(
 async def test_without_a_session_each_request_opens_and_closes_its_own(
     simulator: streamsvc.SimulatorServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    opened: list[aiohttp.ClientSession] = []
-    real = aiohttp.ClientSession
+    """No session, no pool: each stream opens a connection of its own, and closes it."""
+    opened: list[Connection] = []
+    real = client_module.open_connection
 
-    def recording(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
-        opened.append(real(*args, **kwargs))
+    async def recording(*args: Any) -> Connection:
+        opened.append(await real(*args))
         return opened[-1]
 
-    monkeypatch.setattr(aiohttp, "ClientSession", recording)
+    monkeypatch.setattr(client_module, "open_connection", recording)
+    sessions: list[object] = []
+    monkeypatch.setattr(aiohttp, "ClientSession", lambda *a, **k: sessions.append(a))
     answer = _answer(simulator)
     assert [await _text(answer), await _text(answer)] == [PROMPT, PROMPT]
-    assert len(opened) == 2
-    assert all(session.closed for session in opened)
+    assert len(opened) == 2 and sessions == []
+    assert await wait_until(lambda: all(c.transport is not None and c.transport.is_closing()
+                                        for c in opened))
 
 
 @pytest.mark.parametrize("given", [True, False], ids=["given-session", "own-session"])

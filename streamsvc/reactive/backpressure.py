@@ -3,14 +3,17 @@
 A Reactor ``Flux`` asks its source for ``n`` more items; an asyncio socket
 reader has a simpler lever: read, or do not. A :class:`Valve` is that lever.
 The sink closes it when its backlog reaches its bound and opens it once the
-backlog has drained; the upstream reader waits at the valve before it reads
-more, so the upstream's socket fills and TCP slows the upstream down, instead
-of the backlog growing or the client being cut.
+backlog has drained. The upstream's protocol pauses its transport while the
+valve is closed and resumes it from :meth:`Valve.when_open`'s callback (a
+task-based reader awaits :meth:`Valve.wait_open` instead), so the upstream's
+socket fills and TCP slows the upstream down, instead of the backlog growing
+or the client being cut.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 __all__ = ["Valve"]
 
@@ -18,11 +21,12 @@ __all__ = ["Valve"]
 class Valve:
     """Open (read on) or closed (wait); one reader waits on it, one sink turns it."""
 
-    __slots__ = ("_open", "_waiter")
+    __slots__ = ("_on_open", "_open", "_waiter")
 
     def __init__(self) -> None:
         self._open = True
         self._waiter: asyncio.Future[None] | None = None
+        self._on_open: Callable[[], object] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -38,6 +42,16 @@ class Valve:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        callback, self._on_open = self._on_open, None
+        if callback is not None:
+            callback()
+
+    def when_open(self, callback: Callable[[], object] | None) -> None:
+        """Call ``callback`` once, at the next :meth:`open` (None: forget the one set).
+
+        One reader, one callback: setting another replaces it.
+        """
+        self._on_open = callback
 
     async def wait_open(self) -> None:
         """Return at once while open; else wait until :meth:`open` (cancellable)."""

@@ -51,6 +51,7 @@ from streamsvc.server.tickets import RedisTicketStore, shared_secret
 from streamsvc.simulator import SimulatorServer
 from streamsvc.streams.lifecycle import Streams
 from streamsvc.streams.registry import StreamRegistry
+from streamsvc.upstream.pool import ConnectionPool
 from streamsvc.upstream.routing import Router
 
 __all__ = ["create_app"]
@@ -59,12 +60,14 @@ log = logging.getLogger("streamsvc")
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
-    """The shared ClientSession, the in-process simulator when a route uses it, the router."""
+    """The upstream connection pool (streams), the shared ClientSession (``GET /models``),
+    the in-process simulator when a route uses it, the router."""
     config = app[CONFIG]
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
         auto_decompress=True,
     )
+    pool = ConnectionPool()
     simulator: SimulatorServer | None = None
     try:
         simulator_url: str | None = None
@@ -74,7 +77,7 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
             simulator_url = simulator.url
             log.info("built-in simulator upstream at %s", simulator_url)
         app[SESSION] = session
-        app[ROUTER] = Router(config, session, simulator_url)
+        app[ROUTER] = Router(config, session, simulator_url, pool=pool)
         log.info("%s", app[ROUTER].describe())
         for name, upstream in config.upstreams.items():
             if upstream.api_key_env and not upstream.api_key():
@@ -82,6 +85,7 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
                             " without a key", name, upstream.api_key_env)
         yield
     finally:
+        await pool.close()
         await session.close()
         if simulator is not None:
             await simulator.__aexit__(None, None, None)

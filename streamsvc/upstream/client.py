@@ -1,13 +1,19 @@
 """OpenAI-compatible upstream client: one request, its chunks, its errors classified.
 
-Runs on one shared ``aiohttp.ClientSession`` (the app's, or an embedded
-caller's), else on a session of its own per request. The response body is
-read in pieces of at most ``READ_BYTES`` into streamsvc's own SSE decoder (aiohttp's line
-reader splits on LF only and fails on long lines). Faults that look like
-success are raised as faults: an ``error`` object inside a 200 stream, an
-``event: error`` SSE event, a body that ends (with or without ``[DONE]``)
-before every choice it started has a finish reason, and a body left open after
-``[DONE]`` (the stream ends at ``[DONE]`` and the connection is closed).
+A streamed answer is a cold ``Observable[Chunk]`` (:meth:`UpstreamClient.chunks`):
+each subscription sends one request on a connection of streamsvc's own
+(``upstream/http_stream.py``, reused through ``upstream/pool.py``), and the
+bytes the event loop reads go through ``httptools`` and the SSE decoder
+(``upstream/decoding.py``) to ``observer.on_next`` from the connection's
+``data_received``: one task per stream connects and sends, nothing is awaited
+per token. Disposing the subscription closes the connection. While the
+stream's valve is closed (its sink's backlog is full) the transport is paused.
+
+Faults that look like success are raised as faults (``upstream/decoding.py``),
+and a body left open after ``[DONE]`` ends the stream at ``[DONE]``; its
+connection is then closed, never reused. An embedder's own ``ClientSession``
+(``session`` with no ``pool``) carries its streams instead, read by a task
+(its proxies and trace configs apply); ``models()`` always goes through aiohttp.
 """
 
 from __future__ import annotations
@@ -15,41 +21,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
+import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+import urllib.parse
+import zlib
+from collections.abc import AsyncIterator, Callable
+from enum import Enum
 from typing import Any
 
 import aiohttp
+import httptools
 import msgspec
+import reactivex
+from reactivex import Observable, abc
+from reactivex.disposable import Disposable
 
-from streamsvc.chunks import Chunk, SurrogateJoiner
+from streamsvc.chunks import Chunk
 from streamsvc.config import UpstreamConfig
 from streamsvc.errors import ErrorCode, UpstreamError
 from streamsvc.reactive.backpressure import Valve
-from streamsvc.sse import ServerSentEvent, SSEDecoder
-from streamsvc.upstream.responses_api import ResponsesStream, responses_body
+from streamsvc.reactive.bridge import ObservableIterator, from_async_iterable
+from streamsvc.upstream.decoding import MAX_EVENT_BYTES, ChunkDecoder, error_message
+from streamsvc.upstream.http_stream import Connection, Origin, open_connection
+from streamsvc.upstream.pool import ConnectionPool
+from streamsvc.upstream.responses_api import responses_body
 
-__all__ = ["UpstreamClient", "classify_status", "parse_retry_after"]
+__all__ = ["MAX_EVENT_BYTES", "UpstreamClient", "classify_status", "parse_retry_after"]
 
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _MAX_ERROR_BODY = 16_384
-# The largest upstream event accepted (a big tool-call chunk is well below it).
-MAX_EVENT_BYTES = 8 * 1024 * 1024
-# The most bytes taken from the upstream's buffered body at once: whatever has
-# arrived, up to this (like iter_any), so that a stream whose client is slow
-# never decodes hundreds of kilobytes in one step (the memory peak of a read).
+# The most bytes decoded at once (what one read brings may be more), so that a
+# stream whose client is slow stops within this much once its valve closes.
 READ_BYTES = 16_384
+# How long a connection may take, after [DONE], to end its body: complete, it is
+# kept for reuse; still open then, it is closed (a body left open after [DONE]).
+DONE_GRACE_S = 1.0
 
 
 def parse_retry_after(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date).
+
+    ``headers``: a case-insensitive mapping, or a dict with lower-case keys.
+    """
     millis = headers.get("retry-after-ms")
     if millis:
         try:
             return max(0.0, float(millis) / 1000)
         except ValueError:
             pass
-    value = headers.get("Retry-After")
+    value = headers.get("retry-after")
     if not value:
         return None
     try:
@@ -61,20 +82,6 @@ def parse_retry_after(headers: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        parsed = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
-    if isinstance(parsed, dict):
-        error = parsed.get("error", parsed)  # {"error": {"message"}}, or the error object itself
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-    return body[:200].decode("utf-8", "replace")
 
 
 class _SilenceWatch:
@@ -115,20 +122,6 @@ class _SilenceWatch:
         self._handle.cancel()
 
 
-def _well_formed(choices: Any) -> bool:
-    """The shape every later step relies on: a list of choice objects."""
-    if not isinstance(choices, list):
-        return False
-    for choice in choices:
-        if not isinstance(choice, dict):
-            return False
-        index = choice.get("index", 0)
-        delta = choice.get("delta")
-        if not isinstance(index, int) or (delta is not None and not isinstance(delta, dict)):
-            return False
-    return True
-
-
 def classify_status(
     status: int, body: bytes, retry_after: float | None, upstream: str
 ) -> UpstreamError:
@@ -137,7 +130,7 @@ def classify_status(
     408, 409, 429 and 5xx are retryable; other 4xx are not (the same request
     would fail again). 4xx that blame the request keep the upstream's message.
     """
-    message = f"upstream {upstream!r} answered {status}: {_error_message(body)}"
+    message = f"upstream {upstream!r} answered {status}: {error_message(body)}"
     if status == 429:
         return UpstreamError(
             message, code=ErrorCode.RATE_LIMITED, retryable=True,
@@ -155,14 +148,27 @@ def classify_status(
     return UpstreamError(message, code=ErrorCode.UPSTREAM_ERROR, upstream_status=status)
 
 
+def _header_block(headers: dict[str, str]) -> bytes:
+    """``Name: value`` lines; a name or value that would break the framing is refused."""
+    lines = []
+    for name, value in headers.items():
+        if any(c in name for c in "\r\n\0:") or any(c in value for c in "\r\n\0"):
+            raise ValueError(f"upstream header {name!r}: CR, LF and NUL are not allowed")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode()
+
+
 class UpstreamClient:
     """Talks to one named OpenAI-compatible upstream.
 
     Args:
         name: the upstream's name in config (shown in errors and headers, never its key).
         config: its ``[upstreams.NAME]`` section.
-        session: the shared ``ClientSession``, owned by the caller; None opens
-            (and closes) a session per request, for embedded use.
+        session: a ``ClientSession`` owned by the caller, for ``models()``; with no
+            ``pool`` it also carries the streams (an embedder's session). None:
+            ``models()`` opens (and closes) a session per call.
+        pool: the idle connections streams reuse, owned by the caller (the app's);
+            None: each stream opens a connection of its own and closes it at its end.
         base_url: overrides ``config.base_url`` (used for the built-in simulator).
         api_key: overrides the key read from ``config.api_key_env``.
     """
@@ -173,12 +179,14 @@ class UpstreamClient:
         config: UpstreamConfig,
         session: aiohttp.ClientSession | None,
         *,
+        pool: ConnectionPool | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self._session = session
+        self._pool = pool
         self._base = (base_url or config.base_url).rstrip("/")
         self._responses = config.api == "responses"
         self._url = self._base + ("/responses" if self._responses else "/chat/completions")
@@ -195,9 +203,44 @@ class UpstreamClient:
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout_s, sock_read=None
         )
+        self._origin, self._request_head = self._request_line(headers)
+        self._ssl: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
         return f"UpstreamClient({self.name!r}, {self._url!r})"
+
+    def _request_line(self, headers: dict[str, str]) -> tuple[Origin, bytes]:
+        """The origin to connect to, and the request's head up to its Content-Length."""
+        url = urllib.parse.urlsplit(self._url)
+        host = url.hostname or ""
+        with contextlib.suppress(UnicodeError):
+            host = host.encode("idna").decode("ascii")
+        https = url.scheme == "https"
+        origin = Origin(url.scheme, host, url.port or (443 if https else 80))
+        target = urllib.parse.quote(url.path or "/", safe="/%:@!$&'()*+,;=~")
+        query = "&".join(q for q in (url.query, urllib.parse.urlencode(self.config.query)) if q)
+        if query:
+            target += "?" + query
+        authority = f"[{host}]" if ":" in host else host
+        if url.port is not None:
+            authority += f":{url.port}"
+        fields = {"Host": authority, "User-Agent": "streamsvc", "Accept": "*/*",
+                  # Decoding a compressed stream costs CPU per token: ask for none.
+                  "Accept-Encoding": "identity"}
+        for name, value in headers.items():  # the config's headers win, whatever their case
+            for known in [k for k in fields if k.lower() == name.lower()]:
+                del fields[known]
+            fields[name] = value
+        head = f"POST {target} HTTP/1.1\r\n".encode() + _header_block(fields)
+        return origin, head
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self._origin.scheme != "https":
+            return None
+        if self._ssl is None:
+            # Made once per client: loading the CA store takes milliseconds.
+            self._ssl = ssl.create_default_context()
+        return self._ssl
 
     @contextlib.asynccontextmanager
     async def _session_for_request(self) -> AsyncIterator[aiohttp.ClientSession]:
@@ -232,17 +275,98 @@ class UpstreamClient:
             return []
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
+    def _payload(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The request body the upstream gets: a Responses API body, or the chat body with
+        ``stream`` and ``stream_options.include_usage`` forced."""
+        if self._responses:
+            return responses_body(body)
+        options = body.get("stream_options")
+        return {
+            **body,
+            "stream": True,
+            "stream_options": {**(options if isinstance(options, dict) else {}),
+                               "include_usage": True},
+        }
+
+    def chunks(
+        self,
+        body: dict[str, Any],
+        *,
+        on_start: Callable[[], None] | None = None,
+        on_open: Callable[[], None] | None = None,
+        valve: Valve | None = None,
+    ) -> Observable[Chunk]:
+        """A streamed chat completion as a cold Observable: each subscription is one request.
+
+        Always asks for ``stream_options.include_usage`` so the relay has usage;
+        whether a client sees the usage chunk is decided by the caller.
+        ``on_start`` runs at each subscription; ``on_open`` once the upstream
+        answered 200, before any chunk. While ``valve`` is closed nothing more is
+        read from the upstream's socket (backpressure: its TCP window closes and
+        the upstream waits). Disposing the subscription closes the connection.
+
+        Example::
+
+            client.chunks(body).subscribe(print, scheduler=AsyncIOScheduler(loop))
+        """
+        payload = self._payload(body)
+        if self._pool is None and self._session is not None:
+            session = self._session
+
+            def through_session() -> AsyncIterator[Chunk]:
+                if on_start is not None:
+                    on_start()
+                return self._session_chunks(payload, session, on_open, valve)
+
+            return from_async_iterable(through_session)
+        content = msgspec.json.encode(payload)
+        request = self._request_head + b"Content-Length: %d\r\n\r\n" % len(content) + content
+
+        def subscribe(
+            observer: abc.ObserverBase[Chunk], scheduler: abc.SchedulerBase | None = None
+        ) -> abc.DisposableBase:
+            if on_start is not None:
+                on_start()
+            exchange = _Exchange(self, request, observer, on_open, valve)
+            exchange.start()
+            return Disposable(exchange.dispose)
+
+        return reactivex.create(subscribe)
+
+    async def stream(
+        self,
+        body: dict[str, Any],
+        *,
+        on_open: Callable[[], None] | None = None,
+        valve: Valve | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """The chunks of :meth:`chunks`, for async code; yields until ``[DONE]``.
+
+        Without a ``valve`` of the caller's, the upstream is held back while the
+        consumer works through what came (so a slow consumer slows the upstream
+        instead of piling chunks up). Closing the generator closes the connection.
+        """
+        gate = valve if valve is not None else Valve()
+        async with ObservableIterator(self.chunks(body, on_open=on_open, valve=gate)) as batches:
+            async for batch in batches:
+                if valve is None:
+                    gate.close()
+                for chunk in batch:
+                    yield chunk
+                if valve is None:
+                    gate.open()
+
     async def _post(
-        self, body: dict[str, Any], session: aiohttp.ClientSession, *, streaming: bool = False
+        self, body: dict[str, Any], session: aiohttp.ClientSession
     ) -> aiohttp.ClientResponse:
         try:
-            async with asyncio.timeout(self.config.read_timeout_s if streaming else None):
+            async with asyncio.timeout(self.config.read_timeout_s):
                 response = await session.post(
                     self._url,
                     data=msgspec.json.encode(body),
                     headers=self._headers,
                     params=self.config.query or None,
-                    timeout=self._stream_timeout if streaming else self._timeout,
+                    timeout=self._stream_timeout,
                 )
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamError(
@@ -250,15 +374,9 @@ class UpstreamClient:
                 code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
             ) from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamError(
-                f"upstream {self.name!r} did not answer in time",
-                code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True,
-            ) from exc
+            raise self._no_answer() from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"request to upstream {self.name!r} failed: {_in_words(exc)}",
-                code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
-            ) from exc
+            raise self._request_failed(exc) from exc
         if response.status != 200:
             try:
                 body_bytes = await response.content.read(_MAX_ERROR_BODY)
@@ -271,185 +389,52 @@ class UpstreamClient:
             )
         return response
 
-    async def stream(
+    async def _session_chunks(
         self,
-        body: dict[str, Any],
-        *,
-        on_open: Callable[[], None] | None = None,
-        valve: Valve | None = None,
-    ) -> AsyncIterator[Chunk]:
-        """Stream a chat completion; yields chunks until ``[DONE]``.
-
-        Always asks for ``stream_options.include_usage`` so the relay has usage;
-        whether a client sees the usage chunk is decided by the caller.
-        ``on_open`` runs once the upstream answered 200, before any chunk.
-        While ``valve`` is closed nothing more is read from the upstream's
-        socket (backpressure: its TCP window closes and the upstream waits).
-        Closing the generator (or cancelling its task) closes the connection.
-        """
-        if self._responses:
-            async with self._session_for_request() as session:
-                async for chunk in self._stream_responses(
-                    responses_body(body), session, on_open, valve
-                ):
-                    yield chunk
-            return
-        options = body.get("stream_options")
-        body = {
-            **body,
-            "stream": True,
-            "stream_options": {**(options if isinstance(options, dict) else {}),
-                               "include_usage": True},
-        }
-        async with self._session_for_request() as session:
-            async for chunk in self._stream(body, session, on_open, valve):
-                yield chunk
-
-    async def _events(
-        self,
-        response: aiohttp.ClientResponse,
+        payload: dict[str, Any],
+        session: aiohttp.ClientSession,
         on_open: Callable[[], None] | None,
         valve: Valve | None,
-    ) -> AsyncGenerator[ServerSentEvent, None]:
-        """The SSE events of a streamed body, for either API.
+    ) -> AsyncIterator[Chunk]:
+        """The chunks of one request through a caller's session (a task reads them).
 
-        Reads at most ``READ_BYTES`` at a time into the decoder, bounds an event
-        at ``MAX_EVENT_BYTES``, waits while ``valve`` is closed (backpressure),
-        maps the connection's failures and silence to typed errors, and closes
-        the response when done (not ``release()``: a body left open or cut short
-        must not go back to the pool). Ends normally at the end of the body.
+        Waits while ``valve`` is closed; closes the response when done (not
+        ``release()``: a body left open or cut short must not go back to its pool).
         """
-        decoder = SSEDecoder()
-        undelivered = 0  # bytes read since the last whole event: bounds the decoder's buffer
+        response = await self._post(payload, session)
+        pending: list[Chunk] = []
+        decoder = ChunkDecoder(self.name, pending.append, responses=self._responses)
         silence = _SilenceWatch(self.config.read_timeout_s, response.close, valve)
         try:
             if on_open is not None:
                 on_open()
             async for data in response.content.iter_chunked(READ_BYTES):
                 silence.last = time.monotonic()
-                events = decoder.feed(data)
-                undelivered = 0 if events else undelivered + len(data)
-                if undelivered > MAX_EVENT_BYTES:
-                    raise UpstreamError(
-                        f"upstream {self.name!r} sent more than {MAX_EVENT_BYTES} bytes"
-                        " without ending an event",
-                        code=ErrorCode.UPSTREAM_ERROR,
-                    )
-                for event in events:
-                    yield event
+                failure: UpstreamError | None = None
+                try:
+                    decoder.feed(data)
+                except UpstreamError as error:
+                    failure = error  # after the chunks that came before it
+                for chunk in pending:
+                    yield chunk
+                pending.clear()
+                if failure is not None:
+                    raise failure
+                if decoder.done:
+                    return
                 if valve is not None and not valve.is_open:
                     await valve.wait_open()
                     silence.last = time.monotonic()
         except (TimeoutError, aiohttp.ClientError) as exc:
             if silence.fired or isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
                 raise self._silent() from exc
-            raise UpstreamError(
-                f"upstream {self.name!r} stopped mid-stream: {_in_words(exc)}",
-                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-            ) from exc
+            raise self._cut(exc) from exc
         finally:
             silence.cancel()
             response.close()
         if silence.fired:
             raise self._silent()
-
-    async def _stream_responses(
-        self,
-        body: dict[str, Any],
-        session: aiohttp.ClientSession,
-        on_open: Callable[[], None] | None,
-        valve: Valve | None,
-    ) -> AsyncIterator[Chunk]:
-        """A Responses API upstream's events, as chunks (``upstream/responses_api.py``)."""
-        response = await self._post(body, session, streaming=True)
-        translated = ResponsesStream(self.name)
-        async with contextlib.aclosing(self._events(response, on_open, valve)) as events:
-            async for event in events:
-                try:
-                    payload = msgspec.json.decode(event.data)
-                except msgspec.DecodeError as exc:
-                    raise UpstreamError(
-                        f"upstream {self.name!r} sent a malformed event: {event.data[:80]!r}",
-                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-                    ) from exc
-                kind = payload.get("type") if isinstance(payload, dict) else None
-                if not isinstance(kind, str):
-                    continue
-                for chunk in translated.event(kind, payload):
-                    yield chunk
-                if translated.ended:
-                    return
-        raise UpstreamError(
-            f"upstream {self.name!r} ended the stream without a final event (truncated)",
-            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-        )
-
-    async def _stream(
-        self,
-        body: dict[str, Any],
-        session: aiohttp.ClientSession,
-        on_open: Callable[[], None] | None,
-        valve: Valve | None,
-    ) -> AsyncIterator[Chunk]:
-        response = await self._post(body, session, streaming=True)
-        halves = SurrogateJoiner()  # an emoji split into "\ud83d" and "\ude42" chunks
-        started: set[int] = set()  # the choices seen, and those of them that finished
-        finished: set[int] = set()
-        async with contextlib.aclosing(self._events(response, on_open, valve)) as events:
-            async for event in events:
-                if event.event == "error":  # what some servers send for a failure mid-stream
-                    raise UpstreamError(
-                        f"upstream {self.name!r} sent an error event mid-stream: "
-                        f"{_error_message(event.data.encode())}",
-                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-                    )
-                if event.event not in ("message", ""):
-                    continue  # not a chunk: OpenAI sends only default events
-                text = event.data
-                if text == "[DONE]":
-                    # The end, whether or not the body closes; but not a normal one
-                    # unless every choice finished.
-                    self._check_finished(started, finished, "[DONE]")
-                    return
-                try:
-                    chunk = halves.join(Chunk.from_json(text.encode()))
-                except msgspec.DecodeError as exc:
-                    raise UpstreamError(
-                        f"upstream {self.name!r} sent a malformed chunk: {text[:80]!r}",
-                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-                    ) from exc
-                error = chunk.data.get("error")
-                if error is not None:
-                    raise UpstreamError(
-                        f"upstream {self.name!r} reported an error mid-stream: "
-                        f"{_error_message(msgspec.json.encode({'error': error}))}",
-                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-                    )
-                choices = chunk.data.get("choices", [])
-                if not _well_formed(choices):
-                    raise UpstreamError(
-                        f"upstream {self.name!r} sent a chunk whose choices are not"
-                        f" objects with an integer index and an object delta: {text[:80]!r}",
-                        code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-                    )
-                for choice in choices:
-                    index = choice.get("index", 0)
-                    started.add(index)
-                    if choice.get("finish_reason") is not None:
-                        finished.add(index)
-                yield chunk
-        self._check_finished(started, finished, "the end of its body")
-
-    def _check_finished(self, started: set[int], finished: set[int], end: str) -> None:
-        """A stream that ends with no finish reason (for every choice it began) was cut short."""
-        if finished and started <= finished:
-            return
-        unfinished = sorted(started - finished)
-        which = f" (choice {', '.join(map(str, unfinished))})" if finished else ""
-        raise UpstreamError(
-            f"upstream {self.name!r} came to {end} without a finish reason{which}: truncated",
-            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-        )
+        decoder.end()
 
     def _silent(self) -> UpstreamError:
         return UpstreamError(
@@ -457,9 +442,338 @@ class UpstreamClient:
             code=ErrorCode.IDLE_TIMEOUT, retryable=True,
         )
 
+    def _no_answer(self) -> UpstreamError:
+        return UpstreamError(
+            f"upstream {self.name!r} did not answer in time",
+            code=ErrorCode.UPSTREAM_TIMEOUT, retryable=True,
+        )
 
-def _in_words(exc: BaseException) -> str:
-    """What a foreign exception means, for a message a person reads (no class names)."""
+    def _request_failed(self, exc: BaseException | None) -> UpstreamError:
+        return UpstreamError(
+            f"request to upstream {self.name!r} failed: {_in_words(exc)}",
+            code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
+        )
+
+    def _cut(self, exc: BaseException | None) -> UpstreamError:
+        return UpstreamError(
+            f"upstream {self.name!r} stopped mid-stream: {_in_words(exc, mid_body=True)}",
+            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+        )
+
+
+class _State(Enum):
+    CONNECTING = "connecting"
+    SENT = "sent"  # the request went out; no status line yet
+    STREAMING = "streaming"  # 200: the body goes to the observer
+    ERROR_BODY = "error body"  # another status: its body is read for the message
+    DRAINING = "draining"  # the answer is whole; waiting for its body's end, to reuse it
+    ENDED = "ended"
+
+
+class _Exchange:
+    """One subscription's request: the connection's ``ResponseHandler`` and its observer's source.
+
+    The connection calls it from ``data_received``; it decodes and emits there.
+    """
+
+    __slots__ = ("_client", "_connection", "_decoder", "_end", "_error_body", "_grace",
+                 "_held", "_loop", "_observer", "_on_open", "_paused", "_request",
+                 "_retried", "_retry_after", "_silence", "_state", "_status", "_task",
+                 "_valve")
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        request: bytes,
+        observer: abc.ObserverBase[Chunk],
+        on_open: Callable[[], None] | None,
+        valve: Valve | None,
+    ) -> None:
+        self._client = client
+        self._request = request
+        self._observer = observer
+        self._on_open = on_open
+        self._valve = valve
+        self._loop = asyncio.get_running_loop()
+        self._state = _State.CONNECTING
+        self._connection: Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._silence: _SilenceWatch | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        # After a dispose the observer ignores on_next: no check of our own per token.
+        self._decoder = ChunkDecoder(client.name, observer.on_next, responses=client._responses)
+        self._status = 0
+        self._error_body = bytearray()
+        self._retry_after: float | None = None
+        self._held = b""  # body bytes not decoded yet: they came while the valve was closed
+        self._end: Callable[[], None] | None = None  # the body's end, come while bytes were held
+        self._paused = False
+        self._retried = False
+
+    def start(self) -> None:
+        self._task = self._loop.create_task(self._connect(reuse=True))
+
+    async def _connect(self, *, reuse: bool) -> None:
+        client = self._client
+        pool = client._pool
+        connection = pool.take(client._origin) if pool is not None and reuse else None
+        try:
+            if connection is None:
+                async with asyncio.timeout(client.config.connect_timeout_s):
+                    connection = await open_connection(client._origin, client._ssl_context())
+        except TimeoutError as exc:
+            self._fail(_caused(client._no_answer(), exc))
+            return
+        except OSError as exc:
+            self._fail(_caused(UpstreamError(
+                f"cannot connect to upstream {client.name!r}: {exc}",
+                code=ErrorCode.UPSTREAM_UNAVAILABLE, retryable=True,
+            ), exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a task's failure would otherwise go unseen
+            self._fail(exc)
+            return
+        if self._state is not _State.CONNECTING:  # disposed meanwhile
+            connection.close()
+            return
+        self._connection = connection
+        self._state = _State.SENT
+        if self._silence is None:
+            # One watch from here on: no status line in time is upstream_timeout,
+            # silence in the body idle_timeout.
+            self._silence = _SilenceWatch(client.config.read_timeout_s, self._silent,
+                                          self._valve)
+        else:
+            self._silence.last = time.monotonic()
+        connection.send(self._request, self)
+
+    # ResponseHandler
+
+    def head(self, status: int, headers: dict[str, str]) -> None:
+        if self._state is not _State.SENT:
+            return
+        if status != 200:
+            self._state = _State.ERROR_BODY
+            self._status = status
+            self._retry_after = parse_retry_after(headers)
+            return
+        self._state = _State.STREAMING
+        if self._silence is not None:
+            self._silence.last = time.monotonic()
+        if self._on_open is not None:
+            try:
+                self._on_open()
+            except Exception as exc:  # noqa: BLE001 - every failure goes to the observer
+                self._fail(exc)
+
+    def body(self, data: bytes) -> None:
+        state = self._state
+        if state is _State.STREAMING:
+            assert self._silence is not None
+            self._silence.last = time.monotonic()
+            if self._held:
+                self._held += data  # in order: after what already waits for the valve
+            else:
+                self._decode(data)
+        elif state is _State.ERROR_BODY:
+            self._error_body += data[:_MAX_ERROR_BODY - len(self._error_body)]
+            if len(self._error_body) >= _MAX_ERROR_BODY:
+                self._fail_status()
+
+    def complete(self) -> None:
+        state = self._state
+        if state is _State.STREAMING:
+            if self._held:
+                self._end = self.complete
+                return
+            self._release()
+            try:
+                self._decoder.end()
+            except UpstreamError as error:
+                self._fail(error)
+                return
+            self._state = _State.ENDED
+            self._stop()
+            self._observer.on_completed()
+        elif state is _State.ERROR_BODY:
+            self._release()
+            self._fail_status()
+        elif state is _State.DRAINING:
+            self._state = _State.ENDED
+            self._release()
+            self._stop()
+
+    def lost(self, exc: BaseException | None) -> None:
+        state = self._state
+        if state is _State.STREAMING and self._held:
+            self._end = functools.partial(self.lost, exc)
+            return
+        connection, self._connection = self._connection, None
+        if state is _State.SENT:
+            if (connection is not None and connection.requests > 1
+                    and not connection.received and not self._retried):
+                # A kept-alive connection the server had closed meanwhile: once more, anew.
+                self._retried = True
+                self._state = _State.CONNECTING
+                self._task = self._loop.create_task(self._connect(reuse=False))
+                return
+            self._fail(_caused(self._client._request_failed(exc), exc))
+        elif state is _State.ERROR_BODY:
+            self._fail_status()
+        elif state is _State.STREAMING:
+            self._fail(_caused(self._client._cut(exc), exc))
+        elif state is _State.DRAINING:
+            self._state = _State.ENDED
+            self._stop()
+
+    # the rest
+
+    def _decode(self, data: bytes) -> None:
+        """Decode ``data`` into the observer; stop (and hold the rest) once the valve closes."""
+        decoder = self._decoder
+        valve = self._valve
+        try:
+            for start in range(0, len(data), READ_BYTES):
+                decoder.feed(data if len(data) <= READ_BYTES else data[start:start + READ_BYTES])
+                if self._state is not _State.STREAMING:
+                    return
+                if decoder.done:
+                    self._done()
+                    return
+                if valve is not None and not valve.is_open:
+                    self._held = data[start + READ_BYTES:]
+                    self._pause()
+                    return
+        except Exception as exc:  # noqa: BLE001 - the observer's own failures too, as before
+            self._fail(exc)
+
+    def _pause(self) -> None:
+        assert self._valve is not None and self._connection is not None
+        if not self._paused:
+            self._paused = True
+            self._connection.pause()
+        # The sink opens the valve from inside its own write: go on in a callback of our own.
+        self._valve.when_open(functools.partial(self._loop.call_soon, self._resume))
+
+    def _resume(self) -> None:
+        if self._state is not _State.STREAMING:
+            return
+        held, self._held = self._held, b""
+        if held:
+            self._decode(held)
+            if self._state is not _State.STREAMING or self._held:
+                return
+        valve = self._valve
+        if valve is not None and not valve.is_open:
+            self._pause()
+            return
+        end, self._end = self._end, None
+        if end is not None:
+            end()
+            return
+        self._paused = False
+        if self._connection is not None:
+            self._connection.resume()
+
+    def _done(self) -> None:
+        """``[DONE]`` (or the final event): the answer is whole, whatever the body does next."""
+        self._state = _State.DRAINING
+        if self._silence is not None:
+            self._silence.cancel()
+        if self._valve is not None:
+            self._valve.when_open(None)
+        if self._end is not None:  # the body had ended already
+            end, self._end = self._end, None
+            end()
+        elif self._connection is not None:
+            if self._paused:
+                self._paused = False
+                self._connection.resume()
+            self._grace = self._loop.call_later(DONE_GRACE_S, self._left_open)
+        self._observer.on_completed()
+
+    def _left_open(self) -> None:
+        if self._state is _State.DRAINING:
+            self._state = _State.ENDED
+            self._stop()
+
+    def _silent(self) -> None:
+        state = self._state
+        if state is _State.SENT:
+            self._fail(self._client._no_answer())
+        elif state is _State.ERROR_BODY:
+            self._fail_status()
+        elif state is _State.STREAMING:
+            self._fail(self._client._silent())
+
+    def _fail_status(self) -> None:
+        self._fail(classify_status(
+            self._status, bytes(self._error_body), self._retry_after, self._client.name))
+
+    def _fail(self, error: Exception) -> None:
+        if self._state in (_State.ENDED, _State.DRAINING):
+            return
+        self._state = _State.ENDED
+        self._decoder.done = True
+        self._stop()
+        self._observer.on_error(error)
+
+    def _release(self) -> None:
+        """Give the connection back to the pool when its response allows it, else close it."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        pool = self._client._pool
+        if pool is not None and connection.reusable and not connection.closed:
+            if self._paused:
+                self._paused = False
+                connection.resume()
+            pool.put(connection)
+        else:
+            connection.close()
+
+    def _stop(self) -> None:
+        if self._silence is not None:
+            self._silence.cancel()
+        if self._grace is not None:
+            self._grace.cancel()
+        if self._paused and self._valve is not None:
+            self._valve.when_open(None)
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+    def dispose(self) -> None:
+        """The subscriber left: close the connection (unless the answer is already whole)."""
+        if self._state in (_State.ENDED, _State.DRAINING):
+            return
+        self._state = _State.ENDED
+        self._decoder.done = True
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+        self._stop()
+
+
+def _caused(error: UpstreamError, exc: BaseException | None) -> UpstreamError:
+    """``error`` with ``exc`` as its cause, as ``raise error from exc`` would have it."""
+    error.__cause__ = exc
+    return error
+
+
+def _in_words(exc: BaseException | None, *, mid_body: bool = False) -> str:
+    """What a foreign exception means, for a message a person reads (no class names).
+
+    ``mid_body``: the connection failed inside the body (None: it just closed).
+    """
+    if isinstance(exc, httptools.HttpParserError):
+        return f"its response could not be read ({exc})"
+    if isinstance(exc, zlib.error):
+        return "its compressed body could not be read"
+    if exc is None:
+        if mid_body:
+            return "the connection closed before the answer was complete"
+        return "the upstream closed the connection"
     if isinstance(exc, aiohttp.ClientPayloadError):
         return "the connection closed before the answer was complete"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
@@ -474,4 +788,6 @@ def _in_words(exc: BaseException) -> str:
         return "it did not answer in time"
     if isinstance(exc, msgspec.DecodeError):
         return "its answer is not JSON"
+    if isinstance(exc, OSError):
+        return f"a network error ({exc.strerror or 'the connection failed'})"
     return "the connection failed"

@@ -11,6 +11,7 @@ import aiohttp
 from streamsvc.config import BUILTIN_SIMULATOR, Config
 from streamsvc.errors import ClientError, ErrorCode, UpstreamError
 from streamsvc.upstream.client import UpstreamClient
+from streamsvc.upstream.pool import ConnectionPool
 
 __all__ = ["Router"]
 
@@ -23,12 +24,14 @@ class Router:
 
     Args:
         config: the loaded config.
-        session: the app's shared ``ClientSession``.
+        session: the app's shared ``ClientSession`` (for ``GET /models``).
         simulator_url: the base URL of the in-process simulator, when one runs.
+        pool: the app's upstream connections, which the streams reuse.
     """
 
     def __init__(
-        self, config: Config, session: aiohttp.ClientSession, simulator_url: str | None = None
+        self, config: Config, session: aiohttp.ClientSession, simulator_url: str | None = None,
+        *, pool: ConnectionPool | None = None,
     ) -> None:
         self._config = config
         self.clients: dict[str, UpstreamClient] = {}
@@ -36,7 +39,8 @@ class Router:
         self._simulated = {n for n, u in config.upstreams.items() if u.base_url == BUILTIN_SIMULATOR}
         for name, upstream in config.upstreams.items():
             base_url = simulator_url if upstream.base_url == BUILTIN_SIMULATOR else None
-            self.clients[name] = UpstreamClient(name, upstream, session, base_url=base_url)
+            self.clients[name] = UpstreamClient(name, upstream, session, pool=pool,
+                                                base_url=base_url)
 
     def describe(self) -> str:
         """The start-up log line: which models go where, and what happens to the others.

@@ -1,0 +1,190 @@
+"""A streamed answer's body bytes -> checked chunks, with no I/O.
+
+Both upstream transports (the push-driven connection, and a caller's
+``aiohttp`` session) feed the bytes they read to one :class:`ChunkDecoder`,
+which decodes the SSE events, turns them into chunks and raises a typed
+``UpstreamError`` for every fault that looks like success: an ``error`` object
+inside a 200 stream, an ``event: error``, a malformed chunk, choices not well
+formed, an event longer than ``MAX_EVENT_BYTES``, and a stream that ends (at
+``[DONE]`` or at the end of its body) before every choice it started has a
+finish reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from streamsvc.chunks import Chunk, SurrogateJoiner
+from streamsvc.errors import ErrorCode, UpstreamError
+from streamsvc.sse import ServerSentEvent, SSEDecoder
+from streamsvc.upstream.responses_api import ResponsesStream
+
+__all__ = ["MAX_EVENT_BYTES", "ChunkDecoder", "error_message"]
+
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+"""The largest upstream event accepted (a big tool-call chunk is well below it)."""
+
+
+def error_message(body: bytes) -> str:
+    """The message of an upstream's error body (its ``error.message``, else its text)."""
+    try:
+        parsed = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
+    if isinstance(parsed, dict):
+        error = parsed.get("error", parsed)  # {"error": {"message"}}, or the error object itself
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return body[:200].decode("utf-8", "replace")
+
+
+def _well_formed(choices: Any) -> bool:
+    """The shape every later step relies on: a list of choice objects."""
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        index = choice.get("index", 0)
+        delta = choice.get("delta")
+        if not isinstance(index, int) or (delta is not None and not isinstance(delta, dict)):
+            return False
+    return True
+
+
+class ChunkDecoder:
+    """Decodes one streamed answer, chunk by chunk, into ``emit``.
+
+    Args:
+        upstream: the upstream's name, for error messages.
+        emit: called with each chunk, in order.
+        responses: the body is a Responses API stream (``upstream/responses_api.py``),
+            not chat-completion chunks.
+
+    ``done`` turns True at the normal end (``[DONE]``, or the Responses API's
+    final event): nothing after it is decoded. A caller that stops early sets it.
+    """
+
+    __slots__ = ("_decoder", "_emit", "_finished", "_halves", "_name", "_responses",
+                 "_started", "_undelivered", "done")
+
+    def __init__(self, upstream: str, emit: Callable[[Chunk], object], *,
+                 responses: bool = False) -> None:
+        self._name = upstream
+        self._emit = emit
+        self._decoder = SSEDecoder()
+        self._undelivered = 0  # bytes fed since the last whole event: bounds the decoder's buffer
+        self._responses = ResponsesStream(upstream) if responses else None
+        self._halves = SurrogateJoiner()  # an emoji split into "\ud83d" and "\ude42" chunks
+        self._started: set[int] = set()  # the choices seen, and those of them that finished
+        self._finished: set[int] = set()
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        """Decode the next bytes of the body; raises ``UpstreamError`` for a fault."""
+        events = self._decoder.feed(data)
+        if not events:
+            self._undelivered += len(data)
+            if self._undelivered > MAX_EVENT_BYTES:
+                raise UpstreamError(
+                    f"upstream {self._name!r} sent more than {MAX_EVENT_BYTES} bytes"
+                    " without ending an event",
+                    code=ErrorCode.UPSTREAM_ERROR,
+                )
+            return
+        self._undelivered = 0
+        event_of = self._chat_event if self._responses is None else self._responses_event
+        for event in events:
+            if self.done:
+                return
+            event_of(event)
+
+    def end(self) -> None:
+        """The body ended; raises ``UpstreamError`` when the answer was cut short."""
+        if self.done:
+            return
+        if self._responses is not None:
+            raise UpstreamError(
+                f"upstream {self._name!r} ended the stream without a final event (truncated)",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            )
+        self._check_finished("the end of its body")
+        self.done = True
+
+    def _chat_event(self, event: ServerSentEvent) -> None:
+        if event.event == "error":  # what some servers send for a failure mid-stream
+            raise UpstreamError(
+                f"upstream {self._name!r} sent an error event mid-stream: "
+                f"{error_message(event.data.encode())}",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            )
+        if event.event not in ("message", ""):
+            return  # not a chunk: OpenAI sends only default events
+        text = event.data
+        if text == "[DONE]":
+            # The end, whether or not the body closes; but not a normal one
+            # unless every choice finished.
+            self._check_finished("[DONE]")
+            self.done = True
+            return
+        try:
+            chunk = self._halves.join(Chunk.from_json(text.encode()))
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(
+                f"upstream {self._name!r} sent a malformed chunk: {text[:80]!r}",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            ) from exc
+        error = chunk.data.get("error")
+        if error is not None:
+            raise UpstreamError(
+                f"upstream {self._name!r} reported an error mid-stream: "
+                f"{error_message(msgspec.json.encode({'error': error}))}",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            )
+        choices = chunk.data.get("choices", [])
+        if not _well_formed(choices):
+            raise UpstreamError(
+                f"upstream {self._name!r} sent a chunk whose choices are not"
+                f" objects with an integer index and an object delta: {text[:80]!r}",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            )
+        for choice in choices:
+            index = choice.get("index", 0)
+            self._started.add(index)
+            if choice.get("finish_reason") is not None:
+                self._finished.add(index)
+        self._emit(chunk)
+
+    def _responses_event(self, event: ServerSentEvent) -> None:
+        assert self._responses is not None
+        try:
+            payload = msgspec.json.decode(event.data)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(
+                f"upstream {self._name!r} sent a malformed event: {event.data[:80]!r}",
+                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+            ) from exc
+        kind = payload.get("type") if isinstance(payload, dict) else None
+        if not isinstance(kind, str):
+            return
+        for chunk in self._responses.event(kind, payload):
+            self._emit(chunk)
+        if self._responses.ended:
+            self.done = True
+
+    def _check_finished(self, end: str) -> None:
+        """A stream that ends with no finish reason (for every choice it began) was cut short."""
+        started, finished = self._started, self._finished
+        if finished and started <= finished:
+            return
+        unfinished = sorted(started - finished)
+        which = f" (choice {', '.join(map(str, unfinished))})" if finished else ""
+        raise UpstreamError(
+            f"upstream {self._name!r} came to {end} without a finish reason{which}: truncated",
+            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+        )
