@@ -27,6 +27,7 @@ async def stop_tasks(tasks: Iterable[asyncio.Future[Any]], *, within_s: float = 
     """Cancel ``tasks`` and wait until each has ended, cancelling again every
     :data:`RECANCEL_S`; after ``within_s`` the ones still running are logged and
     left. Their results and errors are retrieved (a stopped task has nothing to tell)."""
+    tasks = list(tasks)  # iterated twice: to stop them, then to retrieve what they raised
     pending = {task for task in tasks if not task.done()}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s

@@ -9,6 +9,7 @@ coroutine that catches its first ``CancelledError`` and carries on, as a
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -85,3 +86,26 @@ async def test_redis_tailer_closes_when_its_blocking_read_swallowed_the_cancel(
         assert (await waiting) is False  # its reader was woken, not left waiting
     finally:
         await redis.aclose()
+
+
+async def test_what_a_stopped_task_raised_is_retrieved_when_tasks_come_as_a_generator() -> None:
+    async def fails_when_cancelled() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise ValueError("raised while stopping") from None
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        task = asyncio.ensure_future(fails_when_cancelled())
+        await asyncio.sleep(0)
+        await stop_tasks(t for t in [task])
+        assert task.done() and not task.cancelled()  # it raised (asking would retrieve it)
+        del task
+        gc.collect()
+        assert not reported  # no "Task exception was never retrieved"
+    finally:
+        loop.set_exception_handler(previous)
