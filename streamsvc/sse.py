@@ -115,6 +115,33 @@ class SSEDecoder:
         field (also from blocks that dispatch nothing); ``None`` if none came."""
         return self._retry
 
+    def feed_data(self, chunk: bytes) -> list[bytes] | None:
+        """The ``data`` bytes of each event, when ``chunk`` is whole one-line ``data:`` events.
+
+        The shape nearly every upstream read has (``data: {...}\\n\\n``, one
+        or more, LF only): its events are cut from the bytes as they came, with
+        no text decoding and no :class:`ServerSentEvent`, and the decoder's state
+        stays what it was (nothing is pending, no id or retry changes). Returns
+        None, having consumed nothing, for anything else (a partial event,
+        another field, a comment, a CR, held state): :meth:`feed` it then.
+        The data is not checked as UTF-8: a caller that decodes it must treat
+        invalid bytes as :meth:`feed` does (U+FFFD).
+        """
+        if (not chunk.startswith(b"data: ") or not chunk.endswith(b"\n\n")
+                or self._partial or self._data or self._cr_pending or b"\r" in chunk
+                or self._event_type or self._retry_buffer is not None
+                or self._decoder.getstate()[0]):
+            return None
+        self._at_start = False  # no BOM: the stream goes on with "data: "
+        parts = chunk[:-2].split(b"\n\n")
+        for part in parts:
+            # One data line per event: a second line (of any field) is feed()'s to read.
+            if not part.startswith(b"data: ") or b"\n" in part:
+                return None
+        # At each blank line the last event id is set from the id buffer: unchanged.
+        self._last_event_id = self._id_buffer
+        return [part[6:] for part in parts]
+
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Decode ``chunk`` and return the events it completes, in order.
 

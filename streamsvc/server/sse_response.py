@@ -24,6 +24,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from streamsvc.config import ServerConfig
+from streamsvc.reactive.write_batch import current_batch
 
 __all__ = ["HEARTBEAT", "ClientGone", "SSEResponse", "response_bytes"]
 
@@ -72,6 +73,7 @@ class SSEResponse(web.StreamResponse):
         self._ping: asyncio.TimerHandle | None = None
         self._drain: asyncio.Future[None] | None = None
         self._waiting = False
+        self._kept: list[bytes] = []  # written inside an upstream read's batch, not yet sent
         self.sent = 0
         """Body bytes handed to the connection (what the access log reports)."""
 
@@ -115,14 +117,35 @@ class SSEResponse(web.StreamResponse):
         )
 
     def write_now(self, data: bytes) -> bool:
-        """Write prepared frames at once, from any callback; False when they must wait."""
+        """Write prepared frames at once, from any callback; False when they must wait.
+
+        Inside an upstream read's write batch (``streamsvc.reactive.write_batch``)
+        they are kept and go out with the rest of that read's frames, in one write
+        when the read's callback ends.
+        """
         if not self.writable:
             return False
+        batch = current_batch()
+        if batch.open and data:
+            if not self._kept:
+                batch.add(self)
+            self._kept.append(data)
+            return True
         try:
             self._write(data)
         except ConnectionError:
             return False
         return True
+
+    def flush_batch(self) -> None:
+        """The read's batch ended: write what it kept (a client that left loses it, as
+        any write to a closed connection)."""
+        kept, self._kept = self._kept, []
+        if kept:
+            try:
+                self._write(kept[0] if len(kept) == 1 else b"".join(kept))
+            except ConnectionError:
+                pass
 
     async def send(self, data: bytes) -> None:
         """Write prepared frames once the connection has taken what was written before.

@@ -87,6 +87,15 @@ class ChunkDecoder:
 
     def feed(self, data: bytes) -> None:
         """Decode the next bytes of the body; raises ``UpstreamError`` for a fault."""
+        if self._responses is None:
+            payloads = self._decoder.feed_data(data)
+            if payloads is not None:  # whole data-only events: their bytes, not decoded to text
+                self._undelivered = 0
+                for payload in payloads:
+                    if self.done:
+                        return
+                    self._chat_data(payload, as_bytes=True)
+                return
         events = self._decoder.feed(data)
         if not events:
             self._undelivered += len(data)
@@ -125,16 +134,28 @@ class ChunkDecoder:
             )
         if event.event not in ("message", ""):
             return  # not a chunk: OpenAI sends only default events
-        text = event.data
-        if text == "[DONE]":
+        self._chat_data(event.data.encode(), as_bytes=False)
+
+    def _chat_data(self, data: bytes, *, as_bytes: bool) -> None:
+        """One default event's data: ``[DONE]``, or a chunk checked and emitted.
+
+        ``as_bytes``: ``data`` was cut from the body undecoded, so it may hold
+        invalid UTF-8, which reads as U+FFFD (what decoding the event as text
+        does) rather than failing the chunk.
+        """
+        if data == b"[DONE]":
             # The end, whether or not the body closes; but not a normal one
             # unless every choice finished.
             self._check_finished("[DONE]")
             self.done = True
             return
         try:
-            chunk = self._halves.join(Chunk.from_json(text.encode()))
+            chunk = self._halves.join(Chunk.from_json(data))
         except msgspec.DecodeError as exc:
+            text = data.decode("utf-8", "replace")
+            if as_bytes and text.encode() != data:
+                self._chat_data(text.encode(), as_bytes=False)
+                return
             raise UpstreamError(
                 f"upstream {self._name!r} sent a malformed chunk: {text[:80]!r}",
                 code=ErrorCode.UPSTREAM_ERROR, retryable=True,
@@ -150,7 +171,8 @@ class ChunkDecoder:
         if not _well_formed(choices):
             raise UpstreamError(
                 f"upstream {self._name!r} sent a chunk whose choices are not"
-                f" objects with an integer index and an object delta: {text[:80]!r}",
+                f" objects with an integer index and an object delta:"
+                f" {data.decode('utf-8', 'replace')[:80]!r}",
                 code=ErrorCode.UPSTREAM_ERROR, retryable=True,
             )
         for choice in choices:

@@ -21,6 +21,8 @@ from typing import NamedTuple, Protocol, cast
 
 import httptools
 
+from streamsvc.reactive.write_batch import current_batch
+
 __all__ = ["Connection", "Origin", "ResponseHandler", "open_connection"]
 
 
@@ -82,10 +84,12 @@ class Connection(asyncio.Protocol):
             self.close()  # idle: a server has nothing to say between responses
             return
         self.received = True
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._lose(exc)
+        # What this read makes for clients goes out in one write per client, at its end.
+        with current_batch():
+            try:
+                parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                self._lose(exc)
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost tells the handler
