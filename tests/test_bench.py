@@ -281,6 +281,27 @@ def test_quick_bench_writes_the_plot(quick_run: Any) -> None:
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
 
 
+def test_the_plot_draws_every_open_streams_path(quick_run: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    from streamsvc.bench.plot import figure
+
+    _, report, _ = quick_run
+    fig = figure(_typed(report))
+    try:
+        gaps = fig.axes[0]
+        legend = gaps.get_legend()
+        assert legend is not None
+        drawn = [text.get_text() for text in legend.get_texts()]
+    finally:
+        plt.close(fig)
+    opened = [label for label in drawn if " open at " in label]
+    assert len(opened) == len(report["open_streams"])
+    for endpoint in OPEN_ENDPOINTS:  # one dashed curve per loop on each endpoint
+        assert sum(f"streamsvc POST {URLS[endpoint]}," in label
+                   for label in opened) == len(RELAY_LOOPS), opened
+
+
 def test_no_matplotlib_means_no_plot_and_no_crash(
     quick_run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
