@@ -9,6 +9,7 @@ journal endpoint, the Redis journal (with a redis-server on PATH) and nginx.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -28,9 +29,9 @@ from streamsvc.bench.baseline import create_baseline_app
 from streamsvc.bench.load import LoadSpec, run_load
 from streamsvc.bench.nginx import nginx_binary
 from streamsvc.bench.options import BenchOptions, add_arguments, options_from_args
-from streamsvc.bench.orchestrator import _main_paths, _Run
+from streamsvc.bench.orchestrator import _main_paths, _open_paths, _Run
 from streamsvc.bench.redis_server import redis_binary
-from streamsvc.bench.report import evaluate_targets, notes, write_outputs
+from streamsvc.bench.report import evaluate_targets, notes, print_report, write_outputs
 from streamsvc.bench.results import BenchReport, Skipped
 from streamsvc.bench.stats import percentile, summarize
 from streamsvc.eventloop import uvloop_available
@@ -43,6 +44,9 @@ LOOPS = {"asyncio", "uvloop"}
 # The relay loops of the default --loop both, in their order; one loop: names carry none.
 RELAY_LOOPS = ("uvloop", "asyncio") if uvloop_available() else ("asyncio",)
 ENDPOINTS = ("openai", "events", "streams")  # the default --endpoints
+OPEN_ENDPOINTS = ("openai", "events")  # those the open-streams phase measures
+OPEN_PATHS = tuple(f"streamsvc-{e}" for e in OPEN_ENDPOINTS)
+URLS = {"openai": "/v1/chat/completions", "events": "/v1/chat/stream"}
 
 
 def on(name: str, loop: str) -> str:
@@ -144,7 +148,11 @@ def test_quick_bench_measures_open_streams(quick_run: Any) -> None:
     _, report, _ = quick_run
     rows = {row["name"]: row for row in report["open_streams"]}
     assert list(rows) == ["direct", *(on(name, loop) for loop in RELAY_LOOPS
-                                      for name in ("baseline", "streamsvc-openai"))]
+                                      for name in ("baseline", *OPEN_PATHS))]
+    for loop in RELAY_LOOPS:  # each streamsvc path read the endpoint its name says
+        for endpoint in OPEN_ENDPOINTS:
+            load = rows[on(f"streamsvc-{endpoint}", loop)]["load"]
+            assert load["endpoint"] == endpoint and load["url"].endswith(URLS[endpoint])
     for name, row in rows.items():
         assert row["load"]["streams"] == report["settings"]["slow_streams"]
         assert row["load"]["failed"] == 0 and row["load"]["max_open"] > 0
@@ -164,8 +172,8 @@ def test_quick_bench_judges_every_target(quick_run: Any) -> None:
     assert set(targets) == {  # none on the Redis journal: it has no target of its own
         *(f"{figure}_{e}{at[loop]}" for figure in ("cpu_ratio", "added_ttft_p99")
           for e in ENDPOINTS for loop in RELAY_LOOPS),
-        *(f"{figure}{at[loop]}" for figure in ("added_gap_p99_open_streams", "rss_per_stream")
-          for loop in RELAY_LOOPS),
+        *(f"{figure}_{e}{at[loop]}" for figure in ("added_gap_p99_open_streams", "rss_per_stream")
+          for e in OPEN_ENDPOINTS for loop in RELAY_LOOPS),
     }
     for target in targets.values():
         assert finite(target["value"]) and isinstance(target["met"], bool)
@@ -216,6 +224,29 @@ def _typed(report: dict[str, Any]) -> BenchReport:
     return msgspec.json.decode(json.dumps(report), type=BenchReport)
 
 
+def test_the_targets_table_keeps_its_verdicts_at_80_columns_with_a_figure_missing(
+    quick_run: Any,
+) -> None:
+    from rich.console import Console
+
+    _, report, _ = quick_run
+    typed = _typed(report)
+    # The longest descriptions (an open-streams target on the events endpoint) beside the
+    # widest verdict ("not measured").
+    last = msgspec.structs.replace(typed.open_streams[-1], rss_per_stream_kib=None)
+    typed = msgspec.structs.replace(typed, open_streams=[*typed.open_streams[:-1], last])
+    typed = msgspec.structs.replace(typed, targets=evaluate_targets(typed))
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_report(typed, console)
+    text = console.export_text()
+    table = text[text.index("targets (docs/performance.md)"):text.index("\npaths: ")]
+    for target in typed.targets:
+        (row,) = [line for line in table.splitlines() if target.description in line]
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[target.met]
+        assert row.rstrip().endswith(f" {verdict}") and len(row.rstrip()) <= 80, row
+    assert [t.met for t in typed.targets].count(None) == 1
+
+
 def test_each_note_is_said_once_and_the_kernel_count_is_not_blamed_on_a_phase(
     quick_run: Any,
 ) -> None:
@@ -248,6 +279,27 @@ def test_quick_bench_writes_the_plot(quick_run: Any) -> None:
     _, _, tmp = quick_run
     png = (tmp / "out.png").read_bytes()
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def test_the_plot_draws_every_open_streams_path(quick_run: Any) -> None:
+    import matplotlib.pyplot as plt
+
+    from streamsvc.bench.plot import figure
+
+    _, report, _ = quick_run
+    fig = figure(_typed(report))
+    try:
+        gaps = fig.axes[0]
+        legend = gaps.get_legend()
+        assert legend is not None
+        drawn = [text.get_text() for text in legend.get_texts()]
+    finally:
+        plt.close(fig)
+    opened = [label for label in drawn if " open at " in label]
+    assert len(opened) == len(report["open_streams"])
+    for endpoint in OPEN_ENDPOINTS:  # one dashed curve per loop on each endpoint
+        assert sum(f"streamsvc POST {URLS[endpoint]}," in label
+                   for label in opened) == len(RELAY_LOOPS), opened
 
 
 def test_no_matplotlib_means_no_plot_and_no_crash(
@@ -332,6 +384,23 @@ def test_without_redis_server_the_redis_path_is_left_out_and_said(
                             " Redis journal"),
         ("nginx", "left out by --no-nginx"),
     ]
+
+
+@pytest.mark.parametrize(("endpoints", "measured"), [
+    ("openai,events,streams", ["streamsvc-openai", "streamsvc-events"]),
+    ("streams,events,openai", ["streamsvc-events", "streamsvc-openai"]),
+    ("events,responses", ["streamsvc-events"]),
+    ("streams,responses", ["streamsvc-streams"]),
+], ids=("default", "their-order", "events-only", "neither"))
+def test_open_streams_phase_measures_the_openai_and_events_endpoints_else_the_first(
+    endpoints: str, measured: list[str],
+) -> None:
+    options = _bench_options("--endpoints", endpoints, "--loop", "asyncio")
+    names = [path.name for path in _open_paths(options)]
+    assert names == ["direct", "baseline", *measured]
+    tagged = [path.name for path in _open_paths(_bench_options("--endpoints", endpoints))]
+    assert tagged == ["direct", *(on(name, loop) for loop in RELAY_LOOPS
+                                  for name in ("baseline", *measured))]
 
 
 def test_bench_flag_out_of_range_exits_2() -> None:

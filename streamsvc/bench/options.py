@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT",
     "ENDPOINTS",
     "LOOP_CHOICES",
+    "OPEN_ENDPOINTS",
     "QUICK",
     "BenchOptions",
     "RelayLoop",
@@ -35,6 +36,8 @@ ENDPOINTS: dict[str, str] = {
     "streams": "/v1/streams",
     "responses": "/v1/responses",  # the OpenAI Responses API's events (journaled)
 }
+OPEN_ENDPOINTS: tuple[Endpoint, ...] = ("openai", "events")
+"""The endpoints the 1,000-open-streams targets are set on (issue 15)."""
 RelayLoop = Literal["auto", "asyncio", "uvloop"]
 LoopChoice = Literal["auto", "asyncio", "uvloop", "both"]
 LOOP_CHOICES: tuple[LoopChoice, ...] = ("both", "auto", "asyncio", "uvloop")
@@ -85,6 +88,12 @@ class BenchOptions:
         if self.loop != "both":
             return (self.loop,)
         return ("uvloop", "asyncio") if uvloop_available() else ("asyncio",)
+
+    @property
+    def open_endpoints(self) -> tuple[Endpoint, ...]:
+        """streamsvc's endpoints in the open-streams phase: those of ``OPEN_ENDPOINTS`` that
+        ``--endpoints`` names, in its order; its first when it names neither."""
+        return tuple(e for e in self.endpoints if e in OPEN_ENDPOINTS) or self.endpoints[:1]
 
 
 DEFAULT = BenchOptions()

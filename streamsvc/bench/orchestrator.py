@@ -18,8 +18,10 @@ both``: uvloop, then asyncio), each named ``PATH@LOOP`` when there are two;
 the simulator and the load clients keep one loop for the whole run, so the
 direct path is the reference of both.
 
-Open-streams phase: M slow streams at once, direct, through the baseline and
-through streamsvc (per relay loop), sampling the relay's RSS while they are all open.
+Open-streams phase: M slow streams at once, direct, then per relay loop through
+the baseline and through streamsvc on each of its ``open_endpoints`` (the OpenAI and
+the event-format endpoints of ``--endpoints``; its first when it names neither),
+sampling the relay's RSS while they are all open.
 
 Every relay is a fresh process (and so is the Redis path's redis-server),
 warmed up with a few streams before it is measured, and stopped after its
@@ -377,14 +379,14 @@ def _main_paths(run: _Run) -> list[_Path]:
 
 
 def _open_paths(options: BenchOptions) -> list[_Path]:
-    """direct, then per relay loop the baseline and streamsvc's first endpoint."""
+    """direct, then per relay loop the baseline and streamsvc's open-streams endpoints."""
     loops = options.relay_loops
     tagged = len(loops) > 1
-    endpoint = options.endpoints[0]
     paths = [_Path("direct", "openai")]
     for loop in loops:
-        paths += [_Path("baseline", "openai", "baseline", loop, tagged=tagged),
-                  _Path(f"streamsvc-{endpoint}", endpoint, "streamsvc", loop, tagged=tagged)]
+        paths.append(_Path("baseline", "openai", "baseline", loop, tagged=tagged))
+        paths += [_Path(f"streamsvc-{endpoint}", endpoint, "streamsvc", loop, tagged=tagged)
+                  for endpoint in options.open_endpoints]
     return paths
 
 

@@ -13,11 +13,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter
 
 from streamsvc.bench.results import BenchReport, OpenStreamsResult, PathResult
 
-__all__ = ["write_plot"]
+__all__ = ["figure", "write_plot"]
 
 TAIL_FLOOR = 1e-4  # the complementary CDF is drawn down to the 99.99th percentile
 
@@ -29,7 +30,17 @@ def _ccdf(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
 
 
 def write_plot(report: BenchReport, path: Path) -> None:
-    """Three panels: inter-token gap tail, time to first token, CPU µs per token."""
+    """Write :func:`figure` of ``report`` to ``path`` (a PNG)."""
+    fig = figure(report)
+    try:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def figure(report: BenchReport) -> Figure:
+    """Three panels: inter-token gap tail (the open-streams paths dashed), time to first
+    token, CPU µs per token. The caller closes it (``plt.close``)."""
     s = report.settings
     fig, (gaps, ttft, cpu) = plt.subplots(1, 3, figsize=(16, 5.2))
     fig.suptitle(
@@ -85,5 +96,4 @@ def write_plot(report: BenchReport, path: Path) -> None:
     cpu.margins(y=0.2)
     cpu.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    return fig
