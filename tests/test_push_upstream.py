@@ -305,3 +305,61 @@ async def test_https_upstream_with_a_throwaway_ca(
     with pytest.raises(UpstreamError) as raised:
         await _text(untrusted)
     assert raised.value.code is ErrorCode.UPSTREAM_UNAVAILABLE
+
+
+def test_invalid_utf8_in_a_data_only_read_reads_as_replacement_characters() -> None:
+    """Whole ``data:`` events are cut from the bytes undecoded (the fast path); a chunk
+    with invalid UTF-8 must still read as the text path reads it: U+FFFD, not an error."""
+    from streamsvc.chunks import Chunk
+    from streamsvc.upstream.decoding import ChunkDecoder
+
+    def chunks_of(parts: list[bytes]) -> list[Chunk]:
+        got: list[Chunk] = []
+        decoder = ChunkDecoder("u", got.append)
+        for part in parts:
+            decoder.feed(part)
+        return got
+
+    bad = _sse(b'{"choices":[{"index":0,"delta":{"content":"a\xffb"}}]}')
+    fast = chunks_of([bad])  # one whole event: the bytes path
+    slow = chunks_of([bad[:3], bad[3:]])  # cut: the text path
+    assert [c.content for c in fast] == [c.content for c in slow] == ["a\ufffdb"]
+    assert fast[0].to_json() == slow[0].to_json()
+
+
+async def test_the_events_of_one_upstream_read_reach_the_client_in_one_write(
+    upstreams: Callable[..., Awaitable[Upstream]], start_server: Any,
+) -> None:
+    """Several events in one upstream read go to the client in one write (one HTTP chunk),
+    as a byte relay passes a read on, not one ``send`` per event."""
+    from tests.conftest import relay_overrides
+
+    async def two_reads(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = _sse(b'{"choices":[{"index":0,"delta":{"content":"Hel"}}]}')
+        writer.write(_head() + b"%x\r\n%s\r\n" % (len(first), first))
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the client's response has started: frames go out directly
+        rest = _sse(b'{"choices":[{"index":0,"delta":{"content":"lo"}}]}',
+                    b'{"choices":[{"index":0,"delta":{"content":" you"},"finish_reason":"stop"}]}',
+                    b"[DONE]")
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(rest), rest))
+        await writer.drain()
+
+    upstream = await upstreams(two_reads)
+    relay = await start_server(overrides=relay_overrides(upstream.url))
+    port = int(relay.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(body), body))
+    raw = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    chunks, rest = [], raw.split(b"\r\n\r\n", 1)[1]
+    while rest:
+        size, _, rest = rest.partition(b"\r\n")
+        chunks.append(rest[:int(size, 16)])
+        rest = rest[int(size, 16) + 2:]
+    with_text = [c for c in chunks if b'"content"' in c]
+    assert len(with_text) == 2, chunks  # "Hel" alone; "lo" and " you" together
+    assert b'"lo"' in with_text[1] and b'" you"' in with_text[1]

@@ -704,3 +704,45 @@ def test_property_matches_literal_spec_algorithm_at_any_chunking(
     expected_events, expected_last_id = spec_decode(stream)
     assert events == expected_events
     assert decoder.last_event_id == expected_last_id
+
+
+def feed_data_first(parts: Iterable[bytes], decoder: SSEDecoder) -> list[ServerSentEvent]:
+    """As a chunk decoder reads: each part by ``feed_data`` when it takes it, else ``feed``."""
+    events: list[ServerSentEvent] = []
+    for part in parts:
+        datas = decoder.feed_data(part)
+        if datas is None:
+            events.extend(decoder.feed(part))
+        else:
+            events.extend(ServerSentEvent("message", data.decode("utf-8", "replace"),
+                                          decoder.last_event_id) for data in datas)
+    return events
+
+
+# The fast path's own shape among the rule-firing fragments, so that it fires often.
+fast_fragments = st.one_of(fragments, st.sampled_from(
+    [b"data: ", b"\n\n", b"data: x\n\n", b"data: {\"a\": 1}\n\ndata: [DONE]\n\n", b"id: 7\n"]))
+
+
+@settings(max_examples=500, deadline=None)
+@given(parts=st.lists(fast_fragments, max_size=40), data=st.data())
+def test_feed_data_fast_path_matches_the_spec_algorithm_at_any_chunking(
+    parts: list[bytes], data: st.DataObject
+) -> None:
+    stream = b"".join(parts)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20), label="cuts")
+    decoder = SSEDecoder()
+    events = feed_data_first(split_at(stream, cuts), decoder)
+    expected_events, expected_last_id = spec_decode(stream)
+    assert events == expected_events
+    assert decoder.last_event_id == expected_last_id
+
+
+def test_feed_data_takes_whole_data_only_events_and_refuses_the_rest() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed_data(b"data: a\n\ndata:  b\n\n") == [b"a", b" b"]
+    for other in (b"data: a\n", b"data: a\ndata: b\n\n", b"event: x\ndata: a\n\n",
+                  b"data: a\r\n\r\n", b": ping\n\n", b"data: a\n\n\n"):
+        assert decoder.feed_data(other) is None, other
+    assert decoder.feed(b"data: par") == []
+    assert decoder.feed_data(b"data: a\n\n") is None  # a partial line is held: feed() it
