@@ -163,6 +163,7 @@ def test_quick_bench_measures_open_streams(quick_run: Any) -> None:
                     "cpu_us_per_token"):
             assert positive(row[key]), (name, key)
         assert finite(row["rss_per_stream_kib"]) and finite(row["added_gap_ms"]["p99"])
+        assert finite(row["added_ttft_ms"]["p99"])
 
 
 def test_quick_bench_judges_every_target(quick_run: Any) -> None:
@@ -172,7 +173,8 @@ def test_quick_bench_judges_every_target(quick_run: Any) -> None:
     assert set(targets) == {  # none on the Redis journal: it has no target of its own
         *(f"{figure}_{e}{at[loop]}" for figure in ("cpu_ratio", "added_ttft_p99")
           for e in ENDPOINTS for loop in RELAY_LOOPS),
-        *(f"{figure}_{e}{at[loop]}" for figure in ("added_gap_p99_open_streams", "rss_per_stream")
+        *(f"{figure}_{e}{at[loop]}" for figure in ("added_gap_p99_open_streams",
+                                                    "added_ttft_p99_open_streams", "rss_per_stream")
           for e in OPEN_ENDPOINTS for loop in RELAY_LOOPS),
     }
     for target in targets.values():

@@ -466,6 +466,8 @@ def _open_results(measured: list[_Ran]) -> list[OpenStreamsResult]:
             cpu_us_per_token=_per_token(m.relay_cpu_s, m.load.completed * m.load.tokens),
             listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if ran.relay is not None else None,
+            added_ttft_ms=(added(m.load.ttft_ms, direct.ttft_ms) if ran.relay is not None
+                           else None),
         ))
     return results
 

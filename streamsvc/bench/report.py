@@ -113,6 +113,12 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
             ADDED_GAP_P99_LIMIT_MS, "ms",
             result.added_gap_ms.p99 if result.added_gap_ms else None, open_note,
         ))
+        targets.append(_target(
+            f"added_ttft_p99_open_streams_{endpoint}",
+            f"open added TTFT, {result.name}",
+            ADDED_TTFT_P99_LIMIT_MS, "ms",
+            result.added_ttft_ms.p99 if result.added_ttft_ms else None, open_note,
+        ))
         note = open_note
         if not result.plateau_reached and result.rss_per_stream_kib is not None:
             missed = (f"no sample saw all {streams} streams open at once: per stream of the"
@@ -197,15 +203,16 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
                 _shown(o.name), str(o.load.max_open), _mib(o.rss_before_bytes),
                 _mib(o.rss_plateau_bytes), _f(o.rss_per_stream_kib), _f(o.load.gap_ms.p99),
                 _signed(o.added_gap_ms.p99 if o.added_gap_ms else None),
+                _signed(o.added_ttft_ms.p99 if o.added_ttft_ms else None),
                 _f(o.cpu_us_per_token), str(o.load.failed),
             ]
             for o in open_streams
         ]
         out.append((
             (f"{s.slow_streams} open streams x {s.slow_tokens} tokens at {s.slow_rate:g}"
-             f" tokens/s{on_loop}: memory, inter-token gap (ms)"),
+             f" tokens/s{on_loop}: memory, inter-token gap, TTFT (ms)"),
             ["path", "most open", "RSS before MiB", "RSS all open MiB", "KiB per stream",
-             "gap p99", "added gap p99", "CPU µs per token", "failed"],
+             "gap p99", "added gap p99", "added TTFT p99", "CPU µs per token", "failed"],
             rows,
         ))
     rows = [

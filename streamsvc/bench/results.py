@@ -126,6 +126,7 @@ class OpenStreamsResult(_Record):
     listen_overflows: int
     other_cpu_s: float
     added_gap_ms: Added | None
+    added_ttft_ms: Added | None = None  # optional: JSON from before it was measured loads
 
 
 class TargetResult(_Record):
