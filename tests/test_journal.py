@@ -15,7 +15,8 @@ import pytest
 from redis.asyncio import Redis
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
-from streamsvc.journal.base import Event, Journal, encode_frame
+from streamsvc.journal.base import Event, Framer, Journal, encode_frame
+from streamsvc.journal.followers import Followers
 from streamsvc.journal.memory import MemoryJournal
 from streamsvc.journal.redis import RedisJournal
 from tests.conftest import wait_until
@@ -42,6 +43,59 @@ def test_encode_frame_message() -> None:
 def test_encode_frame_final(kind: str) -> None:
     assert encode_frame("s1", 9, kind, b"{}") == (
         b"id: s1:9\nevent: " + kind.encode() + b"\ndata: {}\n\n")
+
+
+def test_encode_frame_responses_event() -> None:
+    # OpenAI's framing: the type as the event name, no id (the data has sequence_number).
+    assert encode_frame("s1", 4, "response.output_text.delta", b"{}") == (
+        b"event: response.output_text.delta\ndata: {}\n\n")
+
+
+@pytest.mark.parametrize("stream_id", ["st_0a1b", "a%db%s", "\u00e9t\u00e9"],
+                         ids=("hex", "percent", "non-ASCII"))
+@pytest.mark.parametrize("kind", ["message", "done", "error", "failover",
+                                  "response.created", "response.output_text.delta"])
+def test_a_streams_framer_makes_the_frames_of_the_rule(stream_id: str, kind: str) -> None:
+    # The rule, written out as it was before frames were made by bytes formatting.
+    def rule(seq: int, data: bytes) -> bytes:
+        if kind.startswith("response."):
+            return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+        head = f"id: {stream_id}:{seq}\n" + ("" if kind == "message" else f"event: {kind}\n")
+        return head.encode() + b"data: " + data + b"\n\n"
+
+    framer = Framer(stream_id)
+    for seq in (1, 2, 10, 123_456_789):
+        data = b'{"content":"%d%%s"}' % seq
+        assert framer.frame(seq, kind, data) == rule(seq, data)
+        assert encode_frame(stream_id, seq, kind, data) == rule(seq, data)
+
+
+def test_followers_drop_a_listener_that_stops_and_keep_the_others() -> None:
+    followers = Followers()
+    got: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+
+    def listener(name: str, until: int) -> Callable[[list[Event]], bool]:
+        def take(events: list[Event]) -> bool:
+            got[name] += [event.seq for event in events]
+            return events[-1].seq < until
+
+        return take
+
+    def event(seq: int) -> list[Event]:
+        return [Event(seq, "message", b"{}", b"", seq)]
+
+    followers.listen(listener("a", 1))
+    followers.notify(event(1))  # the only one, and it stops: dropped
+    assert followers.listeners == []
+    followers.listen(listener("b", 2))
+    stop_c = followers.listen(listener("c", 99))
+    followers.notify(event(2))
+    followers.notify(event(3))
+    stop_c()
+    followers.notify(event(4))
+    assert got == {"a": [1], "b": [2], "c": [2, 3]}
+    assert followers.listeners == []
+    followers.wake()  # no waiter: nothing to do
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -88,7 +142,6 @@ class TestJournal:
         await journal.create("s")
         assert journal.live_seq("s") == 0
         await journal.append("s", [msg("a"), msg("b")])
-        assert journal.live_seq("s") == 2
         await journal.append("s", [DONE])
         assert journal.live_seq("s") is None  # ended: nothing live to follow
 
@@ -227,6 +280,35 @@ class TestJournal:
         events = await journal.read("s", 0)
         assert [e.kind for e in events] == ["message"] * 3 + ["error"]
         assert await journal.last_seq("s") == (4, True)
+
+    async def test_max_events_one_event_at_a_time(self, make: JournalFactory) -> None:
+        journal = make(max_events=2)
+        await journal.create("s")
+        assert journal.append_nowait("s", [msg("a")]) == 1
+        assert journal.append_nowait("s", [msg("b")]) == 2  # up to the bound: in
+        with pytest.raises(StreamError) as caught:
+            journal.append_nowait("s", [msg("c")])
+        assert caught.value.code == ErrorCode.JOURNAL_FULL
+        assert "max_events (2)" in caught.value.message
+        assert journal.append_nowait("s", [DONE]) == 3  # the end always gets in
+        events = await asyncio.wait_for(journal.read("s", 0), 2)
+        assert [e.kind for e in events] == ["message", "message", "done"]
+
+    async def test_max_bytes_one_event_at_a_time(self, make: JournalFactory) -> None:
+        frame = encode_frame("s", 1, *msg("a"))
+        journal = make(max_bytes=2 * len(frame))  # exactly two such frames
+        await journal.create("s")
+        assert journal.append_nowait("s", [msg("a")]) == 1
+        assert journal.append_nowait("s", [msg("b")]) == 2
+        assert journal.size("s") == 2 * len(frame)
+        with pytest.raises(StreamError) as caught:
+            journal.append_nowait("s", [msg("c")])
+        assert caught.value.code == ErrorCode.JOURNAL_FULL
+        assert "max_bytes" in caught.value.message
+        assert journal.size("s") == 2 * len(frame)  # nothing of the refused event counted
+        assert journal.append_nowait("s", [ERROR]) == 3
+        events = await asyncio.wait_for(journal.read("s", 0), 2)
+        assert [e.seq for e in events] == [1, 2, 3] and events[-1].end == journal.size("s")
 
     async def test_close_wakes_waiting_readers(self, journal: Journal) -> None:
         await journal.create("s")

@@ -32,7 +32,10 @@ class Followers:
                     self.waiters.remove(waiter)
 
     def wake(self) -> None:
-        waiters, self.waiters = self.waiters, []
+        waiters = self.waiters
+        if not waiters:  # the usual case while a reader is listening instead: no new list
+            return
+        self.waiters = []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -42,16 +45,27 @@ class Followers:
         self.listeners.append(listener)
 
         def unlisten() -> None:
-            if listener in self.listeners:
-                self.listeners.remove(listener)
+            self._drop(listener)
 
         return unlisten
 
     def notify(self, events: list[Event]) -> None:
         """Hand new events to the listeners; one that returns False is dropped."""
         listeners = self.listeners
-        if listeners:
-            self.listeners = [listener for listener in list(listeners) if listener(events)]
+        if not listeners:
+            return
+        if len(listeners) == 1:  # one caught-up reader, the usual case: no copy of the list
+            listener = listeners[0]
+            if not listener(events):
+                self._drop(listener)
+            return
+        for listener in list(listeners):  # a copy: a listener may stop listening meanwhile
+            if not listener(events):
+                self._drop(listener)
+
+    def _drop(self, listener: Listener) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
 
     def drop_listeners(self) -> None:
         """Tell every listener the tail is over (``[]``) and forget them."""

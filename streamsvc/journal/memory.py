@@ -6,8 +6,8 @@ import asyncio
 import bisect
 from collections.abc import Callable, Mapping
 
-from streamsvc.errors import ClientError, ErrorCode, StreamError
-from streamsvc.journal.base import Event, Listener, check_bounds, encode_frame, is_final
+from streamsvc.errors import ClientError, ErrorCode
+from streamsvc.journal.base import FINAL_KINDS, Event, Framer, Listener, check_bounds
 from streamsvc.journal.followers import Followers
 
 __all__ = ["MemoryJournal"]
@@ -18,15 +18,23 @@ def _end(event: Event) -> int:
 
 
 class _Log(Followers):
-    __slots__ = ("ended", "events", "expiry", "meta", "size")
+    __slots__ = ("ended", "events", "expiry", "framer", "meta", "size")
 
-    def __init__(self, meta: dict[str, str]) -> None:
+    def __init__(self, stream_id: str, meta: dict[str, str]) -> None:
         super().__init__()
+        self.framer = Framer(stream_id)
         self.meta = meta
         self.events: list[Event] = []
         self.size = 0
         self.ended = False
         self.expiry: asyncio.TimerHandle | None = None
+
+
+def _unknown(stream_id: str) -> ClientError:
+    return ClientError(
+        f"no stream {stream_id!r} (unknown, or expired after its retention time)",
+        code=ErrorCode.NOT_FOUND,
+    )
 
 
 class MemoryJournal:
@@ -57,7 +65,7 @@ class MemoryJournal:
     async def create(self, stream_id: str, meta: Mapping[str, str] | None = None) -> None:
         if stream_id in self._logs:
             raise ValueError(f"stream {stream_id!r} already exists")
-        self._logs[stream_id] = _Log(dict(meta or {}))
+        self._logs[stream_id] = _Log(stream_id, dict(meta or {}))
 
     async def meta(self, stream_id: str) -> dict[str, str] | None:
         log = self._logs.get(stream_id)
@@ -66,44 +74,67 @@ class MemoryJournal:
     def _log(self, stream_id: str) -> _Log:
         log = self._logs.get(stream_id)
         if log is None:
-            raise ClientError(
-                f"no stream {stream_id!r} (unknown, or expired after its retention time)",
-                code=ErrorCode.NOT_FOUND,
-            )
+            raise _unknown(stream_id)
         return log
 
     async def append(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
         return self.append_nowait(stream_id, events)
 
     def append_nowait(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
-        log = self._log(stream_id)
+        log = self._logs.get(stream_id)
+        if log is None:
+            raise _unknown(stream_id)
         if log.ended:
             raise ValueError(f"stream {stream_id!r} has already ended")
+        if len(events) == 1:
+            kind, data = events[0]
+            return self._append_one(stream_id, log, kind, data)
         items = log.events
         first = len(items)
-        for kind, data in events:
-            final = is_final(kind)
-            seq = len(items) + 1
-            frame = encode_frame(stream_id, seq, kind, data)
-            if not final:
-                try:
+        try:
+            for kind, data in events:
+                final = kind in FINAL_KINDS
+                seq = len(items) + 1
+                frame = log.framer.frame(seq, kind, data)
+                if not final:
                     check_bounds(stream_id, len(items), log.size + len(frame),
                                  self._max_events, self._max_bytes)
-                except StreamError:
-                    log.notify(items[first:])
-                    log.wake()
-                    raise
-            log.size += len(frame)
-            items.append(Event(seq, kind, data, frame, log.size))
-            if final:
-                log.ended = True
-                log.expiry = asyncio.get_running_loop().call_later(
-                    self._retention_s, self._expire, stream_id
-                )
-                break
-        log.notify(items[first:])
-        log.wake()
+                log.size += len(frame)
+                items.append(Event(seq, kind, data, frame, log.size))
+                if final:
+                    self._ended(stream_id, log)
+                    break
+        finally:
+            if len(items) > first:  # also when a bound stopped the batch: what got in is read
+                log.notify(items[first:])
+                log.wake()
         return len(items)
+
+    def _append_one(self, stream_id: str, log: _Log, kind: str, data: bytes) -> int:
+        """``append_nowait`` of one event, nearly every call (a token): no loop, no slice."""
+        items = log.events
+        seq = len(items) + 1
+        frame = log.framer.frame(seq, kind, data)
+        size = log.size + len(frame)
+        final = kind in FINAL_KINDS
+        if not final and (seq > self._max_events or size > self._max_bytes):
+            check_bounds(stream_id, seq - 1, size, self._max_events, self._max_bytes)
+        log.size = size
+        event = Event(seq, kind, data, frame, size)
+        items.append(event)
+        if final:
+            self._ended(stream_id, log)
+        if log.listeners:
+            log.notify([event])
+        if log.waiters:
+            log.wake()
+        return seq
+
+    def _ended(self, stream_id: str, log: _Log) -> None:
+        log.ended = True
+        log.expiry = asyncio.get_running_loop().call_later(
+            self._retention_s, self._expire, stream_id
+        )
 
     def listen(self, stream_id: str, listener: Listener) -> Callable[[], None] | None:
         log = self._logs.get(stream_id)

@@ -40,7 +40,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
-from streamsvc.journal.base import Event, Listener, check_bounds, encode_frame, is_final
+from streamsvc.journal.base import (
+    FINAL_KINDS,
+    Event,
+    Framer,
+    Listener,
+    check_bounds,
+    encode_frame,
+    is_final,
+)
 from streamsvc.journal.followers import Followers
 from streamsvc.journal.redis_client import journal_unavailable
 from streamsvc.journal.redis_tail import Tailer
@@ -59,11 +67,12 @@ _RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 class _Writer(Followers):
     """What this process knows of a stream it writes."""
 
-    __slots__ = ("ended", "expiry", "flushed", "id", "key", "lost", "seq", "size")
+    __slots__ = ("ended", "expiry", "flushed", "framer", "id", "key", "lost", "seq", "size")
 
     def __init__(self, stream_id: str, key: str) -> None:
         super().__init__()
         self.id = stream_id
+        self.framer = Framer(stream_id)
         self.key = key
         self.seq = 0  # last seq handed out
         self.flushed = 0  # last seq Redis holds
@@ -225,8 +234,8 @@ class RedisJournal:
         batch: list[Event] = []
         try:
             for kind, data in events:
-                final = is_final(kind)
-                frame = encode_frame(stream_id, writer.seq + 1, kind, data)
+                final = kind in FINAL_KINDS
+                frame = writer.framer.frame(writer.seq + 1, kind, data)
                 if not final:
                     check_bounds(stream_id, writer.seq, writer.size + len(frame),
                                  self._max_events, self._max_bytes)
@@ -422,13 +431,14 @@ class RedisJournal:
     def _events(self, stream_id: str, entries: list[Any], max_bytes: int | None) -> list[Event]:
         events: list[Event] = []
         first_start: int | None = None
+        framer = Framer(stream_id)
         for entry_id, fields in entries:
             seq = int(entry_id.split(b"-", 1)[0])
             if seq == 0:
                 continue  # the opening entry
             kind = fields[_KIND].decode()
             data = fields[_DATA]
-            frame = encode_frame(stream_id, seq, kind, data)
+            frame = framer.frame(seq, kind, data)
             end = int(fields[_END])
             if first_start is None:
                 first_start = end - len(frame)

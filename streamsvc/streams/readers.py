@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from streamsvc.journal.base import Event, Journal
+from streamsvc.journal.base import FINAL_KINDS, Event, Journal
 from streamsvc.streams.sinks import WRITE_SLICE, Backlog
 
 __all__ = ["Connection", "read_backlog", "read_journal"]
@@ -88,19 +88,18 @@ async def _follow_live(
     woken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     def take(events: list[Event]) -> bool:
-        if (
-            not events
-            or events[0].seq != position[0] + 1
-            or not connection.write_now(b"".join([event.frame for event in events]))
-        ):
-            if not woken.done():
-                woken.set_result(False)
-            return False
-        position[0] = events[-1].seq
-        if events[-1].final:
-            woken.set_result(True)
-            return False
-        return True
+        if events and events[0].seq == position[0] + 1:
+            last = events[-1]  # nearly always the one event a token made: its frame as it is
+            data = last.frame if len(events) == 1 else b"".join([event.frame for event in events])
+            if connection.write_now(data):
+                position[0] = last.seq
+                if last.kind not in FINAL_KINDS:
+                    return True
+                woken.set_result(True)
+                return False
+        if not woken.done():
+            woken.set_result(False)
+        return False
 
     stop = journal.listen(stream_id, take)
     if stop is None:

@@ -19,7 +19,7 @@ import msgspec
 
 from streamsvc.chunks import Chunk, Seam
 from streamsvc.errors import StreamsvcError
-from streamsvc.journal.base import encode_frame
+from streamsvc.journal.base import Framer
 from streamsvc.sse import retry_field
 from streamsvc.wire import Ending, Entries
 
@@ -122,10 +122,10 @@ class EventsEncoder:
             reconnect delay); never a block of its own.
     """
 
-    __slots__ = ("_builder", "_retry_ms", "_seq", "_stream_id")
+    __slots__ = ("_builder", "_framer", "_retry_ms", "_seq")
 
     def __init__(self, stream_id: str, retry_ms: int) -> None:
-        self._stream_id = stream_id
+        self._framer = Framer(stream_id)
         self._retry_ms = retry_ms
         self._seq = 0
         self._builder = EventBuilder()
@@ -151,7 +151,7 @@ class EventsEncoder:
 
     def _frame(self, kind: str, data: bytes) -> bytes:
         self._seq += 1
-        frame = encode_frame(self._stream_id, self._seq, kind, data)
+        frame = self._framer.frame(self._seq, kind, data)
         return retry_field(self._retry_ms) + frame if self._seq == 1 else frame
 
 
@@ -169,7 +169,10 @@ class EventEntries:
     def chunk(self, chunk: Chunk) -> Entries:
         if isinstance(chunk, Seam):
             return [(FAILOVER, _encode(chunk.info))]
-        return [(DELTA, data) for data in self._builder.deltas(chunk)]
+        datas = self._builder.deltas(chunk)
+        if len(datas) == 1:  # nearly every chunk: one text delta
+            return [(DELTA, datas[0])]
+        return [(DELTA, data) for data in datas]
 
     def done(self, ending: Ending) -> Entries:
         return [(DONE, self._builder.done(ending))]

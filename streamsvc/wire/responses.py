@@ -60,8 +60,8 @@ def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
 class _Item:
     """One output item being streamed: a message, a reasoning item or a function call."""
 
-    __slots__ = ("call_id", "delta_head", "delta_tail", "delta_type", "id", "index", "kind",
-                 "name", "parts", "status")
+    __slots__ = ("call_id", "delta_end", "delta_head", "delta_tail", "delta_type", "id", "index",
+                 "kind", "name", "parts", "status")
 
     def __init__(self, kind: str, item_id: str, index: int) -> None:
         self.kind = kind  # "message" | "reasoning" | "function_call"
@@ -77,6 +77,7 @@ class _Item:
         self.delta_head = b'{"type":"%s","sequence_number":' % self.delta_type.encode()
         self.delta_tail = (b',"item_id":' + _encode(item_id) + b',"output_index":%d'
                            b',"content_index":0,"delta":' % index)
+        self.delta_end = b',"logprobs":[]}' if kind == "message" else b"}"
 
     @property
     def text(self) -> str:
@@ -138,6 +139,27 @@ class ResponseEvents:
 
     def chunk(self, chunk: Chunk) -> Entries:
         """The events one chunk makes (often one ``output_text.delta``)."""
+        # Nearly every chunk is one text piece of choice 0, in the message item already open.
+        data = chunk.data
+        choices = data.get("choices")
+        if data.get("usage") is None and type(choices) is list and len(choices) == 1:
+            choice = choices[0]
+            if (
+                type(choice) is dict
+                and choice.get("finish_reason") is None
+                and choice.get("index", 0) == 0
+                and type(delta := choice.get("delta")) is dict
+                and len(delta) == 1
+                and type(content := delta.get("content")) is str
+            ):
+                self._meter.chars += len(content)  # all that add() counts of such a chunk
+                if not content:
+                    return []
+                item = self._open
+                if item is not None and item.kind == "message":
+                    item.parts.append(content)
+                    return [self._delta(item, content)]
+                return self._text("message", content)
         self._meter.add(chunk)
         events: Entries = []
         for choice in chunk.choices:
@@ -203,9 +225,8 @@ class ResponseEvents:
 
     def _delta(self, item: _Item, text: str) -> tuple[str, bytes]:
         self._seq += 1
-        logprobs = b',"logprobs":[]}' if item.kind == "message" else b"}"
-        data = b"%s%d%s%s%s" % (item.delta_head, self._seq, item.delta_tail, _encode(text),
-                                logprobs)
+        data = b"%b%d%b%b%b" % (item.delta_head, self._seq, item.delta_tail, _encode(text),
+                                item.delta_end)
         return item.delta_type, data
 
     def _text(self, kind: str, text: str) -> Entries:
