@@ -18,9 +18,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from playwright.async_api import Browser, async_playwright
+from redis.asyncio import Redis
 from pytest_aiohttp import AiohttpServer
 
 from streamsvc.config import Config, load_config
+from streamsvc.journal.base import Journal
+from streamsvc.journal.memory import MemoryJournal
+from streamsvc.journal.redis import RedisJournal
 from streamsvc.server.access_log import AccessLogger
 from streamsvc.server.app import create_app
 from streamsvc.simulator import SimulatorServer
@@ -117,6 +121,35 @@ class RunningServer:
 
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+JOURNAL_BACKENDS = ["memory", "redis"]
+JournalFactory = Callable[..., Journal]
+
+
+@contextlib.asynccontextmanager
+async def journal_factory(backend: str, request: pytest.FixtureRequest
+                          ) -> AsyncIterator[JournalFactory]:
+    """``make(**options)`` journals of ``backend`` (``"redis"``: on the test's own
+    ``redis_server``); every one made is closed at the end."""
+    made: list[Journal] = []
+    client: Redis | None = None
+    if backend == "redis":
+        client = Redis.from_url(request.getfixturevalue("redis_server").url)
+
+    def make(**options: Any) -> Journal:
+        journal: Journal = (MemoryJournal(**options) if client is None
+                            else RedisJournal(client, lease_s=0.5, **options))
+        made.append(journal)
+        return journal
+
+    try:
+        yield make
+    finally:
+        for journal in made:
+            await journal.close()
+        if client is not None:
+            await client.aclose()
 
 
 async def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -17,13 +17,11 @@ from redis.asyncio import Redis
 from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
 from streamsvc.journal.base import Event, Framer, Journal, encode_frame
 from streamsvc.journal.followers import Followers
-from streamsvc.journal.memory import MemoryJournal
 from streamsvc.journal.redis import RedisJournal
-from tests.conftest import wait_until
+from tests.conftest import JOURNAL_BACKENDS, JournalFactory, journal_factory, wait_until
 from tests.redis_server import RedisServer
 
-JournalFactory = Callable[..., Journal]
-BACKENDS = ["memory", "redis"]
+BACKENDS = JOURNAL_BACKENDS
 
 
 def msg(text: str) -> tuple[str, bytes]:
@@ -103,22 +101,8 @@ class TestJournal:
     @pytest.fixture
     async def make(self, backend: str, request: pytest.FixtureRequest
                    ) -> AsyncIterator[JournalFactory]:
-        made: list[Journal] = []
-        client: Redis | None = None
-        if backend == "redis":
-            client = Redis.from_url(request.getfixturevalue("redis_server").url)
-
-        def make(**options: Any) -> Journal:
-            journal: Journal = (MemoryJournal(**options) if client is None
-                                else RedisJournal(client, lease_s=0.5, **options))
-            made.append(journal)
-            return journal
-
-        yield make
-        for journal in made:
-            await journal.close()
-        if client is not None:
-            await client.aclose()
+        async with journal_factory(backend, request) as factory:
+            yield factory
 
     @pytest.fixture
     async def journal(self, make: JournalFactory) -> Journal:

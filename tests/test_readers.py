@@ -14,20 +14,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from streamsvc.chunks import Chunk
 from streamsvc.errors import ErrorCode, StreamError
 from streamsvc.journal.base import Event, Journal
 from streamsvc.journal.memory import MemoryJournal
-from streamsvc.journal.redis import RedisJournal
 from streamsvc.streams.readers import read_journal
 from streamsvc.streams.sinks import JournalSink
 from streamsvc.wire import Ending
-from tests.conftest import wait_until
+from tests.conftest import JOURNAL_BACKENDS, JournalFactory, journal_factory, wait_until
 
-BACKENDS = ["memory", "redis"]
-JournalFactory = Callable[..., Journal]
+BACKENDS = JOURNAL_BACKENDS
 
 
 def msg(text: str) -> tuple[str, bytes]:
@@ -66,22 +63,8 @@ class FakeConnection:
 
 @pytest.fixture(params=BACKENDS)
 async def make(request: pytest.FixtureRequest) -> AsyncIterator[JournalFactory]:
-    made: list[Journal] = []
-    client: Redis | None = None
-    if request.param == "redis":
-        client = Redis.from_url(request.getfixturevalue("redis_server").url)
-
-    def make(**options: Any) -> Journal:
-        journal: Journal = (MemoryJournal(**options) if client is None
-                            else RedisJournal(client, lease_s=0.5, **options))
-        made.append(journal)
-        return journal
-
-    yield make
-    for journal in made:
-        await journal.close()
-    if client is not None:
-        await client.aclose()
+    async with journal_factory(request.param, request) as factory:
+        yield factory
 
 
 async def all_frames(journal: Journal, stream_id: str) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pytest
 from hypothesis import given, settings
@@ -697,10 +697,17 @@ fragments = st.sampled_from(
 def test_property_matches_literal_spec_algorithm_at_any_chunking(
     parts: list[bytes], data: st.DataObject
 ) -> None:
-    stream = b"".join(parts)
+    assert_matches_spec(b"".join(parts), data, feed_all)
+
+
+Feed = Callable[[Iterable[bytes], SSEDecoder], list[ServerSentEvent]]
+
+
+def assert_matches_spec(stream: bytes, data: st.DataObject, feed: Feed) -> None:
+    """``feed`` over ``stream`` cut at drawn places gives what the spec's algorithm gives."""
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20), label="cuts")
     decoder = SSEDecoder()
-    events = feed_all(split_at(stream, cuts), decoder)
+    events = feed(split_at(stream, cuts), decoder)
     expected_events, expected_last_id = spec_decode(stream)
     assert events == expected_events
     assert decoder.last_event_id == expected_last_id
@@ -729,13 +736,7 @@ fast_fragments = st.one_of(fragments, st.sampled_from(
 def test_feed_data_fast_path_matches_the_spec_algorithm_at_any_chunking(
     parts: list[bytes], data: st.DataObject
 ) -> None:
-    stream = b"".join(parts)
-    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=20), label="cuts")
-    decoder = SSEDecoder()
-    events = feed_data_first(split_at(stream, cuts), decoder)
-    expected_events, expected_last_id = spec_decode(stream)
-    assert events == expected_events
-    assert decoder.last_event_id == expected_last_id
+    assert_matches_spec(b"".join(parts), data, feed_data_first)
 
 
 def test_feed_data_takes_whole_data_only_events_and_refuses_the_rest() -> None:
