@@ -7,7 +7,7 @@ import bisect
 from collections.abc import Callable, Mapping
 
 from streamsvc.errors import ClientError, ErrorCode
-from streamsvc.journal.base import FINAL_KINDS, Event, Framer, Listener, check_bounds
+from streamsvc.journal.base import Event, Framer, Listener, check_bounds, is_final
 from streamsvc.journal.followers import Followers
 
 __all__ = ["MemoryJournal"]
@@ -28,13 +28,6 @@ class _Log(Followers):
         self.size = 0
         self.ended = False
         self.expiry: asyncio.TimerHandle | None = None
-
-
-def _unknown(stream_id: str) -> ClientError:
-    return ClientError(
-        f"no stream {stream_id!r} (unknown, or expired after its retention time)",
-        code=ErrorCode.NOT_FOUND,
-    )
 
 
 class MemoryJournal:
@@ -74,16 +67,17 @@ class MemoryJournal:
     def _log(self, stream_id: str) -> _Log:
         log = self._logs.get(stream_id)
         if log is None:
-            raise _unknown(stream_id)
+            raise ClientError(
+                f"no stream {stream_id!r} (unknown, or expired after its retention time)",
+                code=ErrorCode.NOT_FOUND,
+            )
         return log
 
     async def append(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
         return self.append_nowait(stream_id, events)
 
     def append_nowait(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
-        log = self._logs.get(stream_id)
-        if log is None:
-            raise _unknown(stream_id)
+        log = self._log(stream_id)
         if log.ended:
             raise ValueError(f"stream {stream_id!r} has already ended")
         if len(events) == 1:
@@ -93,7 +87,7 @@ class MemoryJournal:
         first = len(items)
         try:
             for kind, data in events:
-                final = kind in FINAL_KINDS
+                final = is_final(kind)
                 seq = len(items) + 1
                 frame = log.framer.frame(seq, kind, data)
                 if not final:
@@ -116,8 +110,8 @@ class MemoryJournal:
         seq = len(items) + 1
         frame = log.framer.frame(seq, kind, data)
         size = log.size + len(frame)
-        final = kind in FINAL_KINDS
-        if not final and (seq > self._max_events or size > self._max_bytes):
+        final = is_final(kind)
+        if not final:
             check_bounds(stream_id, seq - 1, size, self._max_events, self._max_bytes)
         log.size = size
         event = Event(seq, kind, data, frame, size)

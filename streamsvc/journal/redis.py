@@ -41,7 +41,6 @@ from redis.exceptions import RedisError, ResponseError
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
 from streamsvc.journal.base import (
-    FINAL_KINDS,
     Event,
     Framer,
     Listener,
@@ -234,7 +233,7 @@ class RedisJournal:
         batch: list[Event] = []
         try:
             for kind, data in events:
-                final = kind in FINAL_KINDS
+                final = is_final(kind)
                 frame = writer.framer.frame(writer.seq + 1, kind, data)
                 if not final:
                     check_bounds(stream_id, writer.seq, writer.size + len(frame),

@@ -52,10 +52,9 @@ class WriteBatch:
         if self._depth:
             return
         self.open = False
-        while self._targets:  # a flush cannot add more (the block is closed), but be sure
-            targets, self._targets = self._targets, []
-            for target in targets:
-                target.flush_batch()
+        targets, self._targets = self._targets, []
+        for target in targets:  # the block is closed: a flush writes at once, adds nothing
+            target.flush_batch()
 
 
 class _Local(threading.local):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from streamsvc.journal.base import FINAL_KINDS, Event, Journal
+from streamsvc.journal.base import Event, Journal
 from streamsvc.streams.sinks import WRITE_SLICE, Backlog
 
 __all__ = ["Connection", "read_backlog", "read_journal"]
@@ -93,7 +93,7 @@ async def _follow_live(
             data = last.frame if len(events) == 1 else b"".join([event.frame for event in events])
             if connection.write_now(data):
                 position[0] = last.seq
-                if last.kind not in FINAL_KINDS:
+                if not last.final:
                     return True
                 woken.set_result(True)
                 return False

@@ -169,10 +169,7 @@ class EventEntries:
     def chunk(self, chunk: Chunk) -> Entries:
         if isinstance(chunk, Seam):
             return [(FAILOVER, _encode(chunk.info))]
-        datas = self._builder.deltas(chunk)
-        if len(datas) == 1:  # nearly every chunk: one text delta
-            return [(DELTA, datas[0])]
-        return [(DELTA, data) for data in datas]
+        return [(DELTA, data) for data in self._builder.deltas(chunk)]
 
     def done(self, ending: Ending) -> Entries:
         return [(DONE, self._builder.done(ending))]

@@ -139,6 +139,7 @@ class ResponseEvents:
 
     def chunk(self, chunk: Chunk) -> Entries:
         """The events one chunk makes (often one ``output_text.delta``)."""
+        self._meter.add(chunk)
         # Nearly every chunk is one text piece of choice 0, in the message item already open.
         data = chunk.data
         choices = data.get("choices")
@@ -152,7 +153,6 @@ class ResponseEvents:
                 and len(delta) == 1
                 and type(content := delta.get("content")) is str
             ):
-                self._meter.chars += len(content)  # all that add() counts of such a chunk
                 if not content:
                     return []
                 item = self._open
@@ -160,7 +160,6 @@ class ResponseEvents:
                     item.parts.append(content)
                     return [self._delta(item, content)]
                 return self._text("message", content)
-        self._meter.add(chunk)
         events: Entries = []
         for choice in chunk.choices:
             if choice.get("index", 0) != 0:
