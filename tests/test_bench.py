@@ -275,6 +275,9 @@ def test_a_skipped_phase_is_said_once(quick_run: Any) -> None:
     typed = msgspec.structs.replace(typed, targets=evaluate_targets(typed))
     lines = notes(typed)
     assert sum("--slow-streams 0" in line for line in lines) == 1, lines
+    unmeasured = {t.name for t in typed.targets if t.value is None}
+    assert {"added_gap_p99_open_streams", "added_ttft_p99_open_streams",
+            "rss_per_stream"} <= unmeasured  # every open-streams target: "not measured"
 
 
 def test_quick_bench_writes_the_plot(quick_run: Any) -> None:
