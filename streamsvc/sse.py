@@ -132,12 +132,12 @@ class SSEDecoder:
                 or self._event_type or self._retry_buffer is not None
                 or self._decoder.getstate()[0]):
             return None
-        self._at_start = False  # no BOM: the stream goes on with "data: "
         parts = chunk[:-2].split(b"\n\n")
         for part in parts:
             # One data line per event: a second line (of any field) is feed()'s to read.
             if not part.startswith(b"data: ") or b"\n" in part:
                 return None
+        self._at_start = False  # no BOM: the stream goes on with "data: "
         # At each blank line the last event id is set from the id buffer: unchanged.
         self._last_event_id = self._id_buffer
         return [part[6:] for part in parts]

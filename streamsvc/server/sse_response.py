@@ -141,11 +141,10 @@ class SSEResponse(web.StreamResponse):
         """The read's batch ended: write what it kept (a client that left loses it, as
         any write to a closed connection)."""
         kept, self._kept = self._kept, []
-        if kept:
-            try:
-                self._write(kept[0] if len(kept) == 1 else b"".join(kept))
-            except ConnectionError:
-                pass
+        try:
+            self._write(b"".join(kept))  # one frame: join hands that same object back
+        except ConnectionError:
+            pass
 
     async def send(self, data: bytes) -> None:
         """Write prepared frames once the connection has taken what was written before.
