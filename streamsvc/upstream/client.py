@@ -678,8 +678,7 @@ class _Exchange:
     def _done(self) -> None:
         """``[DONE]`` (or the final event): the answer is whole, whatever the body does next."""
         self._state = _State.DRAINING
-        if self._silence is not None:
-            self._silence.cancel()
+        self._unwatch()
         if self._valve is not None:
             self._valve.when_open(None)
         if self._end is not None:  # the body had ended already
@@ -732,9 +731,15 @@ class _Exchange:
         else:
             connection.close()
 
+    def _unwatch(self) -> None:
+        # The watch calls back a method of ours: dropped, not only cancelled, so
+        # that no cycle is left for the garbage collector when the stream ends.
+        silence, self._silence = self._silence, None
+        if silence is not None:
+            silence.cancel()
+
     def _stop(self) -> None:
-        if self._silence is not None:
-            self._silence.cancel()
+        self._unwatch()
         if self._grace is not None:
             self._grace.cancel()
         if self._paused and self._valve is not None:

@@ -96,6 +96,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._parser = None  # it refers back to us: no cycle left for the garbage collector
         handler, self._handler = self._handler, None
         if handler is None:
             return
@@ -115,8 +116,10 @@ class Connection(asyncio.Protocol):
         self._headers[key] = text if known is None else f"{known}, {text}"
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
-        status = self._parser.get_status_code()
+        parser = self._parser
+        if parser is None:  # closed from inside this read
+            return
+        status = parser.get_status_code()
         headers, self._headers = self._headers, {}
         if status < 200:
             return  # an informational answer (100 Continue, 103): the real one follows
@@ -151,8 +154,10 @@ class Connection(asyncio.Protocol):
         handler = self._handler
         if self._status < 200 or handler is None:
             return
-        assert self._parser is not None
-        self.reusable = self._parser.should_keep_alive()
+        parser = self._parser
+        if parser is None:
+            return
+        self.reusable = parser.should_keep_alive()
         self._flush(handler)
         if self._handler is not None:
             handler.complete()
@@ -188,6 +193,7 @@ class Connection(asyncio.Protocol):
         """Close at once (what is unread is dropped); the handler is told nothing more."""
         self._handler = None
         self.closed = True
+        self._parser = None
         if self.transport is not None:
             self.transport.abort()
 

@@ -49,94 +49,181 @@ def attempts_(
     ) -> abc.DisposableBase:
         # Named as what it stands for: the error an embedder sees stays the same.
         timers = scheduler_of(scheduler, scheduler_, "retry_with_backoff")
-        clock = seconds_clock(timers)
-        subscription = SerialDisposable()  # the current attempt's source, or a backoff timer
-        timer = SerialDisposable()  # the current attempt's first-token or idle timer
-        state: dict[str, Any] = {"index": 0, "attempt": 1, "started": False, "last": 0.0,
-                                 "token": 0}
-        held_back: list[Chunk] = []  # framing of the attempt, until its first content
-
-        def start(*_: Any) -> None:
-            state["token"] += 1
-            token = state["token"]  # calls from an abandoned attempt are ignored
-            state["content"] = False
-            held_back.clear()
-            if first_token_s > 0:
-                timer.disposable = timers.schedule_relative(
-                    first_token_s, lambda *_: fail(token, first_token_error(first_token_s)))
-            before = subscription.disposable
-            attempt = sources[state["index"]].subscribe(
-                lambda chunk: on_next(token, chunk), lambda error: fail(token, error),
-                lambda: on_completed(token), scheduler=scheduler_)
-            if token == state["token"] and subscription.disposable is before:
-                subscription.disposable = attempt
-            else:  # it failed inside subscribe, and the next attempt is already planned
-                attempt.dispose()
-
-        def on_next(token: int, chunk: Chunk) -> None:
-            if token != state["token"]:
-                return
-            if state["content"]:
-                state["last"] = clock()
-                observer.on_next(chunk)
-                return
-            if not chunk.has_content:
-                # Framing waits for the first content: an attempt that sent only
-                # framing can still be replaced without a duplicate.
-                held_back.append(chunk)
-                return
-            state["content"] = state["started"] = True
-            timer.disposable = None
-            if idle_s > 0:
-                state["last"] = clock()
-                timer.disposable = timers.schedule_relative(idle_s, lambda *_: check(token))
-            for framing in held_back:
-                observer.on_next(framing)
-            held_back.clear()
-            observer.on_next(chunk)
-
-        def check(token: int) -> None:
-            if token != state["token"]:
-                return
-            if held is not None and held():
-                state["last"] = clock()
-            waited = clock() - state["last"]
-            if waited < idle_s:
-                timer.disposable = timers.schedule_relative(idle_s - waited,
-                                                            lambda *_: check(token))
-                return
-            fail(token, idle_error(idle_s))
-
-        def fail(token: int, error: Exception) -> None:
-            if token != state["token"]:
-                return
-            state["token"] += 1  # this attempt is over: what it sends now is dropped
-            timer.disposable = None
-            plan = None
-            if not state["started"]:
-                plan = next_attempt(error, state["index"], state["attempt"], len(sources),
-                                    max_attempts, backoff_base, backoff_max)
-            held_back.clear()
-            if plan is None:
-                subscription.disposable = None
-                observer.on_error(error)
-                return
-            state["index"], state["attempt"], delay = plan
-            if on_retry is not None:
-                on_retry(state["index"], state["attempt"], error, delay)
-            subscription.disposable = timers.schedule_relative(delay, start)
-
-        def on_completed(token: int) -> None:
-            if token != state["token"]:
-                return
-            state["token"] += 1
-            timer.disposable = None
-            for framing in held_back:
-                observer.on_next(framing)
-            held_back.clear()
-            observer.on_completed()
-
-        start()
-        return CompositeDisposable(subscription, timer)
+        run = _Run(sources, observer, scheduler_, timers, first_token_s, idle_s, max_attempts,
+                   backoff_base, backoff_max, held, on_retry)
+        run.start()
+        return CompositeDisposable(run.subscription, run.timer)
 
     return Observable(subscribe)
+
+
+class _Run:
+    """One subscription's attempts.
+
+    Its state lives in one object, not in closures that call each other: those
+    would form a reference cycle, and every stream's whole chain would wait
+    for the garbage collector instead of being freed when the stream ends.
+    What the attempt in flight holds (its subscription, its timer) goes with
+    the disposables, so nothing refers back once the run is disposed.
+    """
+
+    __slots__ = ("attempt", "backoff_base", "backoff_max", "clock", "content", "first_token_s",
+                 "held", "held_back", "idle_s", "index", "last", "max_attempts", "observer",
+                 "on_retry", "scheduler", "sources", "started", "subscription", "timer",
+                 "timers", "token")
+
+    def __init__(
+        self,
+        sources: Sequence[Observable[Chunk]],
+        observer: abc.ObserverBase[Chunk],
+        scheduler: abc.SchedulerBase | None,
+        timers: abc.SchedulerBase,
+        first_token_s: float,
+        idle_s: float,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+        held: Callable[[], bool] | None,
+        on_retry: RetryListener | None,
+    ) -> None:
+        self.sources = sources
+        self.observer = observer
+        self.scheduler = scheduler
+        self.timers = timers
+        self.clock = seconds_clock(timers)
+        self.first_token_s = first_token_s
+        self.idle_s = idle_s
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.held = held
+        self.on_retry = on_retry
+        self.subscription = SerialDisposable()  # the current attempt's source, or a backoff timer
+        self.timer = SerialDisposable()  # the current attempt's first-token or idle timer
+        self.index = 0
+        self.attempt = 1
+        self.started = False  # some attempt sent content: no retry from here on
+        self.content = False  # the current attempt sent content
+        self.last = 0.0
+        self.token = 0  # calls from an abandoned attempt carry an older token and are ignored
+        self.held_back: list[Chunk] = []  # framing of the attempt, until its first content
+
+    def start(self, *_: Any) -> None:
+        self.token += 1
+        token = self.token
+        self.content = False
+        self.held_back.clear()
+        if self.first_token_s > 0:
+            self.timer.disposable = self.timers.schedule_relative(
+                self.first_token_s, _Call(self, token, self._first_token_late))
+        subscription = self.subscription
+        before = subscription.disposable
+        attempt = self.sources[self.index].subscribe(_Attempt(self, token),
+                                                     scheduler=self.scheduler)
+        if token == self.token and subscription.disposable is before:
+            subscription.disposable = attempt
+        else:  # it failed inside subscribe, and the next attempt is already planned
+            attempt.dispose()
+
+    def first(self, chunk: Chunk) -> None:
+        """A chunk of the current attempt before its first content."""
+        if not chunk.has_content:
+            # Framing waits for the first content: an attempt that sent only
+            # framing can still be replaced without a duplicate.
+            self.held_back.append(chunk)
+            return
+        self.content = self.started = True
+        self.timer.disposable = None
+        if self.idle_s > 0:
+            self.last = self.clock()
+            self.timer.disposable = self.timers.schedule_relative(
+                self.idle_s, _Call(self, self.token, self._check))
+        observer = self.observer
+        for framing in self.held_back:
+            observer.on_next(framing)
+        self.held_back.clear()
+        observer.on_next(chunk)
+
+    def _first_token_late(self) -> None:
+        self.fail(self.token, first_token_error(self.first_token_s))
+
+    def _check(self) -> None:
+        if self.held is not None and self.held():
+            self.last = self.clock()
+        waited = self.clock() - self.last
+        if waited < self.idle_s:
+            self.timer.disposable = self.timers.schedule_relative(
+                self.idle_s - waited, _Call(self, self.token, self._check))
+            return
+        self.fail(self.token, idle_error(self.idle_s))
+
+    def fail(self, token: int, error: Exception) -> None:
+        if token != self.token:
+            return
+        self.token += 1  # this attempt is over: what it sends now is dropped
+        self.timer.disposable = None
+        plan = None
+        if not self.started:
+            plan = next_attempt(error, self.index, self.attempt, len(self.sources),
+                                self.max_attempts, self.backoff_base, self.backoff_max)
+        self.held_back.clear()
+        if plan is None:
+            self.subscription.disposable = None
+            self.observer.on_error(error)
+            return
+        self.index, self.attempt, delay = plan
+        if self.on_retry is not None:
+            self.on_retry(self.index, self.attempt, error, delay)
+        self.subscription.disposable = self.timers.schedule_relative(delay, self.start)
+
+    def completed(self, token: int) -> None:
+        if token != self.token:
+            return
+        self.token += 1
+        self.timer.disposable = None
+        observer = self.observer
+        for framing in self.held_back:
+            observer.on_next(framing)
+        self.held_back.clear()
+        observer.on_completed()
+
+
+class _Attempt(abc.ObserverBase[Chunk]):
+    """The observer of one attempt's source: what it sends counts while it is the current one."""
+
+    __slots__ = ("run", "token")
+
+    def __init__(self, run: _Run, token: int) -> None:
+        self.run = run
+        self.token = token
+
+    def on_next(self, value: Chunk) -> None:
+        run = self.run
+        if self.token != run.token:
+            return
+        if run.content:
+            run.last = run.clock()
+            run.observer.on_next(value)
+        else:
+            run.first(value)
+
+    def on_error(self, error: Exception) -> None:
+        self.run.fail(self.token, error)
+
+    def on_completed(self) -> None:
+        self.run.completed(self.token)
+
+
+class _Call:
+    """A timer's action for one attempt: ignored once that attempt is over."""
+
+    __slots__ = ("action", "run", "token")
+
+    def __init__(self, run: _Run, token: int, action: Callable[[], None]) -> None:
+        self.run = run
+        self.token = token
+        self.action = action
+
+    def __call__(self, *_: Any) -> None:
+        if self.token == self.run.token:
+            self.action()
