@@ -76,6 +76,7 @@ class SSEDecoder:
         "_id_buffer",
         "_last_event_id",
         "_partial",
+        "_resting",
         "_retry",
         "_retry_buffer",
     )
@@ -93,6 +94,7 @@ class SSEDecoder:
         self._last_event_id: str | None = None
         self._retry_buffer: int | None = None
         self._retry: int | None = None
+        self._resting = True
 
     @property
     def pending(self) -> bool:
@@ -127,18 +129,19 @@ class SSEDecoder:
         The data is not checked as UTF-8: a caller that decodes it must treat
         invalid bytes as :meth:`feed` does (U+FFFD).
         """
-        if (not chunk.startswith(b"data: ") or not chunk.endswith(b"\n\n")
-                or self._partial or self._data or self._cr_pending or b"\r" in chunk
-                or self._event_type or self._retry_buffer is not None
-                or self._decoder.getstate()[0]):
+        if (not self._resting or not chunk.startswith(b"data: ")
+                or not chunk.endswith(b"\n\n") or b"\r" in chunk):
             return None
+        self._at_start = False  # no BOM: the stream goes on with "data: "
+        if chunk.find(b"\n") == len(chunk) - 2:  # one event, the common read
+            # At each blank line the last event id is set from the id buffer: unchanged.
+            self._last_event_id = self._id_buffer
+            return [chunk[6:-2]]
         parts = chunk[:-2].split(b"\n\n")
         for part in parts:
             # One data line per event: a second line (of any field) is feed()'s to read.
             if not part.startswith(b"data: ") or b"\n" in part:
                 return None
-        self._at_start = False  # no BOM: the stream goes on with "data: "
-        # At each blank line the last event id is set from the id buffer: unchanged.
         self._last_event_id = self._id_buffer
         return [part[6:] for part in parts]
 
@@ -151,6 +154,15 @@ class SSEDecoder:
         Returns:
             The events dispatched by the blank lines in this chunk; often empty.
         """
+        events = self._feed(chunk)
+        # Whether nothing is held between events: feed_data's condition, kept
+        # here so that the per-read fast path checks one flag.
+        self._resting = not (self._partial or self._data or self._cr_pending
+                             or self._event_type or self._retry_buffer is not None
+                             or self._decoder.getstate()[0])
+        return events
+
+    def _feed(self, chunk: bytes) -> list[ServerSentEvent]:
         text = self._decoder.decode(chunk)
         if not text:
             return []

@@ -747,3 +747,10 @@ def test_feed_data_takes_whole_data_only_events_and_refuses_the_rest() -> None:
         assert decoder.feed_data(other) is None, other
     assert decoder.feed(b"data: par") == []
     assert decoder.feed_data(b"data: a\n\n") is None  # a partial line is held: feed() it
+    assert [e.data for e in decoder.feed(b"tial\n\n")] == ["partial"]
+    assert decoder.feed_data(b"data: a\n\n") == [b"a"]  # at rest again: taken
+    assert decoder.feed(b"id: 7\n") == []
+    # The id buffer is the id of every event after it, this one's too, as last_event_id says.
+    assert decoder.feed_data(b"data: b\n\n") == [b"b"] and decoder.last_event_id == "7"
+    assert decoder.feed(b"\xe2\x82") == []  # half a character is held
+    assert decoder.feed_data(b"data: c\n\n") is None

@@ -60,10 +60,11 @@ class StreamObserver(Protocol):
 class TokenClock:
     """Tells a :class:`StreamObserver` the time to the first output of a stream and the gaps."""
 
-    __slots__ = ("_first", "_last", "_observer")
+    __slots__ = ("_first", "_gap", "_last", "_observer")
 
     def __init__(self, observer: StreamObserver) -> None:
         self._observer = observer
+        self._gap = observer.gap  # looked up once: it is called per token
         self._last = time.monotonic()  # the start, then the last output
         self._first = True
 
@@ -74,7 +75,7 @@ class TokenClock:
             self._first = False
             self._observer.first_token(now - self._last)
         else:
-            self._observer.gap(now - self._last)
+            self._gap(now - self._last)
         self._last = now
 
 

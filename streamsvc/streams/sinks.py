@@ -131,7 +131,8 @@ class Backlog:
                 for held in chunks:
                     self._push(self._encoder.chunk(held))
             self._wake()
-        self._produced()
+        if not self._output:
+            self._produced()
         if self._bytes > 2 * self._max:
             raise StreamError(
                 f"the client did not keep up: {self._bytes} bytes waiting, more than twice"

@@ -168,6 +168,16 @@ class ChunkDecoder:
                 code=ErrorCode.UPSTREAM_ERROR, retryable=True,
             )
         choices = chunk.data.get("choices", [])
+        if type(choices) is list and len(choices) == 1 and type(choice := choices[0]) is dict:
+            # Nearly every chunk: one choice. The checks below, for it alone.
+            index = choice.get("index", 0)
+            delta = choice.get("delta")
+            if type(index) is int and (delta is None or type(delta) is dict):
+                self._started.add(index)
+                if choice.get("finish_reason") is not None:
+                    self._finished.add(index)
+                self._emit(chunk)
+                return
         if not _well_formed(choices):
             raise UpstreamError(
                 f"upstream {self._name!r} sent a chunk whose choices are not"
