@@ -50,6 +50,27 @@ class LocalHistogram:
         return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
 
 
+class Children:
+    """The children of one labelled counter, each made once.
+
+    prometheus_client's ``labels`` checks the values and takes a lock on
+    every call, several times per stream; this looks each label set up in a
+    dict. It holds no more children than the counter holds itself.
+    """
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Counter) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Counter] = {}
+
+    def __call__(self, *values: str) -> Counter:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
 class TokenTimes(Collector):
     """Time to the first output of each stream, the gaps after it, and the outputs counted."""
 
@@ -137,13 +158,24 @@ class Metrics:
             registry=self.registry,
         )
         active.set_function(lambda: float(active_streams()))
+        self._requests = Children(self.requests)
+        self._started = Children(self.streams_started)
+        self._errors = Children(self.stream_errors)
+        self._retries = Children(self.upstream_retries)
+        self._usage_tokens = Children(self.usage_tokens)
+        self._estimated_tokens = Children(self.usage_estimated_tokens)
+        self._usage_answers = Children(self.usage_answers)
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        """A request to this endpoint (its route's canonical path) ended with this status."""
+        self._requests(endpoint, str(status)).inc()
 
     def stream_started(self, kind: str) -> None:
-        self.streams_started.labels(kind).inc()
+        self._started(kind).inc()
 
     def count_error(self, code: str) -> None:
         """A request or stream ended by an error with this code."""
-        self.stream_errors.labels(code).inc()
+        self._errors(code).inc()
         if code == "slow_consumer":
             self.slow_consumers.inc()
 
@@ -152,17 +184,17 @@ class Metrics:
 
     def retried(self, codes: list[str]) -> None:
         for code in codes:
-            self.upstream_retries.labels(code).inc()
+            self._retries(code).inc()
 
     def usage(self, key_id: str | None, usage: Usage) -> None:
         """Count one answer's tokens for its key (``anonymous`` with auth off)."""
         key = key_id or ANONYMOUS
-        self.usage_tokens.labels(key, "prompt").inc(usage.prompt_tokens)
-        self.usage_tokens.labels(key, "completion").inc(usage.completion_tokens)
+        self._usage_tokens(key, "prompt").inc(usage.prompt_tokens)
+        self._usage_tokens(key, "completion").inc(usage.completion_tokens)
         if usage.estimated:
-            self.usage_estimated_tokens.labels(key, "prompt").inc(usage.prompt_tokens)
-            self.usage_estimated_tokens.labels(key, "completion").inc(usage.completion_tokens)
-        self.usage_answers.labels(key, "estimated" if usage.estimated else "upstream").inc()
+            self._estimated_tokens(key, "prompt").inc(usage.prompt_tokens)
+            self._estimated_tokens(key, "completion").inc(usage.completion_tokens)
+        self._usage_answers(key, "estimated" if usage.estimated else "upstream").inc()
 
     def journal_lag(self, seconds: float) -> None:
         """Events were written to the journal ``seconds`` after they were appended."""

@@ -100,7 +100,7 @@ def _count(request: web.Request, status: int, response: web.StreamResponse | Non
     metrics = request.app[METRICS]
     if response is not None:
         metrics.response_bytes.inc(response_bytes(response))
-    metrics.requests.labels(endpoint, str(status)).inc()
+    metrics.count_request(endpoint, status)
     if status == 499:
         note_hangup(request)
 

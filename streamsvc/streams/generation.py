@@ -18,11 +18,11 @@ from collections.abc import Callable
 from typing import Protocol
 
 from reactivex import Observable, abc
-from reactivex.scheduler.eventloop import AsyncIOScheduler
 
 from streamsvc.chunks import Chunk, Seam
 from streamsvc.errors import ErrorCode, StreamsvcError
 from streamsvc.pipeline import StreamContext
+from streamsvc.reactive.operators._common import LoopScheduler
 from streamsvc.streams.sinks import Sink
 from streamsvc.usage import Usage, UsageMeter
 from streamsvc.wire import Ending
@@ -143,7 +143,7 @@ class Generation:
 
     def start(self) -> None:
         """Subscribe to the pipeline: the upstream request starts now."""
-        scheduler = AsyncIOScheduler(asyncio.get_running_loop())
+        scheduler = LoopScheduler(asyncio.get_running_loop())
         try:
             subscription = self._source.subscribe(
                 self._on_next, self._on_error, self._on_completed, scheduler=scheduler

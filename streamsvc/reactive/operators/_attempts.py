@@ -16,10 +16,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from reactivex import Observable, abc
-from reactivex.disposable import CompositeDisposable, SerialDisposable
 
 from streamsvc.chunks import Chunk
-from streamsvc.reactive.operators._common import scheduler_of
+from streamsvc.reactive.operators._common import LoopScheduler, scheduler_of
 from streamsvc.reactive.operators._retry import RetryListener, next_attempt
 from streamsvc.reactive.operators._timeouts import first_token_error, idle_error, seconds_clock
 
@@ -52,25 +51,27 @@ def attempts_(
         run = _Run(sources, observer, scheduler_, timers, first_token_s, idle_s, max_attempts,
                    backoff_base, backoff_max, held, on_retry)
         run.start()
-        return CompositeDisposable(run.subscription, run.timer)
+        return run
 
     return Observable(subscribe)
 
 
-class _Run:
-    """One subscription's attempts.
+class _Run(abc.DisposableBase):
+    """One subscription's attempts, and their disposable.
 
     Its state lives in one object, not in closures that call each other: those
     would form a reference cycle, and every stream's whole chain would wait
     for the garbage collector instead of being freed when the stream ends.
-    What the attempt in flight holds (its subscription, its timer) goes with
-    the disposables, so nothing refers back once the run is disposed.
+    It holds the attempt in flight (its subscription, or the backoff timer
+    before it) and that attempt's timer as what stops each, and drops them
+    when it is disposed, so nothing refers back afterwards. No Rx
+    disposables or locks of its own: a subscription lives on one thread.
     """
 
-    __slots__ = ("attempt", "backoff_base", "backoff_max", "clock", "content", "first_token_s",
-                 "held", "held_back", "idle_s", "index", "last", "max_attempts", "observer",
-                 "on_retry", "scheduler", "sources", "started", "subscription", "timer",
-                 "timers", "token")
+    __slots__ = ("_attempt_stop", "_timer_stop", "attempt", "backoff_base", "backoff_max",
+                 "clock", "content", "disposed", "first_token_s", "held", "held_back",
+                 "idle_s", "index", "last", "loop", "max_attempts", "observer", "on_retry",
+                 "scheduler", "sources", "started", "timers", "token")
 
     def __init__(
         self,
@@ -90,6 +91,8 @@ class _Run:
         self.observer = observer
         self.scheduler = scheduler
         self.timers = timers
+        # On the server's scheduler a timer is the loop's own (one TimerHandle).
+        self.loop = timers.loop if isinstance(timers, LoopScheduler) else None
         self.clock = seconds_clock(timers)
         self.first_token_s = first_token_s
         self.idle_s = idle_s
@@ -98,8 +101,11 @@ class _Run:
         self.backoff_max = backoff_max
         self.held = held
         self.on_retry = on_retry
-        self.subscription = SerialDisposable()  # the current attempt's source, or a backoff timer
-        self.timer = SerialDisposable()  # the current attempt's first-token or idle timer
+        # What stops the current attempt's source (or the backoff timer before it),
+        # and what stops its first-token or idle timer.
+        self._attempt_stop: Callable[[], object] | None = None
+        self._timer_stop: Callable[[], object] | None = None
+        self.disposed = False
         self.index = 0
         self.attempt = 1
         self.started = False  # some attempt sent content: no retry from here on
@@ -108,21 +114,27 @@ class _Run:
         self.token = 0  # calls from an abandoned attempt carry an older token and are ignored
         self.held_back: list[Chunk] = []  # framing of the attempt, until its first content
 
+    def dispose(self) -> None:
+        if not self.disposed:
+            self.disposed = True
+            self.token += 1  # what the attempt still sends is dropped
+            self._set_timer(None)
+            self._set_attempt(None)
+
     def start(self, *_: Any) -> None:
         self.token += 1
         token = self.token
         self.content = False
         self.held_back.clear()
         if self.first_token_s > 0:
-            self.timer.disposable = self.timers.schedule_relative(
-                self.first_token_s, _Call(self, token, self._first_token_late))
-        subscription = self.subscription
-        before = subscription.disposable
+            self._set_timer(self._later(self.first_token_s,
+                                        _Call(self, token, self._first_token_late)))
+        before = self._attempt_stop
         attempt = self.sources[self.index].subscribe(_Attempt(self, token),
                                                      scheduler=self.scheduler)
-        if token == self.token and subscription.disposable is before:
-            subscription.disposable = attempt
-        else:  # it failed inside subscribe, and the next attempt is already planned
+        if token == self.token and self._attempt_stop is before:
+            self._set_attempt(attempt.dispose)
+        else:  # it failed inside subscribe (the next attempt is planned), or we were disposed
             attempt.dispose()
 
     def first(self, chunk: Chunk) -> None:
@@ -133,11 +145,10 @@ class _Run:
             self.held_back.append(chunk)
             return
         self.content = self.started = True
-        self.timer.disposable = None
+        self._set_timer(None)
         if self.idle_s > 0:
             self.last = self.clock()
-            self.timer.disposable = self.timers.schedule_relative(
-                self.idle_s, _Call(self, self.token, self._check))
+            self._set_timer(self._later(self.idle_s, _Call(self, self.token, self._check)))
         observer = self.observer
         for framing in self.held_back:
             observer.on_next(framing)
@@ -152,8 +163,8 @@ class _Run:
             self.last = self.clock()
         waited = self.clock() - self.last
         if waited < self.idle_s:
-            self.timer.disposable = self.timers.schedule_relative(
-                self.idle_s - waited, _Call(self, self.token, self._check))
+            self._set_timer(self._later(self.idle_s - waited,
+                                        _Call(self, self.token, self._check)))
             return
         self.fail(self.token, idle_error(self.idle_s))
 
@@ -161,31 +172,53 @@ class _Run:
         if token != self.token:
             return
         self.token += 1  # this attempt is over: what it sends now is dropped
-        self.timer.disposable = None
+        self._set_timer(None)
         plan = None
         if not self.started:
             plan = next_attempt(error, self.index, self.attempt, len(self.sources),
                                 self.max_attempts, self.backoff_base, self.backoff_max)
         self.held_back.clear()
         if plan is None:
-            self.subscription.disposable = None
+            self._set_attempt(None)
             self.observer.on_error(error)
             return
         self.index, self.attempt, delay = plan
         if self.on_retry is not None:
             self.on_retry(self.index, self.attempt, error, delay)
-        self.subscription.disposable = self.timers.schedule_relative(delay, self.start)
+        self._set_attempt(self._later(delay, self.start))
 
     def completed(self, token: int) -> None:
         if token != self.token:
             return
         self.token += 1
-        self.timer.disposable = None
+        self._set_timer(None)
         observer = self.observer
         for framing in self.held_back:
             observer.on_next(framing)
         self.held_back.clear()
         observer.on_completed()
+
+    def _later(self, seconds: float, action: Callable[..., None]) -> Callable[[], object]:
+        """Call ``action`` in ``seconds``; returns what cancels it."""
+        if self.loop is not None:
+            return self.loop.call_later(seconds, action).cancel
+        return self.timers.schedule_relative(seconds, action).dispose
+
+    def _set_attempt(self, stop: Callable[[], object] | None) -> None:
+        if self.disposed and stop is not None:  # as a disposed SerialDisposable does
+            stop()
+            return
+        old, self._attempt_stop = self._attempt_stop, stop
+        if old is not None:
+            old()
+
+    def _set_timer(self, stop: Callable[[], object] | None) -> None:
+        if self.disposed and stop is not None:  # as a disposed SerialDisposable does
+            stop()
+            return
+        old, self._timer_stop = self._timer_stop, stop
+        if old is not None:
+            old()
 
 
 class _Attempt(abc.ObserverBase[Chunk]):

@@ -4,10 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import asyncio
+
 from reactivex import Observable, abc
 from reactivex.disposable import CompositeDisposable
+from reactivex.scheduler.eventloop import AsyncIOScheduler
 
 from streamsvc.chunks import Chunk
+
+
+class LoopScheduler(AsyncIOScheduler):
+    """An ``AsyncIOScheduler`` that names its loop, for subscriptions made on the loop's thread.
+
+    The server subscribes every stream with one. The fused operator of the
+    server's chain (``_attempts.py``) then sets its timers with the loop's own
+    ``call_later``: one handle, instead of the scheduler's disposables and
+    locks around it, at the same times.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.loop = loop
 
 
 def scheduler_of(
