@@ -24,6 +24,7 @@ import pytest
 from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
 from tests.helpers import get_events, read_events, story
+from tests.redis_server import RedisServer
 
 Scenario = Callable[[RunningServer, aiohttp.ClientSession], Awaitable[None]]
 
@@ -138,5 +139,21 @@ async def test_a_finished_stream_leaves_no_reference_cycle(
     if name == "client-hang-up":
         assert await wait_until(lambda: simulator.stats.disconnected >= before + 3)
     await asyncio.sleep(0.2)  # what ends after the client's last byte (the handler's end)
+    gc.collect()
+    assert _ours(saved_garbage) == []
+
+
+async def test_a_finished_stream_on_the_redis_journal_leaves_no_reference_cycle(
+    start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession,
+    redis_server: RedisServer, saved_garbage: list[Any],
+) -> None:
+    relay = await start_server(overrides=relay_overrides(
+        simulator.url, journal={"backend": "redis", "redis_url": redis_server.url}))
+    await _streams(relay, session)
+    gc.collect()
+    saved_garbage.clear()
+    for _ in range(3):
+        await _streams(relay, session)
+    await asyncio.sleep(0.3)  # the journal's flush and its tail
     gc.collect()
     assert _ours(saved_garbage) == []
