@@ -74,6 +74,7 @@ class SSEResponse(web.StreamResponse):
         self._drain: asyncio.Future[None] | None = None
         self._waiting = False
         self._kept: list[bytes] = []  # written inside an upstream read's batch, not yet sent
+        self._batch = current_batch()  # a response is written on its loop's thread only
         self.sent = 0
         """Body bytes handed to the connection (what the access log reports)."""
 
@@ -105,17 +106,6 @@ class SSEResponse(web.StreamResponse):
         transport.set_write_buffer_limits(high=0, low=0)
         self._ping = asyncio.get_running_loop().call_later(self._heartbeat_s, self._heartbeat)
 
-    @property
-    def writable(self) -> bool:
-        """Whether a write now goes straight to the kernel (nothing is waiting before it)."""
-        transport = self._transport
-        return (
-            not self._waiting
-            and transport is not None
-            and not transport.is_closing()
-            and transport.get_write_buffer_size() == 0
-        )
-
     def write_now(self, data: bytes) -> bool:
         """Write prepared frames at once, from any callback; False when they must wait.
 
@@ -123,9 +113,11 @@ class SSEResponse(web.StreamResponse):
         they are kept and go out with the rest of that read's frames, in one write
         when the read's callback ends.
         """
-        if not self.writable:
-            return False
-        batch = current_batch()
+        transport = self._transport
+        if (self._waiting or transport is None or transport.is_closing()
+                or transport.get_write_buffer_size()):
+            return False  # something waits before it (or the client is gone)
+        batch = self._batch
         if batch.open and data:
             if not self._kept:
                 batch.add(self)
