@@ -366,15 +366,16 @@ class ChunkBuffer:
         max_chars: the most text characters one merged chunk carries (None: no bound).
     """
 
-    __slots__ = ("_chunks", "_max_chars", "_tail_chars")
+    __slots__ = ("_max_chars", "_tail_chars", "chunks")
 
     def __init__(self, max_chars: int | None = None) -> None:
-        self._chunks: list[Chunk] = []
+        self.chunks: list[Chunk] = []
+        """What is held, in order (read-only: :meth:`append` and :meth:`drain` change it)."""
         self._max_chars = max_chars
         self._tail_chars: int | None = None  # text of the last chunk; None: it cannot merge
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return len(self.chunks)
 
     def append(self, chunk: Chunk) -> None:
         size = text_size(chunk)
@@ -382,17 +383,17 @@ class ChunkBuffer:
         if size is not None and tail is not None and (
             self._max_chars is None or tail + size <= self._max_chars
         ):
-            merged = merge(self._chunks[-1], chunk)
+            merged = merge(self.chunks[-1], chunk)
             if merged is not None:
-                self._chunks[-1] = merged
+                self.chunks[-1] = merged
                 self._tail_chars = tail + size
                 return
-        self._chunks.append(chunk)
+        self.chunks.append(chunk)
         self._tail_chars = size
 
     def drain(self) -> list[Chunk]:
         """Everything held, in order; the buffer is empty afterwards."""
-        chunks, self._chunks = self._chunks, []
+        chunks, self.chunks = self.chunks, []
         self._tail_chars = None
         return chunks
 

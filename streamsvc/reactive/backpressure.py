@@ -19,26 +19,26 @@ __all__ = ["Valve"]
 
 
 class Valve:
-    """Open (read on) or closed (wait); one reader waits on it, one sink turns it."""
+    """Open (read on) or closed (wait); one reader waits on it, one sink turns it.
 
-    __slots__ = ("_on_open", "_open", "_waiter")
+    ``is_open`` is read per token: a plain attribute, which only :meth:`close`
+    and :meth:`open` change.
+    """
+
+    __slots__ = ("_on_open", "_waiter", "is_open")
 
     def __init__(self) -> None:
-        self._open = True
+        self.is_open = True
         self._waiter: asyncio.Future[None] | None = None
         self._on_open: Callable[[], object] | None = None
 
-    @property
-    def is_open(self) -> bool:
-        return self._open
-
     def close(self) -> None:
         """The sink is full: the reader stops at its next :meth:`wait_open`."""
-        self._open = False
+        self.is_open = False
 
     def open(self) -> None:
         """The sink drained: a waiting reader goes on."""
-        self._open = True
+        self.is_open = True
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -55,7 +55,7 @@ class Valve:
 
     async def wait_open(self) -> None:
         """Return at once while open; else wait until :meth:`open` (cancellable)."""
-        while not self._open:
+        while not self.is_open:
             if self._waiter is None or self._waiter.done():
                 self._waiter = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._waiter)

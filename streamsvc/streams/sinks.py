@@ -116,7 +116,7 @@ class Backlog:
 
     def put(self, chunk: Chunk) -> bool:
         buffer = self._buffer
-        if buffer is None or (not self._frames and len(buffer) == 0):
+        if buffer is None or (not self._frames and not buffer.chunks):
             frame = self._encoder.chunk(chunk)
             if not frame:
                 return False

@@ -72,6 +72,7 @@ class Connection(asyncio.Protocol):
         self._status = 0
         self._framed = False
         self._inflate: zlib._Decompress | None = None
+        self._batch = current_batch()  # made in the loop's thread, which reads it
 
     # asyncio.Protocol
 
@@ -85,7 +86,7 @@ class Connection(asyncio.Protocol):
             return
         self.received = True
         # What this read makes for clients goes out in one write per client, at its end.
-        with current_batch():
+        with self._batch:
             try:
                 parser.feed_data(data)
             except httptools.HttpParserError as exc:
