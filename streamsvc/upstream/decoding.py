@@ -13,7 +13,6 @@ finish reason.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import msgspec
 
@@ -41,20 +40,6 @@ def error_message(body: bytes) -> str:
         if isinstance(error, str):
             return error
     return body[:200].decode("utf-8", "replace")
-
-
-def _well_formed(choices: Any) -> bool:
-    """The shape every later step relies on: a list of choice objects."""
-    if not isinstance(choices, list):
-        return False
-    for choice in choices:
-        if not isinstance(choice, dict):
-            return False
-        index = choice.get("index", 0)
-        delta = choice.get("delta")
-        if not isinstance(index, int) or (delta is not None and not isinstance(delta, dict)):
-            return False
-    return True
 
 
 class ChunkDecoder:
@@ -168,29 +153,29 @@ class ChunkDecoder:
                 code=ErrorCode.UPSTREAM_ERROR, retryable=True,
             )
         choices = chunk.data.get("choices", [])
-        if type(choices) is list and len(choices) == 1 and type(choice := choices[0]) is dict:
-            # Nearly every chunk: one choice. The checks below, for it alone.
+        if not isinstance(choices, list):
+            raise self._malformed_choices(data)
+        for choice in choices:
+            # The shape every later step relies on: choice objects with an integer
+            # index and an object delta (or none). Checked and counted in one pass.
+            if not isinstance(choice, dict):
+                raise self._malformed_choices(data)
             index = choice.get("index", 0)
             delta = choice.get("delta")
-            if type(index) is int and (delta is None or type(delta) is dict):
-                self._started.add(index)
-                if choice.get("finish_reason") is not None:
-                    self._finished.add(index)
-                self._emit(chunk)
-                return
-        if not _well_formed(choices):
-            raise UpstreamError(
-                f"upstream {self._name!r} sent a chunk whose choices are not"
-                f" objects with an integer index and an object delta:"
-                f" {data.decode('utf-8', 'replace')[:80]!r}",
-                code=ErrorCode.UPSTREAM_ERROR, retryable=True,
-            )
-        for choice in choices:
-            index = choice.get("index", 0)
+            if not isinstance(index, int) or (delta is not None and not isinstance(delta, dict)):
+                raise self._malformed_choices(data)
             self._started.add(index)
             if choice.get("finish_reason") is not None:
                 self._finished.add(index)
         self._emit(chunk)
+
+    def _malformed_choices(self, data: bytes) -> UpstreamError:
+        return UpstreamError(
+            f"upstream {self._name!r} sent a chunk whose choices are not"
+            f" objects with an integer index and an object delta:"
+            f" {data.decode('utf-8', 'replace')[:80]!r}",
+            code=ErrorCode.UPSTREAM_ERROR, retryable=True,
+        )
 
     def _responses_event(self, event: ServerSentEvent) -> None:
         assert self._responses is not None
