@@ -633,15 +633,6 @@ class _Exchange:
         decoder = self._decoder
         valve = self._valve
         try:
-            if len(data) <= READ_BYTES:  # nearly every read: the loop below, once
-                decoder.feed(data)
-                if self._state is not _State.STREAMING:
-                    return
-                if decoder.done:
-                    self._done()
-                elif valve is not None and not valve.is_open:
-                    self._pause()
-                return
             for start in range(0, len(data), READ_BYTES):
                 decoder.feed(data if len(data) <= READ_BYTES else data[start:start + READ_BYTES])
                 if self._state is not _State.STREAMING:
