@@ -68,10 +68,10 @@ class _Run(abc.DisposableBase):
     disposables or locks of its own: a subscription lives on one thread.
     """
 
-    __slots__ = ("_attempt_stop", "_timer_stop", "attempt", "backoff_base", "backoff_max",
-                 "clock", "content", "disposed", "first_token_s", "held", "held_back",
-                 "idle_s", "index", "last", "loop", "max_attempts", "observer", "on_retry",
-                 "scheduler", "sources", "started", "timers", "token")
+    __slots__ = ("_attempt", "_timer", "attempt", "backoff_base", "backoff_max", "clock",
+                 "content", "disposed", "first_token_s", "held", "held_back", "idle_s",
+                 "index", "last", "loop", "max_attempts", "observer", "on_retry", "scheduler",
+                 "sources", "started", "timers", "token")
 
     def __init__(
         self,
@@ -101,10 +101,8 @@ class _Run(abc.DisposableBase):
         self.backoff_max = backoff_max
         self.held = held
         self.on_retry = on_retry
-        # What stops the current attempt's source (or the backoff timer before it),
-        # and what stops its first-token or idle timer.
-        self._attempt_stop: Callable[[], object] | None = None
-        self._timer_stop: Callable[[], object] | None = None
+        self._attempt = _Slot()  # the current attempt's source, or the backoff timer before it
+        self._timer = _Slot()  # the current attempt's first-token or idle timer
         self.disposed = False
         self.index = 0
         self.attempt = 1
@@ -118,8 +116,8 @@ class _Run(abc.DisposableBase):
         if not self.disposed:
             self.disposed = True
             self.token += 1  # what the attempt still sends is dropped
-            self._set_timer(None)
-            self._set_attempt(None)
+            self._timer.dispose()
+            self._attempt.dispose()
 
     def start(self, *_: Any) -> None:
         self.token += 1
@@ -127,13 +125,13 @@ class _Run(abc.DisposableBase):
         self.content = False
         self.held_back.clear()
         if self.first_token_s > 0:
-            self._set_timer(self._later(self.first_token_s,
+            self._timer.set(self._later(self.first_token_s,
                                         _Call(self, token, self._first_token_late)))
-        before = self._attempt_stop
+        before = self._attempt.stop
         attempt = self.sources[self.index].subscribe(_Attempt(self, token),
                                                      scheduler=self.scheduler)
-        if token == self.token and self._attempt_stop is before:
-            self._set_attempt(attempt.dispose)
+        if token == self.token and self._attempt.stop is before:
+            self._attempt.set(attempt.dispose)
         else:  # it failed inside subscribe (the next attempt is planned), or we were disposed
             attempt.dispose()
 
@@ -145,10 +143,10 @@ class _Run(abc.DisposableBase):
             self.held_back.append(chunk)
             return
         self.content = self.started = True
-        self._set_timer(None)
+        self._timer.set(None)
         if self.idle_s > 0:
             self.last = self.clock()
-            self._set_timer(self._later(self.idle_s, _Call(self, self.token, self._check)))
+            self._timer.set(self._later(self.idle_s, _Call(self, self.token, self._check)))
         observer = self.observer
         for framing in self.held_back:
             observer.on_next(framing)
@@ -163,7 +161,7 @@ class _Run(abc.DisposableBase):
             self.last = self.clock()
         waited = self.clock() - self.last
         if waited < self.idle_s:
-            self._set_timer(self._later(self.idle_s - waited,
+            self._timer.set(self._later(self.idle_s - waited,
                                         _Call(self, self.token, self._check)))
             return
         self.fail(self.token, idle_error(self.idle_s))
@@ -172,26 +170,26 @@ class _Run(abc.DisposableBase):
         if token != self.token:
             return
         self.token += 1  # this attempt is over: what it sends now is dropped
-        self._set_timer(None)
+        self._timer.set(None)
         plan = None
         if not self.started:
             plan = next_attempt(error, self.index, self.attempt, len(self.sources),
                                 self.max_attempts, self.backoff_base, self.backoff_max)
         self.held_back.clear()
         if plan is None:
-            self._set_attempt(None)
+            self._attempt.set(None)
             self.observer.on_error(error)
             return
         self.index, self.attempt, delay = plan
         if self.on_retry is not None:
             self.on_retry(self.index, self.attempt, error, delay)
-        self._set_attempt(self._later(delay, self.start))
+        self._attempt.set(self._later(delay, self.start))
 
     def completed(self, token: int) -> None:
         if token != self.token:
             return
         self.token += 1
-        self._set_timer(None)
+        self._timer.set(None)
         observer = self.observer
         for framing in self.held_back:
             observer.on_next(framing)
@@ -204,19 +202,31 @@ class _Run(abc.DisposableBase):
             return self.loop.call_later(seconds, action).cancel
         return self.timers.schedule_relative(seconds, action).dispose
 
-    def _set_attempt(self, stop: Callable[[], object] | None) -> None:
-        if self.disposed and stop is not None:  # as a disposed SerialDisposable does
+
+class _Slot:
+    """What stops one running thing (a subscription, a timer), replaced as the run goes on.
+
+    As a ``SerialDisposable`` without its lock: setting another stops the one
+    before; once disposed, what is set is stopped at once.
+    """
+
+    __slots__ = ("disposed", "stop")
+
+    def __init__(self) -> None:
+        self.stop: Callable[[], object] | None = None
+        self.disposed = False
+
+    def set(self, stop: Callable[[], object] | None) -> None:
+        if self.disposed and stop is not None:
             stop()
             return
-        old, self._attempt_stop = self._attempt_stop, stop
+        old, self.stop = self.stop, stop
         if old is not None:
             old()
 
-    def _set_timer(self, stop: Callable[[], object] | None) -> None:
-        if self.disposed and stop is not None:  # as a disposed SerialDisposable does
-            stop()
-            return
-        old, self._timer_stop = self._timer_stop, stop
+    def dispose(self) -> None:
+        self.disposed = True  # first: what the stop sets meanwhile is stopped at once
+        old, self.stop = self.stop, None
         if old is not None:
             old()
 
