@@ -1,70 +1,80 @@
-"""Writes made while one upstream read is handled go out once per client connection, at its end.
+"""Frames written in one turn of the event loop go out once per client connection, back to back.
 
-One read from an upstream often brings several events (two tokens, a token
-and the finish, the usage chunk and ``[DONE]``). Each becomes a frame for the
-client from inside that read's callback; written one by one, they cost one
-``send`` system call each, where a byte relay makes one. Inside a block a
-connection keeps what it is given and writes it all in one call when the
-block ends: the same bytes, in the same order, before
-the callback returns, so nothing waits for a later turn of the loop.
+One upstream read often brings several events (two tokens, a token and the
+finish, the usage chunk and ``[DONE]``), and one turn of the loop handles the
+reads of many upstreams. Written where they are made, each frame costs one
+``send``, and each ``send`` lands between two upstream reads, when the
+client's process has often gone back to sleep: the kernel wakes it inside
+that ``send``, once per token. A byte relay on aiohttp pays neither: its
+reads only wake tasks, which write in the next turn, one after another.
 
-The upstream's read callback opens the block (``with current_batch():``); a
-:class:`Batched` target (``SSEResponse``) keeps its writes while
-``current_batch().open``. Each thread has its own.
+So a connection keeps the frames it is given during a turn, and the loop's
+:class:`WriteBatch` writes every connection that kept some in one callback
+(``call_soon``, queued by the turn's first kept frame): one write per
+connection per turn, all of them back to back, before the loop polls again.
+The bytes and their order are those the connection was given.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from typing import Protocol
 
-__all__ = ["Batched", "WriteBatch", "current_batch"]
+__all__ = ["Batched", "WriteBatch", "loop_batch"]
+
+log = logging.getLogger(__name__)
 
 
 class Batched(Protocol):
     def flush_batch(self) -> None:
-        """Write what was kept during the block (it must not raise)."""
+        """Write what was kept this turn (it must not raise)."""
 
 
 class WriteBatch:
-    """This thread's block: ``with current_batch():`` around a read callback.
+    """One event loop's batch: the targets that kept frames this turn.
 
-    ``open`` while inside one (nested blocks flush at the outermost's end);
-    a target that keeps its first write of the block calls :meth:`add`.
+    A target calls :meth:`add` when it keeps the turn's first frame; the
+    first target of a turn queues the flush.
     """
 
-    __slots__ = ("_depth", "_targets", "open")
+    __slots__ = ("_loop", "_targets")
 
-    def __init__(self) -> None:
-        self._depth = 0
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
         self._targets: list[Batched] = []
-        self.open = False
 
     def add(self, target: Batched) -> None:
+        if not self._targets:
+            self._loop.call_soon(self.flush)
         self._targets.append(target)
 
-    def __enter__(self) -> None:
-        self._depth += 1
-        self.open = True
-
-    def __exit__(self, *_: object) -> None:
-        self._depth -= 1
-        if self._depth:
-            return
-        self.open = False
+    def flush(self) -> None:
+        """Write every target's kept frames (the loop calls it once a turn)."""
         targets, self._targets = self._targets, []
-        for target in targets:  # the block is closed: a flush writes at once, adds nothing
-            target.flush_batch()
+        for target in targets:
+            try:
+                target.flush_batch()
+            except Exception:  # one broken target must not keep the others' frames
+                log.exception("a write batch target failed to flush")
 
 
 class _Local(threading.local):
     def __init__(self) -> None:
-        self.batch = WriteBatch()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.batch: WriteBatch | None = None
 
 
 _local = _Local()
 
 
-def current_batch() -> WriteBatch:
-    """This thread's batch (an event loop runs its callbacks on one thread)."""
-    return _local.batch
+def loop_batch() -> WriteBatch:
+    """The running loop's batch (made on first use; a thread runs one loop at a time)."""
+    loop = asyncio.get_running_loop()
+    local = _local
+    batch = local.batch
+    if batch is None or local.loop is not loop:
+        batch = local.batch = WriteBatch(loop)
+        local.loop = loop
+    return batch

@@ -24,11 +24,14 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 
 from streamsvc.config import ServerConfig
-from streamsvc.reactive.write_batch import current_batch
+from streamsvc.reactive.write_batch import WriteBatch, loop_batch
 
-__all__ = ["HEARTBEAT", "ClientGone", "SSEResponse", "response_bytes"]
+__all__ = ["HEARTBEAT", "KEEP_BYTES", "ClientGone", "SSEResponse", "response_bytes"]
 
 HEARTBEAT = b": ping\n\n"
+KEEP_BYTES = 65536
+"""Frames kept for the turn's batch past this size are written at once: a reader that
+catches up in one turn then meets the connection's backpressure, not a growing list."""
 
 
 class ClientGone(Exception):
@@ -73,8 +76,9 @@ class SSEResponse(web.StreamResponse):
         self._ping: asyncio.TimerHandle | None = None
         self._drain: asyncio.Future[None] | None = None
         self._waiting = False
-        self._kept: list[bytes] = []  # written inside an upstream read's batch, not yet sent
-        self._batch = current_batch()  # a response is written on its loop's thread only
+        self._kept: list[bytes] = []  # given this turn, written by the loop's batch
+        self._kept_size = 0
+        self._batch: WriteBatch | None = None
         self.sent = 0
         """Body bytes handed to the connection (what the access log reports)."""
 
@@ -99,6 +103,7 @@ class SSEResponse(web.StreamResponse):
             raise RuntimeError("SSEResponse needs aiohttp's StreamWriter, chunked")
         self._writer = writer
         self._transport = transport
+        self._batch = loop_batch()
         # The transport buffers nothing past what the kernel would not take at once:
         # a client's backlog waits in the stream's own bounded backlog, and a write
         # waits (``send``) until the previous one has wholly reached the kernel.
@@ -107,32 +112,35 @@ class SSEResponse(web.StreamResponse):
         self._ping = asyncio.get_running_loop().call_later(self._heartbeat_s, self._heartbeat)
 
     def write_now(self, data: bytes) -> bool:
-        """Write prepared frames at once, from any callback; False when they must wait.
+        """Take prepared frames from any callback; False when they must wait.
 
-        Inside an upstream read's write batch (``streamsvc.reactive.write_batch``)
-        they are kept and go out with the rest of that read's frames, in one write
-        when the read's callback ends.
+        They go out with the rest of this turn's frames for the connection, in
+        one write at the end of the turn (``streamsvc.reactive.write_batch``).
         """
         transport = self._transport
         if (self._waiting or transport is None or transport.is_closing()
                 or transport.get_write_buffer_size()):
             return False  # something waits before it (or the client is gone)
-        batch = self._batch
-        if batch.open and data:
-            if not self._kept:
-                batch.add(self)
-            self._kept.append(data)
+        if not data:
             return True
-        try:
-            self._write(data)
-        except ConnectionError:
-            return False
+        kept = self._kept
+        if not kept:
+            assert self._batch is not None
+            self._batch.add(self)
+        kept.append(data)
+        self._kept_size += len(data)
+        if self._kept_size > KEEP_BYTES:
+            self.flush_batch()
         return True
 
     def flush_batch(self) -> None:
-        """The read's batch ended: write what it kept (a client that left loses it, as
-        any write to a closed connection)."""
-        kept, self._kept = self._kept, []
+        """Write what this turn kept (a client that left loses it, as any write to a
+        closed connection)."""
+        kept = self._kept
+        if not kept:
+            return
+        self._kept = []
+        self._kept_size = 0
         try:
             self._write(b"".join(kept))  # one frame: join hands that same object back
         except ConnectionError:
@@ -144,11 +152,18 @@ class SSEResponse(web.StreamResponse):
         Raises :class:`ClientGone` when the client hung up, or took nothing for
         ``write_timeout_s`` (a reader that is slow but reading is waited for).
         """
+        self.flush_batch()  # what was kept this turn goes first
         await self._until_drained()
         try:
             self._write(data)
         except ConnectionError as exc:
             raise ClientGone(str(exc)) from exc
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        """End the body after what this turn kept, whoever ends it (aiohttp does after
+        a handler that returned without :meth:`close`)."""
+        self.flush_batch()
+        await super().write_eof(data)
 
     async def close(self) -> None:
         """Stop the heartbeat and end the body once the client has the rest.
@@ -161,6 +176,7 @@ class SSEResponse(web.StreamResponse):
             self._ping = None
         if self._writer is None or self._transport is None:
             return
+        self.flush_batch()
         try:
             await self._until_drained()
             async with asyncio.timeout(self._write_timeout_s):
@@ -229,6 +245,8 @@ class SSEResponse(web.StreamResponse):
         if self._ping is not None:
             self._ping.cancel()
             self._ping = None
+        self._kept = []
+        self._kept_size = 0
         transport = self._transport
         if transport is not None:
             # What the transport still held never reached the client.

@@ -21,8 +21,6 @@ from typing import NamedTuple, Protocol, cast
 
 import httptools
 
-from streamsvc.reactive.write_batch import current_batch
-
 __all__ = ["Connection", "Origin", "ResponseHandler", "open_connection"]
 
 
@@ -72,7 +70,6 @@ class Connection(asyncio.Protocol):
         self._status = 0
         self._framed = False
         self._inflate: zlib._Decompress | None = None
-        self._batch = current_batch()  # made in the loop's thread, which reads it
 
     # asyncio.Protocol
 
@@ -85,12 +82,10 @@ class Connection(asyncio.Protocol):
             self.close()  # idle: a server has nothing to say between responses
             return
         self.received = True
-        # What this read makes for clients goes out in one write per client, at its end.
-        with self._batch:
-            try:
-                parser.feed_data(data)
-            except httptools.HttpParserError as exc:
-                self._lose(exc)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._lose(exc)
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost tells the handler
