@@ -22,6 +22,7 @@ from reactivex import Observable, abc
 from streamsvc.chunks import Chunk, Seam
 from streamsvc.errors import ErrorCode, StreamsvcError
 from streamsvc.pipeline import StreamContext
+from streamsvc.reactive.direct import subscribe_direct
 from streamsvc.reactive.operators._common import LoopScheduler
 from streamsvc.streams.sinks import Sink
 from streamsvc.usage import Usage, UsageMeter
@@ -98,11 +99,12 @@ class GenerationState(enum.Enum):
     ENDED = "ended"
 
 
-class Generation:
-    """One upstream answer, from subscription to its one end.
+class Generation(abc.ObserverBase[Chunk]):
+    """One upstream answer, from subscription to its one end; its pipeline's observer.
 
     Chunks go to the sink from ``on_next`` itself, on the upstream reader's
     own turn of the loop: no task of its own and no hand-off per token.
+    Whatever comes after the end is ignored.
 
     Args:
         stream_id: the stream's id (events, logs, ``X-Stream-ID``).
@@ -145,11 +147,10 @@ class Generation:
         """Subscribe to the pipeline: the upstream request starts now."""
         scheduler = LoopScheduler(asyncio.get_running_loop())
         try:
-            subscription = self._source.subscribe(
-                self._on_next, self._on_error, self._on_completed, scheduler=scheduler
-            )
+            # The server's own chain takes this observer as it is (``reactive/direct.py``).
+            subscription = subscribe_direct(self._source, self, scheduler)
         except Exception as exc:  # noqa: BLE001 - a pipeline that fails to start ends the stream
-            self._on_error(exc)
+            self.on_error(exc)
             return
         if self.state is GenerationState.RUNNING:
             self._subscription = subscription
@@ -176,7 +177,7 @@ class Generation:
             self._grace.cancel()
             self._grace = None
 
-    def _on_next(self, chunk: Chunk) -> None:
+    def on_next(self, chunk: Chunk) -> None:
         if self.state is not GenerationState.RUNNING:
             return
         if isinstance(chunk, Seam):
@@ -186,16 +187,16 @@ class Generation:
         try:
             made = self.sink.put(chunk)
         except Exception as exc:  # noqa: BLE001 - journal_full, slow_consumer, or a bug of ours
-            self._on_error(exc)
+            self.on_error(exc)
             return
         if made and self._clock is not None:
             self._clock.tick()
 
-    def _on_completed(self) -> None:
+    def on_completed(self) -> None:
         if self.state is GenerationState.RUNNING:
             self._end(None, None)
 
-    def _on_error(self, error: Exception) -> None:
+    def on_error(self, error: Exception) -> None:
         if self.state is GenerationState.RUNNING:
             self._end(terminal_error(error, self.id), None)
 

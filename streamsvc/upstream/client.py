@@ -33,7 +33,6 @@ from typing import Any
 import aiohttp
 import httptools
 import msgspec
-import reactivex
 from reactivex import Observable, abc
 from reactivex.disposable import Disposable
 
@@ -42,6 +41,7 @@ from streamsvc.config import UpstreamConfig
 from streamsvc.errors import ErrorCode, UpstreamError
 from streamsvc.reactive.backpressure import Valve
 from streamsvc.reactive.bridge import ObservableIterator, from_async_iterable
+from streamsvc.reactive.direct import DirectObservable
 from streamsvc.upstream.decoding import MAX_EVENT_BYTES, ChunkDecoder, error_message
 from streamsvc.upstream.http_stream import Connection, Origin, open_connection
 from streamsvc.upstream.pool import ConnectionPool
@@ -331,7 +331,7 @@ class UpstreamClient:
             exchange.start()
             return Disposable(exchange.dispose)
 
-        return reactivex.create(subscribe)
+        return DirectObservable(subscribe)  # the exchange keeps the observer grammar itself
 
     async def stream(
         self,

@@ -18,6 +18,7 @@ from typing import Any
 from reactivex import Observable, abc
 
 from streamsvc.chunks import Chunk
+from streamsvc.reactive.direct import DirectObservable, subscribe_direct
 from streamsvc.reactive.operators._common import LoopScheduler, scheduler_of
 from streamsvc.reactive.operators._retry import RetryListener, next_attempt
 from streamsvc.reactive.operators._timeouts import first_token_error, idle_error, seconds_clock
@@ -53,7 +54,7 @@ def attempts_(
         run.start()
         return run
 
-    return Observable(subscribe)
+    return DirectObservable(subscribe)  # it keeps the observer grammar itself
 
 
 class _Run(abc.DisposableBase):
@@ -128,8 +129,8 @@ class _Run(abc.DisposableBase):
             self._timer.set(self._later(self.first_token_s,
                                         _Call(self, token, self._first_token_late)))
         before = self._attempt.stop
-        attempt = self.sources[self.index].subscribe(_Attempt(self, token),
-                                                     scheduler=self.scheduler)
+        attempt = subscribe_direct(self.sources[self.index], _Attempt(self, token),
+                                   self.scheduler)
         if token == self.token and self._attempt.stop is before:
             self._attempt.set(attempt.dispose)
         else:  # it failed inside subscribe (the next attempt is planned), or we were disposed
