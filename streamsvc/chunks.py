@@ -176,13 +176,15 @@ class SurrogateJoiner:
     Costs nothing on a chunk that msgspec read (``raw`` set) while nothing is held.
     """
 
-    __slots__ = ("_held",)
+    __slots__ = ("held",)
 
     def __init__(self) -> None:
-        self._held: dict[tuple[int, str | int], str] = {}
+        self.held: dict[tuple[int, str | int], str] = {}
+        """The halves held back, by (choice, field): while empty, a chunk msgspec read
+        needs no join."""
 
     def join(self, chunk: Chunk) -> Chunk:
-        if chunk.raw is not None and not self._held:
+        if chunk.raw is not None and not self.held:
             return chunk
         changed = chunk.raw is None
         for choice in chunk.choices:
@@ -196,8 +198,8 @@ class SurrogateJoiner:
                     joined = self._text((index, field), text)
                     changed = changed or joined != text
                     delta[field] = joined
-                elif choice.get("finish_reason") is not None and (index, field) in self._held:
-                    del self._held[(index, field)]
+                elif choice.get("finish_reason") is not None and (index, field) in self.held:
+                    del self.held[(index, field)]
                     delta[field] = "\ufffd"
                     changed = True
             for call in delta.get("tool_calls") or ():
@@ -221,11 +223,11 @@ class SurrogateJoiner:
         return Chunk(data, raw)
 
     def _text(self, key: tuple[int, str | int], text: str) -> str:
-        held = self._held.pop(key, None)
+        held = self.held.pop(key, None)
         if held is not None:
             text = held + text
         if text and _is_high_surrogate(text[-1]):
-            self._held[key] = text[-1]
+            self.held[key] = text[-1]
             text = text[:-1]
         return _whole(text) if held is not None or not text.isascii() else text
 

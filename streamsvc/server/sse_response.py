@@ -134,17 +134,26 @@ class SSEResponse(web.StreamResponse):
         return True
 
     def flush_batch(self) -> None:
-        """Write what this turn kept (a client that left loses it, as any write to a
-        closed connection)."""
+        """Write what this turn kept, as one chunk of the chunked body (a client that left
+        loses it, as any write to a closed connection)."""
         kept = self._kept
         if not kept:
             return
         self._kept = []
         self._kept_size = 0
-        try:
-            self._write(b"".join(kept))  # one frame: join hands that same object back
-        except ConnectionError:
-            pass
+        writer, transport = self._writer, self._transport
+        if writer is None or transport is None or transport.is_closing():
+            return
+        # Framed here and written in one call: aiohttp's ``StreamWriter.write`` costs a
+        # coroutine and three buffers per token. Its counts are kept, since the access
+        # log reports ``output_size``. (No frame kept is empty: an empty chunk would end
+        # the body.)
+        data = b"".join(kept)  # one frame: join hands that same object back
+        size = len(data)
+        writer.buffer_size += size
+        writer.output_size += size
+        transport.write(b"%x\r\n%b\r\n" % (size, data))
+        self.sent += size
 
     async def send(self, data: bytes) -> None:
         """Write prepared frames once the connection has taken what was written before.
@@ -154,10 +163,9 @@ class SSEResponse(web.StreamResponse):
         """
         self.flush_batch()  # what was kept this turn goes first
         await self._until_drained()
-        try:
-            self._write(data)
-        except ConnectionError as exc:
-            raise ClientGone(str(exc)) from exc
+        if data:
+            self._kept.append(data)
+            self.flush_batch()
 
     async def write_eof(self, data: bytes = b"") -> None:
         """End the body after what this turn kept, whoever ends it (aiohttp does after
@@ -187,22 +195,6 @@ class SSEResponse(web.StreamResponse):
         if self._limits is not None and not self._transport.is_closing():
             low, high = self._limits  # the connection may serve another request
             self._transport.set_write_buffer_limits(high=high, low=low)
-
-    def _write(self, data: bytes) -> None:
-        # One chunk of the chunked body, framed here and written in one call: aiohttp's
-        # ``StreamWriter.write`` costs a coroutine and three buffers per token. Its
-        # counts are kept, since the access log reports ``output_size``.
-        writer, transport = self._writer, self._transport
-        assert writer is not None and transport is not None
-        if transport.is_closing():
-            raise ConnectionResetError("the connection is closing")
-        size = len(data)
-        if not size:
-            return  # an empty chunk would end the body
-        writer.buffer_size += size
-        writer.output_size += size
-        transport.write(b"%x\r\n%b\r\n" % (size, data))
-        self.sent += size
 
     async def _until_drained(self) -> None:
         """Wait until the transport buffer is empty; gone when it shrinks not at all in time."""

@@ -29,7 +29,7 @@ from streamsvc.usage import Usage, UsageMeter
 from streamsvc.wire import Ending
 
 __all__ = [
-    "Generation", "GenerationState", "StreamObserver", "TokenClock", "new_stream_id",
+    "Generation", "GenerationState", "StreamObserver", "new_stream_id",
     "terminal_error",
 ]
 
@@ -56,28 +56,6 @@ class StreamObserver(Protocol):
 
     def count_error(self, code: str) -> None:
         """A stream ended with an error of this code."""
-
-
-class TokenClock:
-    """Tells a :class:`StreamObserver` the time to the first output of a stream and the gaps."""
-
-    __slots__ = ("_first", "_gap", "_last", "_observer")
-
-    def __init__(self, observer: StreamObserver) -> None:
-        self._observer = observer
-        self._gap = observer.gap  # looked up once: it is called per token
-        self._last = time.monotonic()  # the start, then the last output
-        self._first = True
-
-    def tick(self) -> None:
-        """Output was made now."""
-        now = time.monotonic()
-        if self._first:
-            self._first = False
-            self._observer.first_token(now - self._last)
-        else:
-            self._gap(now - self._last)
-        self._last = now
 
 
 def new_stream_id() -> str:
@@ -138,7 +116,10 @@ class Generation(abc.ObserverBase[Chunk]):
         """Done once the sink was told the end."""
         self._source = source
         self._observer = observer
-        self._clock = TokenClock(observer) if observer is not None else None
+        # The token clock: the time to the first output, then each gap, told to the observer.
+        self._gap = observer.gap if observer is not None else None  # called per token
+        self._last = time.monotonic()  # the start, then the last output
+        self._first = True
         self._meter = UsageMeter()
         self._subscription: abc.DisposableBase | None = None
         self._grace: asyncio.TimerHandle | None = None
@@ -189,8 +170,15 @@ class Generation(abc.ObserverBase[Chunk]):
         except Exception as exc:  # noqa: BLE001 - journal_full, slow_consumer, or a bug of ours
             self.on_error(exc)
             return
-        if made and self._clock is not None:
-            self._clock.tick()
+        if made and self._gap is not None:
+            now = time.monotonic()
+            if self._first:
+                self._first = False
+                assert self._observer is not None
+                self._observer.first_token(now - self._last)
+            else:
+                self._gap(now - self._last)
+            self._last = now
 
     def on_completed(self) -> None:
         if self.state is GenerationState.RUNNING:

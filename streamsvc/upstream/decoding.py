@@ -23,6 +23,8 @@ from streamsvc.upstream.responses_api import ResponsesStream
 
 __all__ = ["MAX_EVENT_BYTES", "ChunkDecoder", "error_message"]
 
+_decode_json = msgspec.json.decode
+
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 """The largest upstream event accepted (a big tool-call chunk is well below it)."""
 
@@ -135,7 +137,14 @@ class ChunkDecoder:
             self.done = True
             return
         try:
-            chunk = self._halves.join(Chunk.from_json(data))
+            parsed = _decode_json(data)
+        except (msgspec.DecodeError, RecursionError):
+            parsed = None
+        try:
+            if type(parsed) is dict and not self._halves.held:
+                chunk = Chunk(parsed, data)  # nearly every chunk: what from_json and join give
+            else:
+                chunk = self._halves.join(Chunk.from_json(data))
         except msgspec.DecodeError as exc:
             text = data.decode("utf-8", "replace")
             if as_bytes and text.encode() != data:
