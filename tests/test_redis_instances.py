@@ -114,15 +114,17 @@ async def test_a_reader_on_another_instance_keeps_the_stream_alive_past_the_grac
     session: aiohttp.ClientSession,
 ) -> None:
     overrides = relay_overrides(
-        simulator.url, **_redis_overrides(redis_server, resume_grace_s=0.3))
+        simulator.url, **_redis_overrides(redis_server, resume_grace_s=1.0))
     one, two = await start_server(overrides=overrides), await start_server(overrides=overrides)
-    async with session.post(one.url + "/v1/streams", json=story(30, rate=15)) as r:
-        created = await r.json()  # 2 s of answer, grace 0.3 s, nobody reads on `one`
+    async with session.post(one.url + "/v1/streams", json=story(45, rate=15)) as r:
+        # 3 s of answer, grace 1 s, nobody reads on `one`; the grace is long enough for
+        # the reader on `two` to be present before it ends on a slow machine.
+        created = await r.json()
     read = await get_events(session, two.url + created["events_url"])
     events = read.events
     assert read.status == 200 and events[-1].event == "done"
     assert json.loads(events[-1].data)["finish_reason"] == "stop"
-    assert text_of(events) == expected(30)
+    assert text_of(events) == expected(45)
 
 
 async def test_with_nobody_reading_anywhere_the_grace_period_still_stops_it(
