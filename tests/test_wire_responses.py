@@ -73,3 +73,26 @@ def test_a_piece_with_a_finish_or_usage_is_not_taken_as_a_plain_piece() -> None:
     assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert final["response"]["usage"]["input_tokens"] == 7
     assert final["response"]["usage"]["output_tokens"] == 3
+
+
+def test_a_shared_meter_counts_each_chunk_once_and_its_carried_usage_shows() -> None:
+    """With the stream's meter (the generation counts into it first), the response's
+    usage is that meter's: no chunk counted twice, a continuation's carried usage kept."""
+    from streamsvc.usage import UsageMeter
+
+    pieces = [chunk({"content": "x" * 40}), chunk({"content": "y" * 40}, finish="stop")]
+    alone = ResponseEvents({"id": "resp_1", "object": "response"}, prompt_tokens=5)
+    meter = UsageMeter()
+    shared = ResponseEvents({"id": "resp_2", "object": "response"}, prompt_tokens=5,
+                            meter=meter)
+    meter.add(pieces[0])
+    meter.seam(5)  # the answer went on from another attempt after the first piece
+    for piece in pieces:
+        alone.chunk(piece)
+        if piece is not pieces[0]:
+            meter.add(piece)
+        shared.chunk(piece)
+    by_itself = alone.snapshot("completed")["usage"]
+    with_meter = shared.snapshot("completed")["usage"]
+    assert by_itself["output_tokens"] == with_meter["output_tokens"] == 20  # 80 chars / 4
+    assert with_meter["input_tokens"] > by_itself["input_tokens"]  # the continuation's prompt

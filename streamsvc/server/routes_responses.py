@@ -28,7 +28,7 @@ from streamsvc.server.responses_request import is_response_id, parse_responses_b
 from streamsvc.server.sse_response import ClientGone, SSEResponse
 from streamsvc.server.state import AUTH, CONFIG, JOURNAL, KEY_ID, REGISTRY, REQUEST_ID, STREAMS
 from streamsvc.streams.readers import read_journal
-from streamsvc.usage import estimate_prompt_tokens
+from streamsvc.usage import UsageMeter, estimate_prompt_tokens
 from streamsvc.wire.responses import FINAL_TYPES, ResponseEntries, ResponseEvents
 
 __all__ = ["routes"]
@@ -56,10 +56,11 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     history = await _history(request, parsed.previous_response_id)
     chat = parsed.with_history(history)
     response_id = new_response_id()
+    meter = UsageMeter()  # the generation counts, the response's usage reads it
     events = ResponseEvents(
         {"id": response_id, "object": "response", "created_at": int(time.time()),
          "error": None, "incomplete_details": None, "usage": None, **parsed.echo},
-        prompt_tokens=estimate_prompt_tokens(chat.body["messages"]),
+        prompt_tokens=estimate_prompt_tokens(chat.body["messages"]), meter=meter,
     )
     entries = ResponseEntries(events)
     meta = {"format": FORMAT, "store": "1" if parsed.store else "0",
@@ -69,6 +70,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     generation = await app[STREAMS].journaled(
         chat, key_id=key_id, meta=meta, stream_id=response_id, entries=entries,
         kind="responses", resumable=parsed.background, background=parsed.background,
+        meter=meter,
     )
     log.info("request %s: response %s started (model %s%s)", request[REQUEST_ID], response_id,
              parsed.chat.model, ", background" if parsed.background else "")

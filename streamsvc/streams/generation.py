@@ -92,6 +92,8 @@ class Generation(abc.ObserverBase[Chunk]):
         resumable: whether the stream outlives its readers (``resume_grace_s``).
         background: whether it runs to its end whoever reads it (no grace period).
         observer: told the token times, retries, usage and error code.
+        meter: where each chunk's usage is counted (default: a meter of its own); a
+            sink whose format reports usage reads the same one.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Generation(abc.ObserverBase[Chunk]):
         resumable: bool,
         background: bool = False,
         observer: StreamObserver | None = None,
+        meter: UsageMeter | None = None,
     ) -> None:
         self.id = stream_id
         self.resumable = resumable or background
@@ -120,7 +123,7 @@ class Generation(abc.ObserverBase[Chunk]):
         self._gap = observer.gap if observer is not None else None  # called per token
         self._last = time.monotonic()  # the start, then the last output
         self._first = True
-        self._meter = UsageMeter()
+        self._meter = meter if meter is not None else UsageMeter()
         self._subscription: abc.DisposableBase | None = None
         self._grace: asyncio.TimerHandle | None = None
 

@@ -31,7 +31,7 @@ from streamsvc.streams.generation import Generation, StreamObserver, new_stream_
 from streamsvc.streams.registry import StreamRegistry
 from streamsvc.streams.sinks import Backlog, Collector, JournalSink, Sink
 from streamsvc.upstream.routing import Router
-from streamsvc.usage import estimate_prompt_tokens
+from streamsvc.usage import UsageMeter, estimate_prompt_tokens
 from streamsvc.wire import EntryEncoder, WireEncoder
 
 __all__ = ["Slot", "Slots", "Streams"]
@@ -104,6 +104,7 @@ class Streams:
         self, chat: ChatRequest, *, key_id: str | None, meta: Mapping[str, str] | None = None,
         stream_id: str | None = None, entries: EntryEncoder | None = None,
         kind: str = "resumable", resumable: bool = True, background: bool = False,
+        meter: UsageMeter | None = None,
     ) -> Generation:
         """A stream in the journal (with ``meta`` kept beside it), read by any number of readers.
 
@@ -114,6 +115,8 @@ class Streams:
             resumable: False: its one reader is the caller, who calls
                 :meth:`done_reading` when it stops (the stream stops then).
             background: it runs to its end whoever reads it (no ``resume_grace_s``).
+            meter: the stream's usage meter, for a format that reports usage itself
+                (``entries`` reads it; the generation counts each chunk into it).
         """
         stream_id = stream_id or new_stream_id()
         sink = JournalSink(self._journal, stream_id, entries)
@@ -124,7 +127,7 @@ class Streams:
 
         return await self._start(
             stream_id, chat, sink, key_id=key_id, kind=kind, valve=None,
-            resumable=resumable, background=background, admitted=admitted,
+            resumable=resumable, background=background, admitted=admitted, meter=meter,
         )
 
     async def complete(
@@ -151,6 +154,7 @@ class Streams:
         self, stream_id: str, chat: ChatRequest, sink: Sink, *, key_id: str | None,
         kind: str, valve: Valve | None, resumable: bool, background: bool = False,
         admitted: Callable[[], Awaitable[None]] | None = None,
+        meter: UsageMeter | None = None,
     ) -> Generation:
         """Admit the request (drain, route, limits), then run it.
 
@@ -174,7 +178,7 @@ class Streams:
                 slot.release()
                 raise
         generation = Generation(stream_id, source, context, sink, resumable=resumable,
-                                background=background, observer=self._observer)
+                                background=background, observer=self._observer, meter=meter)
         generation.ended.add_done_callback(lambda _: slot.release())
         if self._observer is not None:
             self._observer.stream_started(kind)

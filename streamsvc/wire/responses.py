@@ -109,16 +109,21 @@ class ResponseEvents:
             request set them; ``status``, ``output``, ``usage`` and ``error``
             are filled in here.
         prompt_tokens: the prompt's estimated tokens, for when the upstream sends no usage.
+        meter: the stream's usage meter, which its generation counts each chunk into
+            before this sees it (one count per chunk, continuations included); without
+            one, this counts the chunks it is given itself.
     """
 
-    def __init__(self, response: dict[str, Any], *, prompt_tokens: int) -> None:
+    def __init__(self, response: dict[str, Any], *, prompt_tokens: int,
+                 meter: UsageMeter | None = None) -> None:
         self._response = response
         self._prompt_tokens = prompt_tokens
         self._seq = -1
         self._items: list[_Item] = []
         self._open: _Item | None = None
         self._calls: dict[int, _Item] = {}  # chat tool-call index -> its item
-        self._meter = UsageMeter()
+        self._counts = meter is None
+        self._meter = UsageMeter() if meter is None else meter
         self._length = False
         self.ended = False
 
@@ -139,7 +144,8 @@ class ResponseEvents:
 
     def chunk(self, chunk: Chunk) -> Entries:
         """The events one chunk makes (often one ``output_text.delta``)."""
-        self._meter.add(chunk)
+        if self._counts:
+            self._meter.add(chunk)
         # Nearly every chunk is one text piece of choice 0, in the message item already open.
         data = chunk.data
         choices = data.get("choices")
