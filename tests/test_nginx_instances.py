@@ -100,7 +100,10 @@ def _instance_env(redis_url: str, extra: dict[str, str]) -> dict[str, str]:
         "STREAMSVC__SERVER__SSE_RETRY_MS": "300",  # readers come back sooner: a shorter test
         "STREAMSVC__JOURNAL__BACKEND": "redis",  # as the file says
         "STREAMSVC__JOURNAL__REDIS_URL": redis_url,
-        "STREAMSVC__JOURNAL__WRITER_LEASE_S": "1.0",
+        # Short enough for a quick test, long enough that a writer held up by instances
+        # starting on a busy 2-core machine keeps its lease (a lapsed lease while it still
+        # writes is the false instance_lost that docs/configuration.md describes).
+        "STREAMSVC__JOURNAL__WRITER_LEASE_S": "3.0",
         # The file's upstreams are OpenAI and a local Ollama: the built-in simulator here.
         "STREAMSVC__UPSTREAMS__OPENAI__BASE_URL": "builtin:simulator",
         "STREAMSVC__UPSTREAMS__BACKUP__BASE_URL": "builtin:simulator",
