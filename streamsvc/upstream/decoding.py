@@ -141,10 +141,11 @@ class ChunkDecoder:
         except (msgspec.DecodeError, RecursionError):
             parsed = None
         try:
-            if type(parsed) is dict and not self._halves.held:
-                chunk = Chunk(parsed, data)  # nearly every chunk: what from_json and join give
-            else:
-                chunk = self._halves.join(Chunk.from_json(data))
+            # A whole object is what from_json gives; join has nothing to do while no
+            # half is held (nearly every chunk): neither is called then.
+            chunk = Chunk(parsed, data) if type(parsed) is dict else Chunk.from_json(data)
+            if self._halves.held or chunk.raw is None:
+                chunk = self._halves.join(chunk)
         except msgspec.DecodeError as exc:
             text = data.decode("utf-8", "replace")
             if as_bytes and text.encode() != data:
