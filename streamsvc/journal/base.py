@@ -57,18 +57,17 @@ def encode_frame(stream_id: str, seq: int, kind: str, data: bytes) -> bytes:
     return Framer(stream_id).frame(seq, kind, data)
 
 
-# The ``event:`` line of each kind, encoded once: kinds are a small set (the formats'
-# event types), but a journal takes any, so the cache is capped.
-_KIND_HEADS: dict[str, bytes] = {}
+# The ``event:`` line of each kind, encoded once, and whether it is a Responses API
+# event (framed without an id): kinds are a small set (the formats' event types),
+# but a journal takes any, so the cache is capped.
+_KIND_HEADS: dict[str, tuple[bytes, bool]] = {}
 _KIND_HEADS_MAX = 256
 
 
-def _kind_head(kind: str) -> bytes:
-    head = _KIND_HEADS.get(kind)
-    if head is None:
-        head = b"event: %b\n" % kind.encode()
-        if len(_KIND_HEADS) < _KIND_HEADS_MAX:
-            _KIND_HEADS[kind] = head
+def _kind_head(kind: str) -> tuple[bytes, bool]:
+    head = b"event: %b\n" % kind.encode(), kind.startswith(RESPONSES_PREFIX)
+    if len(_KIND_HEADS) < _KIND_HEADS_MAX:
+        _KIND_HEADS[kind] = head
     return head
 
 
@@ -89,9 +88,10 @@ class Framer:
         """The SSE frame of event ``seq``, ready to write."""
         if kind == "message":  # nearly every event: a delta, the default event type
             return b"%b%d\ndata: %b\n\n" % (self._id, seq, data)
-        if kind.startswith(RESPONSES_PREFIX):
-            return b"%bdata: %b\n\n" % (_kind_head(kind), data)
-        return b"%b%d\n%bdata: %b\n\n" % (self._id, seq, _kind_head(kind), data)
+        head, responses = _KIND_HEADS.get(kind) or _kind_head(kind)
+        if responses:
+            return b"%bdata: %b\n\n" % (head, data)
+        return b"%b%d\n%bdata: %b\n\n" % (self._id, seq, head, data)
 
 
 class Event(msgspec.Struct, frozen=True, gc=False):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 from collections.abc import Callable, Mapping
+from typing import NoReturn
 
 from streamsvc.errors import ClientError, ErrorCode
-from streamsvc.journal.base import Event, Framer, Listener, check_bounds, is_final
+from streamsvc.journal.base import FINAL_KINDS, Event, Framer, Listener, check_bounds, is_final
 from streamsvc.journal.followers import Followers
 
 __all__ = ["MemoryJournal"]
@@ -77,9 +78,9 @@ class MemoryJournal:
         return self.append_nowait(stream_id, events)
 
     def append_nowait(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
-        log = self._log(stream_id)
-        if log.ended:
-            raise ValueError(f"stream {stream_id!r} has already ended")
+        log = self._logs.get(stream_id)
+        if log is None or log.ended:
+            self._refuse(stream_id)
         if len(events) == 1:
             kind, data = events[0]
             return self._append_one(stream_id, log, kind, data)
@@ -104,14 +105,20 @@ class MemoryJournal:
                 log.wake()
         return len(items)
 
+    def _refuse(self, stream_id: str) -> NoReturn:
+        """Raise why events cannot go to ``stream_id``: unknown, expired, or ended."""
+        self._log(stream_id)
+        raise ValueError(f"stream {stream_id!r} has already ended")
+
     def _append_one(self, stream_id: str, log: _Log, kind: str, data: bytes) -> int:
-        """``append_nowait`` of one event, nearly every call (a token): no loop, no slice."""
+        """``append_nowait`` of one event, nearly every call (a token): no loop, no slice,
+        and the bounds compared here (``check_bounds`` only words the refusal)."""
         items = log.events
         seq = len(items) + 1
         frame = log.framer.frame(seq, kind, data)
         size = log.size + len(frame)
-        final = is_final(kind)
-        if not final:
+        final = kind in FINAL_KINDS
+        if not final and (seq > self._max_events or size > self._max_bytes):
             check_bounds(stream_id, seq - 1, size, self._max_events, self._max_bytes)
         log.size = size
         event = Event(seq, kind, data, frame, size)

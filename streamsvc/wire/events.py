@@ -169,7 +169,10 @@ class EventEntries:
     def chunk(self, chunk: Chunk) -> Entries:
         if isinstance(chunk, Seam):
             return [(FAILOVER, _encode(chunk.info))]
-        return [(DELTA, data) for data in self._builder.deltas(chunk)]
+        datas = self._builder.deltas(chunk)
+        if len(datas) == 1:  # nearly every chunk: no comprehension for one entry
+            return [(DELTA, datas[0])]
+        return [(DELTA, data) for data in datas]
 
     def done(self, ending: Ending) -> Entries:
         return [(DONE, self._builder.done(ending))]
