@@ -29,10 +29,24 @@ from streamsvc.bench.baseline import create_baseline_app
 from streamsvc.bench.load import LoadSpec, run_load
 from streamsvc.bench.nginx import nginx_binary
 from streamsvc.bench.options import BenchOptions, add_arguments, options_from_args
-from streamsvc.bench.orchestrator import _main_paths, _open_paths, _Run
+from streamsvc.bench.orchestrator import (
+    _main_paths,
+    _Measured,
+    _open_paths,
+    _path_results,
+    _Ran,
+    _rounds,
+    _Run,
+)
 from streamsvc.bench.redis_server import redis_binary
-from streamsvc.bench.report import evaluate_targets, notes, print_report, write_outputs
-from streamsvc.bench.results import BenchReport, Skipped
+from streamsvc.bench.report import (
+    evaluate_targets,
+    notes,
+    print_report,
+    tables,
+    write_outputs,
+)
+from streamsvc.bench.results import BenchReport, LoadResult, PathResult, Skipped
 from streamsvc.bench.stats import percentile, summarize
 from streamsvc.eventloop import uvloop_available
 from streamsvc.simulator import SimulatorServer
@@ -97,6 +111,7 @@ def test_quick_bench_measures_every_path(quick_run: Any) -> None:
     assert report["failed_streams"] == 0
     assert report["settings"]["relay_loops"] == list(RELAY_LOOPS)
     settings = report["settings"]
+    assert settings["rounds"] == 1
     for path in report["paths"]:
         load = path["load"]
         assert load["completed"] == load["streams"] == settings["streams"] and load["failed"] == 0
@@ -114,6 +129,13 @@ def test_quick_bench_measures_every_path(quick_run: Any) -> None:
             assert positive(path[key]), (path["name"], key)
         for figure in ("added_ttft_ms", "added_gap_ms"):
             assert all(finite(path[figure][key]) for key in ("p50", "p99", "max"))
+        if path["relay"] == "nginx":  # measured once, outside the rounds
+            assert path["rounds"] == []
+        else:  # --quick: one round, whose figures are the path's
+            (only,) = path["rounds"]
+            assert only["round"] == 1 and only["cpu_us_per_token"] == path["cpu_us_per_token"]
+            assert only["cpu_ratio_to_baseline"] == path["cpu_ratio_to_baseline"]
+            assert only["completed"] == load["completed"] and only["failed"] == 0
         if path["relay_loop"] is not None:  # each relay ran on the loop its name says
             assert path["event_loop"] == path["relay_loop"] and path["event_loop"] in LOOPS
             assert path["name"] == on(path["name"].partition("@")[0], path["relay_loop"])
@@ -408,10 +430,156 @@ def test_open_streams_phase_measures_the_openai_and_events_endpoints_else_the_fi
                                   for name in ("baseline", *measured))]
 
 
-def test_bench_flag_out_of_range_exits_2() -> None:
+def test_bench_flag_out_of_range_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     from streamsvc.cli import main
 
     assert main(["bench", "--streams", "0"]) == 2
+    assert main(["bench", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+# -- --rounds: the relay paths in alternating order, each round held to its own baseline -----
+
+
+def test_rounds_default_to_two_and_quick_to_one() -> None:
+    assert _bench_options().rounds == 2 and _bench_options("--quick").rounds == 1
+    assert _bench_options("--quick", "--rounds", "3").rounds == 3
+
+
+def test_each_round_runs_the_relay_paths_in_the_reverse_order_of_the_one_before(
+    tmp_path: Path,
+) -> None:
+    from rich.progress import Progress
+
+    run = _Run(BenchOptions(loop="asyncio", nginx=False, redis=False,
+                            endpoints=("openai", "streams")), tmp_path, Progress())
+    order = [(path.name, number) for path, number in _rounds(_main_paths(run), 3)]
+    forward = ["baseline", "streamsvc-openai", "streamsvc-streams"]
+    assert order == [("direct", 0), *((name, 1) for name in forward),
+                     *((name, 2) for name in reversed(forward)), *((name, 3) for name in forward)]
+    both = _Run(BenchOptions(loop="both", nginx=True, redis=False, endpoints=("openai",)),
+                tmp_path, Progress())
+    if nginx_binary() is None or len(RELAY_LOOPS) < 2:
+        return
+    order = [(path.name, number) for path, number in _rounds(_main_paths(both), 2)]
+    assert order == [("direct", 0),
+                     ("baseline@uvloop", 1), ("streamsvc-openai@uvloop", 1),
+                     ("streamsvc-openai@uvloop", 2), ("baseline@uvloop", 2),
+                     ("baseline@asyncio", 1), ("streamsvc-openai@asyncio", 1),
+                     ("streamsvc-openai@asyncio", 2), ("baseline@asyncio", 2),
+                     ("nginx", 0)]
+
+
+def _ran(path: Any, load: LoadResult, number: int, cpu_s: float | None, failed: int = 0
+         ) -> _Ran:
+    load = msgspec.structs.replace(load, completed=load.streams - failed, failed=failed)
+    measured = _Measured(load=load, relay_cpu_s=cpu_s, simulator_cpu_s=1.0,
+                         peak_rss_bytes=1 << 20, listen_overflows=0, other_cpu_s=0.0)
+    return _Ran(path, measured, "asyncio", path.relay, None, number)
+
+
+def test_each_round_is_held_to_its_own_baseline_and_the_median_is_reported(
+    quick_run: Any, tmp_path: Path,
+) -> None:
+    from rich.progress import Progress
+
+    _, report, _ = quick_run
+    load = _typed(report).paths[0].load
+    options = BenchOptions(loop="asyncio", nginx=False, redis=False, endpoints=("openai",),
+                           rounds=3, streams=load.streams, tokens=load.tokens)
+    direct, baseline, openai = _main_paths(_Run(options, tmp_path, Progress()))
+    tokens = load.streams * load.tokens
+    # The machine slows down over the run: the baseline's CPU doubles, streamsvc's with it.
+    measured = [
+        _ran(direct, load, 0, None),
+        _ran(baseline, load, 1, 1.0 * tokens / 1e6), _ran(openai, load, 1, 1.1 * tokens / 1e6),
+        # CPU per token counts the tokens of the streams completed
+        _ran(openai, load, 2, 1.8 * (tokens - load.tokens) / 1e6, failed=1),
+        _ran(baseline, load, 2, 2.0 * tokens / 1e6),
+        _ran(baseline, load, 3, 4.0 * tokens / 1e6), _ran(openai, load, 3, 3.6 * tokens / 1e6),
+    ]
+    results = {result.name: result for result in _path_results(measured, options)}
+    assert list(results) == ["direct", "baseline", "streamsvc-openai"]
+    relayed = results["streamsvc-openai"]
+    ratios = [r.cpu_ratio_to_baseline for r in relayed.rounds]
+    assert [r.round for r in relayed.rounds] == [1, 2, 3]
+    assert ratios == pytest.approx([1.1, 1.8 / 2.0, 3.6 / 4.0])  # not ÷ one baseline's
+    assert relayed.cpu_ratio_to_baseline == pytest.approx(0.9)  # the median of the rounds'
+    # The load, latencies and memory shown are those of the median round; the failures of all.
+    assert relayed.failed_streams == 1 and relayed.load.failed in (0, 1)
+    assert results["baseline"].cpu_ratio_to_baseline == pytest.approx(1.0)
+    assert results["baseline"].cpu_us_per_token == pytest.approx(2.0)
+    assert results["direct"].rounds == [] and results["direct"].cpu_ratio_to_baseline is None
+
+
+def test_several_rounds_are_tabled_with_their_range_at_80_columns(quick_run: Any) -> None:
+    from rich.console import Console
+
+    _, report, _ = quick_run
+    typed = _typed(report)
+    paths: list[PathResult] = []
+    for path in typed.paths:
+        if path.rounds:
+            (one,) = path.rounds
+            two = msgspec.structs.replace(one, round=2, cpu_ratio_to_baseline=(
+                one.cpu_ratio_to_baseline or 1.0) * 1.25)
+            three = msgspec.structs.replace(one, round=3)
+            path = msgspec.structs.replace(path, rounds=[one, two, three])
+        paths.append(path)
+    typed = msgspec.structs.replace(typed, paths=paths)
+    typed = msgspec.structs.replace(typed, targets=evaluate_targets(typed))
+    titles = [title for title, _, _ in tables(typed) if "3 rounds" in title]
+    assert len(titles) == len(RELAY_LOOPS)
+    _, header, rows = next(t for t in tables(typed) if "3 rounds" in t[0])
+    assert header[1:4] == ["round 1", "round 2", "round 3"]
+    assert rows[0][0] == "baseline" and all(len(row) == len(header) for row in rows)
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_report(typed, console)
+    text = console.export_text()
+    assert max(len(line.rstrip()) for line in text[:text.index("\npaths: ")].splitlines()) <= 80
+    assert "median of 3 rounds" in "\n".join(notes(typed))
+
+
+def test_a_report_from_before_rounds_loads(quick_run: Any) -> None:
+    _, report, _ = quick_run
+    old = json.loads(json.dumps(report))
+    del old["settings"]["rounds"]
+    for path in old["paths"]:
+        del path["rounds"]
+    typed = _typed(old)
+    assert typed.settings.rounds == 1 and all(p.rounds == [] for p in typed.paths)
+    assert sum(p.failed_streams for p in typed.paths) == 0
+    assert tables(typed)  # no rounds table, and no crash for want of one
+
+
+def test_bench_in_rounds_measures_each_round_in_processes_of_its_own(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("STREAMSVC__") and k != "STREAMSVC_CONFIG"}
+    env["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "streamsvc", "bench", "--quick", "--rounds", "2", "--loop",
+         "asyncio", "--endpoints", "openai", "--no-nginx", "--no-redis", "--slow-streams", "0",
+         "--json", "out.json", "--keep-logs", "logs"],
+        capture_output=True, text=True, timeout=100, cwd=tmp_path, env=env, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert report["settings"]["rounds"] == 2
+    paths = {path["name"]: path for path in report["paths"]}
+    assert list(paths) == ["direct", "baseline", "streamsvc-openai"]
+    for name in ("baseline", "streamsvc-openai"):
+        rounds = paths[name]["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert all(positive(r["cpu_us_per_token"]) and r["completed"] == 10 for r in rounds)
+    # Four relay processes (two per round) and a load client's results for each round.
+    logs = tmp_path / "logs"
+    for relay in ("baseline", "streamsvc"):  # a relay's log is ROLE-PORT.log
+        assert len([p for p in logs.glob(f"{relay}-*.log") if p.stem[len(relay) + 1:].isdigit()
+                    ]) == 2, relay
+    assert {p.name for p in logs.glob("*.load.json")} == {
+        "direct.load.json", "baseline-r1.load.json", "baseline-r2.load.json",
+        "streamsvc-openai-r1.load.json", "streamsvc-openai-r2.load.json"}
+    assert "2 rounds in alternating order" in " ".join(result.stdout.split())
 
 
 # -- streamsvc bench --faults: the campaign against any relay URL ---------------------------------

@@ -2,8 +2,9 @@
 
 The defaults are the target scenario (docs/performance.md): 200 concurrent
 streams of 200 tokens at 50 tokens/s, then 1,000 open streams at 20 tokens/s
-for the memory figures, the relays on asyncio and on uvloop.
-``--quick`` is a smoke run of every path (what CI runs); explicit flags
+for the memory figures, the relays on asyncio and on uvloop, the main phase in
+two rounds (a machine's speed drifts: each round holds streamsvc to the baseline
+measured next to it, and the run reports the median). ``--quick`` is a smoke run of every path (what CI runs); explicit flags
 still win over it.
 """
 
@@ -57,6 +58,7 @@ class BenchOptions:
     slow_ramp_s: float = 4.0  # 250 connections/s: a burst of 1,000 would measure accept queues
     endpoints: tuple[Endpoint, ...] = ("openai", "events", "streams")
     loop: LoopChoice = "both"  # of the relays under test; "both": every relay path once per loop
+    rounds: int = 2  # of the main phase's relay paths per loop, in alternating order
     model: str = "sim-small"
     nginx: bool = True  # include nginx when the binary is installed
     redis: bool = True  # include the Redis journal when redis-server is installed
@@ -67,7 +69,7 @@ class BenchOptions:
     keep_logs: str | None = None  # a folder to keep the processes' logs in
 
     def __post_init__(self) -> None:
-        for name in ("streams", "tokens", "slow_tokens"):
+        for name in ("streams", "tokens", "slow_tokens", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.slow_streams < 0:
@@ -99,7 +101,7 @@ class BenchOptions:
 DEFAULT = BenchOptions()
 QUICK = BenchOptions(
     streams=10, tokens=20, rate=100.0, ramp_s=0.2, slow_streams=50, slow_rate=20.0,
-    slow_tokens=20, slow_ramp_s=0.2, quick=True,
+    slow_tokens=20, slow_ramp_s=0.2, rounds=1, quick=True,
 )
 
 
@@ -153,6 +155,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " baseline): both (default: every relay path on uvloop, then on"
                              " asyncio; asyncio alone without uvloop), auto (uvloop when"
                              " installed), asyncio, uvloop")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="rounds of the main phase per relay loop: each measures the"
+                             " baseline and every streamsvc path once, in the reverse order"
+                             " of the round before, and holds each to that round's baseline;"
+                             " the ratio reported is the median of the rounds'"
+                             f" (default {d.rounds}; --quick {QUICK.rounds})")
     parser.add_argument("--model", help=f"simulator model (default {d.model})")
     parser.add_argument("--no-nginx", action="store_false", dest="nginx", default=None,
                         help="leave nginx out even when it is installed")
@@ -200,7 +208,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """
     preset = QUICK if args.quick else DEFAULT
     fields = ("streams", "tokens", "rate", "ramp_s", "slow_streams", "slow_rate",
-              "slow_tokens", "slow_ramp_s", "endpoints", "loop", "model", "nginx", "redis",
-              "json_path", "plot_path", "markdown_path", "keep_logs")
+              "slow_tokens", "slow_ramp_s", "endpoints", "loop", "rounds", "model", "nginx",
+              "redis", "json_path", "plot_path", "markdown_path", "keep_logs")
     given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     return replace(preset, **given)

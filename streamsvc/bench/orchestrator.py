@@ -16,7 +16,11 @@ Main phase, once per path, all against the same simulator process::
 The relay paths (baseline, streamsvc-*) run once per relay loop (``--loop
 both``: uvloop, then asyncio), each named ``PATH@LOOP`` when there are two;
 the simulator and the load clients keep one loop for the whole run, so the
-direct path is the reference of both.
+direct path is the reference of both. On each loop they run in ``--rounds``
+rounds, each round in the reverse order of the one before (baseline, openai,
+..., redis, then redis, ..., openai, baseline): a machine whose speed drifts
+over a run then favours no path, and each round's figures are held to the
+baseline measured in the same round.
 
 Open-streams phase: M slow streams at once, direct, then per relay loop through
 the baseline and through streamsvc on each of its ``open_endpoints`` (the OpenAI and
@@ -35,6 +39,7 @@ import asyncio
 import contextlib
 import resource
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -69,6 +74,7 @@ from streamsvc.bench.results import (
     PathResult,
     ProcessInfo,
     Progress,
+    RoundResult,
     Skipped,
 )
 from streamsvc.bench.services import Service, ServiceError, client_command, free_port, run_client
@@ -133,6 +139,7 @@ class _Ran:
     event_loop: str  # the relay's (the simulator's for direct)
     relay: str | None  # the relay's role; None for direct
     journal: str | None  # streamsvc's journal as its log says: memory | redis
+    round: int = 0  # 1, 2, ... for a relay path measured in rounds; 0: direct, nginx, open
 
 
 class _Run:
@@ -265,11 +272,11 @@ class _Run:
 
     async def measure(
         self, name: str, spec: LoadSpec, relay: Service | None, *, redis: Service | None = None,
-        track_rss: bool = False,
+        track_rss: bool = False, shown: str | None = None,
     ) -> _Measured:
         assert self.simulator is not None
         # The tables' path names, short enough for the bar to fit 80 columns.
-        task = self.bar.add_task(name.removesuffix("-open")
+        task = self.bar.add_task(shown or name.removesuffix("-open")
                                  + (f" · {spec.streams} open streams" if track_rss else ""),
                                  total=None, status="starting")
         plateau: list[int] = []
@@ -322,11 +329,17 @@ class _Run:
                          rss_plateau_bytes=rss_plateau, rss_open_streams=rss_open,
                          plateau_reached=bool(plateau))
 
-    async def run_path(self, path: _Path, spec: LoadSpec, *, track_rss: bool = False) -> _Ran:
-        """Measure one path, in fresh processes of its own (but the simulator)."""
+    async def run_path(self, path: _Path, spec: LoadSpec, *, track_rss: bool = False,
+                       round: int = 0) -> _Ran:
+        """Measure one path (in round ``round`` of its loop's, when not 0), in fresh processes
+        of its own (but the simulator)."""
         assert self.simulator is not None
         await asyncio.sleep(SETTLE_S)
         name = path.name + ("-open" if track_rss else "")
+        shown = None
+        if round and self.options.rounds > 1:
+            shown = f"{name} · {round}/{self.options.rounds}"
+            name += f"-r{round}"  # each round's load client writes files of its own
         if path.relay is None:
             measured = await self.measure(name, _retarget(spec, self.simulator.url, "openai"),
                                           None, track_rss=track_rss)
@@ -340,11 +353,12 @@ class _Run:
             self.note_service(service)
             await self.warm_up(service.url, path.endpoint)
             measured = await self.measure(name, _retarget(spec, service.url, path.endpoint),
-                                          service, redis=redis, track_rss=track_rss)
+                                          service, redis=redis, track_rss=track_rss,
+                                          shown=shown)
             journal = None
             if path.relay == "streamsvc":
                 journal = "redis" if _REDIS_LOG_LINE in service.log() else "memory"
-            return _Ran(path, measured, service.event_loop(), service.role, journal)
+            return _Ran(path, measured, service.event_loop(), service.role, journal, round)
 
 
 def _retarget(spec: LoadSpec, url: str, endpoint: str) -> LoadSpec:
@@ -378,6 +392,22 @@ def _main_paths(run: _Run) -> list[_Path]:
     return paths
 
 
+def _rounds(paths: list[_Path], rounds: int) -> list[tuple[_Path, int]]:
+    """The main phase's order: each (path, round), the relay paths of each loop ``rounds``
+    times, every other round reversed; direct first and nginx last, once (round 0)."""
+    order: list[tuple[_Path, int]] = []
+    loops: dict[RelayLoop, list[_Path]] = {}
+    for path in paths:
+        if path.relay in ("baseline", "streamsvc") and path.loop is not None:
+            loops.setdefault(path.loop, []).append(path)
+    order += [(path, 0) for path in paths if path.relay is None]
+    for group in loops.values():
+        for number in range(1, rounds + 1):
+            order += [(path, number) for path in (group if number % 2 else reversed(group))]
+    order += [(path, 0) for path in paths if path.relay == "nginx"]
+    return order
+
+
 def _open_paths(options: BenchOptions) -> list[_Path]:
     """direct, then per relay loop the baseline and streamsvc's open-streams endpoints."""
     loops = options.relay_loops
@@ -400,7 +430,8 @@ async def _run(options: BenchOptions, workdir: Path, bar: ProgressBar) -> tuple[
         await run.warm_up(run.simulator.url, "openai")
         main_spec = LoadSpec(url="", streams=options.streams, tokens=options.tokens,
                              rate=options.rate, ramp_s=options.ramp_s, model=options.model)
-        measured = [await run.run_path(path, main_spec) for path in _main_paths(run)]
+        measured = [await run.run_path(path, main_spec, round=number)
+                    for path, number in _rounds(_main_paths(run), options.rounds)]
         open_results: list[_Ran] = []
         if options.slow_streams > 0:
             slow_spec = LoadSpec(url="", streams=options.slow_streams, tokens=options.slow_tokens,
@@ -415,31 +446,82 @@ async def _run(options: BenchOptions, workdir: Path, bar: ProgressBar) -> tuple[
 
 
 def _path_results(measured: list[_Ran], options: BenchOptions) -> list[PathResult]:
+    """One result per path: a path measured in rounds reports the median of its rounds, each
+    round held to the baseline of the same round and loop (nginx, of no loop of ours: to the
+    first loop's baseline)."""
     direct = measured[0].measured.load
-    # Each relay is held to the baseline on its own loop; nginx (no loop of ours) to the first.
-    baseline_cpu: dict[RelayLoop | None, float | None] = {}
-    results: list[PathResult] = []
+    baseline: dict[tuple[RelayLoop | None, int], float | None] = {}
+    by_name: dict[str, list[_Ran]] = {}
     for ran in measured:
+        by_name.setdefault(ran.path.name, []).append(ran)
+        if ran.path.relay == "baseline":
+            baseline[(ran.path.loop, ran.round)] = _cpu_per_token(ran, options)
+    baseline_median: dict[RelayLoop | None, float | None] = {}
+    for loop in dict.fromkeys(loop for loop, _ in baseline):
+        baseline_median[loop] = _median([cpu for (on, _), cpu in baseline.items() if on == loop])
+        baseline_median.setdefault(None, baseline_median[loop])
+    results: list[PathResult] = []
+    for group in by_name.values():
+        measured_rounds = [
+            (ran, _round_result(ran, options, direct, baseline.get((ran.path.loop, ran.round))))
+            for ran in group if ran.round
+        ]
+        rounds = [result for _, result in measured_rounds]
+        if measured_rounds:
+            ratio = _median([r.cpu_ratio_to_baseline for r in rounds])
+            cpu = _median([r.cpu_us_per_token for r in rounds])
+            ran, _ = min(measured_rounds, key=lambda pair: _distance(
+                (pair[1].cpu_ratio_to_baseline, ratio), (pair[1].cpu_us_per_token, cpu)))
+        else:
+            ran = group[0]
+            cpu = _cpu_per_token(ran, options)
+            ratio = _ratio(cpu, baseline_median.get(ran.path.loop))
         m, path = ran.measured, ran.path
-        tokens = m.load.completed * options.tokens
-        cpu = _per_token(m.relay_cpu_s, tokens)
-        if path.relay == "baseline":
-            baseline_cpu.setdefault(path.loop, cpu)
-            baseline_cpu.setdefault(None, cpu)
         is_relay = ran.relay is not None
+        tokens = m.load.completed * options.tokens
         results.append(PathResult(
             name=path.name, label=_LABELS[path.base], relay=ran.relay, relay_loop=path.loop,
             event_loop=ran.event_loop, journal=ran.journal, load=m.load, tokens_relayed=tokens,
-            cpu_s=m.relay_cpu_s,
-            cpu_us_per_token=cpu, cpu_ratio_to_baseline=_ratio(cpu, baseline_cpu.get(path.loop)),
+            cpu_s=m.relay_cpu_s, cpu_us_per_token=cpu, cpu_ratio_to_baseline=ratio,
             redis_cpu_us_per_token=_per_token(m.redis_cpu_s, tokens),
             peak_rss_bytes=m.peak_rss_bytes,
             simulator_cpu_us_per_token=_per_token(m.simulator_cpu_s, tokens) or 0.0,
             listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
             added_ttft_ms=added(m.load.ttft_ms, direct.ttft_ms) if is_relay else None,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if is_relay else None,
+            rounds=rounds,
         ))
     return results
+
+
+def _cpu_per_token(ran: _Ran, options: BenchOptions) -> float | None:
+    return _per_token(ran.measured.relay_cpu_s, ran.measured.load.completed * options.tokens)
+
+
+def _round_result(ran: _Ran, options: BenchOptions, direct: LoadResult,
+                  baseline: float | None) -> RoundResult:
+    load = ran.measured.load
+    cpu = _cpu_per_token(ran, options)
+    return RoundResult(
+        round=ran.round, cpu_s=ran.measured.relay_cpu_s, cpu_us_per_token=cpu,
+        cpu_ratio_to_baseline=_ratio(cpu, baseline), completed=load.completed,
+        failed=load.failed, added_ttft_p99_ms=added(load.ttft_ms, direct.ttft_ms).p99,
+        added_gap_p99_ms=added(load.gap_ms, direct.gap_ms).p99,
+    )
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of the values measured; None when none was."""
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
+def _distance(*pairs: tuple[float | None, float | None]) -> float:
+    """How far a round is from the median: by the first pair both of whose figures exist."""
+    for value, median in pairs:
+        if value is not None and median is not None:
+            return abs(value - median)
+    return 0.0
 
 
 def _ratio(cpu: float | None, baseline: float | None) -> float | None:
@@ -526,13 +608,14 @@ def run_bench(options: BenchOptions, *, command: list[str]) -> int:
             endpoints=list(options.endpoints), loop=options.loop,
             relay_loops=list(options.relay_loops), model=options.model,
             quick=options.quick, nginx=options.nginx, redis=options.redis,
+            rounds=options.rounds,
         ),
         processes=run.processes,
         paths=paths,
         open_streams=open_streams,
         targets=[],
         skipped=run.skipped,
-        failed_streams=sum(p.load.failed for p in paths)
+        failed_streams=sum(p.failed_streams for p in paths)
         + sum(o.load.failed for o in open_streams),
     )
     report = msgspec.structs.replace(report, targets=evaluate_targets(report))

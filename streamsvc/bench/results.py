@@ -20,6 +20,7 @@ __all__ = [
     "PathResult",
     "ProcessInfo",
     "Progress",
+    "RoundResult",
     "Skipped",
     "TargetResult",
 ]
@@ -82,8 +83,28 @@ class LoadResult(_Record):
     max_open: int  # the most streams open at once
 
 
+class RoundResult(_Record):
+    """One round of a relay path (``--rounds``): its own processes, held to the baseline
+    measured in the same round on the same loop."""
+
+    round: int  # 1, 2, ...
+    cpu_s: float | None
+    cpu_us_per_token: float | None
+    cpu_ratio_to_baseline: float | None
+    completed: int
+    failed: int
+    added_ttft_p99_ms: float | None
+    added_gap_p99_ms: float | None
+
+
 class PathResult(_Record):
-    """One path of the main phase: clients -> (relay) -> simulator."""
+    """One path of the main phase: clients -> (relay) -> simulator.
+
+    A relay path measured in several rounds reports the median of its rounds'
+    CPU per token and of their ratios to the baseline; its load, latencies and
+    memory are those of its median round (the one whose ratio is nearest the
+    median), and ``rounds`` holds every round.
+    """
 
     # direct | baseline | streamsvc-ENDPOINT | streamsvc-redis | nginx; with several relay
     # loops the relay paths end in @LOOP (baseline@asyncio)
@@ -105,6 +126,14 @@ class PathResult(_Record):
     other_cpu_s: float  # CPU other processes on the machine used during the run (noise)
     added_ttft_ms: Added | None
     added_gap_ms: Added | None
+    # The baseline's and streamsvc's paths, one per round; none for direct and nginx (and in
+    # JSON from before --rounds).
+    rounds: list[RoundResult] = msgspec.field(default_factory=list)
+
+    @property
+    def failed_streams(self) -> int:
+        """Streams that failed over every round (the median round's load holds one)."""
+        return sum(r.failed for r in self.rounds) if self.rounds else self.load.failed
 
 
 class OpenStreamsResult(_Record):
@@ -175,6 +204,7 @@ class BenchSettings(_Record):
     quick: bool
     nginx: bool
     redis: bool
+    rounds: int = 1  # of the main phase's relay paths per loop (JSON from before: one)
 
 
 class BenchReport(_Record):
