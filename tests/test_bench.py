@@ -521,9 +521,10 @@ def test_several_rounds_are_tabled_with_their_range_at_80_columns(quick_run: Any
     for path in typed.paths:
         if path.rounds:
             (one,) = path.rounds
+            ttft = one.added_ttft_p99_ms or 0.0
             two = msgspec.structs.replace(one, round=2, cpu_ratio_to_baseline=(
-                one.cpu_ratio_to_baseline or 1.0) * 1.25)
-            three = msgspec.structs.replace(one, round=3)
+                one.cpu_ratio_to_baseline or 1.0) * 1.25, added_ttft_p99_ms=ttft + 100)
+            three = msgspec.structs.replace(one, round=3, added_ttft_p99_ms=ttft + 1)
             path = msgspec.structs.replace(path, rounds=[one, two, three])
         paths.append(path)
     typed = msgspec.structs.replace(typed, paths=paths)
@@ -537,7 +538,13 @@ def test_several_rounds_are_tabled_with_their_range_at_80_columns(quick_run: Any
     print_report(typed, console)
     text = console.export_text()
     assert max(len(line.rstrip()) for line in text[:text.index("\npaths: ")].splitlines()) <= 80
-    assert "median of 3 rounds" in "\n".join(notes(typed))
+    assert "median of 3" in "\n".join(notes(typed))
+    # The added TTFT p99 judged is the median round's, not one outlier's (+100 ms here).
+    targets = {t.name: t for t in typed.targets}
+    for path in typed.paths:
+        if path.relay == "streamsvc" and path.journal == "memory":
+            target = targets[f"added_ttft_p99_{path.name.removeprefix('streamsvc-')}"]
+            assert target.value == pytest.approx((path.rounds[0].added_ttft_p99_ms or 0) + 1)
 
 
 def test_a_report_from_before_rounds_loads(quick_run: Any) -> None:
