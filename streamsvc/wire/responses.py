@@ -28,6 +28,7 @@ chat-completion chunk               Responses API event
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -309,18 +310,17 @@ class ResponseEntries:
     """A response's events as journal entries (an :class:`~streamsvc.wire.EntryEncoder`):
     the kind is the event's type, the data its JSON."""
 
-    __slots__ = ("events", "failure")
+    __slots__ = ("chunk", "events", "failure")
 
     def __init__(self, events: ResponseEvents) -> None:
         self.events = events
         self.failure: StreamsvcError | None = None
         """The error the response ended with, if it did."""
+        self.chunk: Callable[[Chunk], Entries] = events.chunk
+        """The entries of one chunk: the events' own method, with no call of ours per token."""
 
     def start(self) -> Entries:
         return self.events.start()
-
-    def chunk(self, chunk: Chunk) -> Entries:
-        return self.events.chunk(chunk)
 
     def done(self, ending: Ending) -> Entries:
         return self.events.done(ending)
