@@ -120,6 +120,32 @@ async def test_a_connection_is_reused_after_done_when_its_body_is_complete(
     assert len(upstream.connections) == 1
 
 
+async def test_a_pooled_connection_sends_the_request_within_subscribe(
+    upstreams: Callable[..., Awaitable[Upstream]],
+) -> None:
+    """With a kept-alive connection the request goes out before subscribe returns (no task
+    step first: a loop turn less before the first token); a new connection takes a task."""
+    from reactivex import Observer
+
+    upstream = await upstreams(_whole)
+    async with ConnectionPool() as pool:
+        client = UpstreamClient("u", UpstreamConfig(base_url=upstream.url), None, pool=pool)
+        assert await _text(client) == "Hello"
+        assert await wait_until(lambda: pool.idle(client._origin) == 1)
+        (connection, _), = pool._idle[client._origin]
+        sent = connection.requests
+        texts: list[str] = []
+        done = asyncio.get_running_loop().create_future()
+        observer: Observer[Any] = Observer(lambda chunk: texts.append(chunk.content),
+                                           done.set_exception, lambda: done.set_result(None))
+        subscription = client.chunks(BODY).subscribe(observer)
+        assert connection.requests == sent + 1 and pool.idle(client._origin) == 0
+        await asyncio.wait_for(done, 5)
+        assert "".join(texts) == "Hello"
+        subscription.dispose()
+    assert upstream.requests == 2 and len(upstream.connections) == 1
+
+
 @pytest.mark.parametrize("end", ["left-open", "cut"])
 async def test_a_body_left_open_or_cut_is_closed_never_reused(
     upstreams: Callable[..., Awaitable[Upstream]], end: str,

@@ -511,16 +511,20 @@ class _Exchange:
         self._retried = False
 
     def start(self) -> None:
-        self._task = self._loop.create_task(self._connect(reuse=True))
-
-    async def _connect(self, *, reuse: bool) -> None:
         client = self._client
         pool = client._pool
-        connection = pool.take(client._origin) if pool is not None and reuse else None
+        connection = pool.take(client._origin) if pool is not None else None
+        if connection is None:
+            self._task = self._loop.create_task(self._connect())
+        else:  # a kept-alive connection: the request goes out now, with no task step
+            self._send(connection)
+
+    async def _connect(self) -> None:
+        """Open a new connection, then send (a failure goes to the observer)."""
+        client = self._client
         try:
-            if connection is None:
-                async with asyncio.timeout(client.config.connect_timeout_s):
-                    connection = await open_connection(client._origin, client._ssl_context())
+            async with asyncio.timeout(client.config.connect_timeout_s):
+                connection = await open_connection(client._origin, client._ssl_context())
         except TimeoutError as exc:
             self._fail(_caused(client._no_answer(), exc))
             return
@@ -536,12 +540,15 @@ class _Exchange:
         if self._state is not _State.CONNECTING:  # disposed meanwhile
             connection.close()
             return
+        self._send(connection)
+
+    def _send(self, connection: Connection) -> None:
         self._connection = connection
         self._state = _State.SENT
         if self._silence is None:
             # One watch from here on: no status line in time is upstream_timeout,
             # silence in the body idle_timeout.
-            self._silence = _SilenceWatch(client.config.read_timeout_s, self._silent,
+            self._silence = _SilenceWatch(self._client.config.read_timeout_s, self._silent,
                                           self._valve)
         else:
             self._silence.last = time.monotonic()
@@ -615,7 +622,7 @@ class _Exchange:
                 # A kept-alive connection the server had closed meanwhile: once more, anew.
                 self._retried = True
                 self._state = _State.CONNECTING
-                self._task = self._loop.create_task(self._connect(reuse=False))
+                self._task = self._loop.create_task(self._connect())
                 return
             self._fail(_caused(self._client._request_failed(exc), exc))
         elif state is _State.ERROR_BODY:
