@@ -378,6 +378,28 @@ class TestRedisAcrossInstances:
         assert event.start == (await reader.read("s", 1))[0].end
         assert await reader.last_seq("s") == (3, True)
 
+    async def test_a_write_refused_because_a_reader_ended_the_stream_loses_only_that_stream(
+        self, pair: tuple[RedisJournal, RedisJournal], redis_server: RedisServer
+    ) -> None:
+        # A flush writes every stream's events in one script call; the one stream whose
+        # next id a reader took (ending it for a lapsed lease) is lost, the others go on.
+        writer, reader = pair
+        lost: list[str] = []
+        writer.on_lost = lost.append
+        await writer.create("s")
+        await writer.create("t")
+        await writer.append("s", [msg("a")])
+        redis_server.command("XADD", "streamsvc:s:s", "2-0", "k", "error", "d", "{}", "e", "1")
+        writer.append_nowait("s", [msg("b")])
+        writer.append_nowait("t", [msg("c"), msg("d")])
+        assert await wait_until(lambda: lost == ["s"], 3)
+        assert [(e.seq, e.kind) for e in await reader.read("t", 0)] == [(1, "message"),
+                                                                          (2, "message")]
+        await writer.append("t", [DONE])  # a final event: its key now expires
+        assert await reader.last_seq("t") == (3, True)
+        assert 0 < int(redis_server.command("PTTL", "streamsvc:s:t")[1:]) <= 30_000
+        assert [e.kind for e in await reader.read("s", 0)] == ["message", "error"]
+
     async def test_a_live_writer_is_not_declared_dead_by_a_quiet_stream(
         self, pair: tuple[RedisJournal, RedisJournal]
     ) -> None:
