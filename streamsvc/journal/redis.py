@@ -19,7 +19,7 @@ expire too.
 
 The writer assigns seqs itself (one process writes a stream) and queues
 events: one flusher task writes everything pending, for all streams, in one
-pipeline per round trip. Readers in the same process are woken after the
+script call per round trip. Readers in the same process are woken after the
 write, so nobody ever sees an event that Redis does not hold. Readers of
 streams written elsewhere wait in one shared ``XREAD BLOCK``
 (:mod:`streamsvc.journal.redis_tail`): no polling loop, and no Redis
