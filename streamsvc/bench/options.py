@@ -4,8 +4,8 @@ The defaults are the target scenario (docs/performance.md): 200 concurrent
 streams of 200 tokens at 50 tokens/s, then 1,000 open streams at 20 tokens/s
 for the memory figures, the relays on asyncio and on uvloop, the main phase in
 two rounds (a machine's speed drifts: each round holds streamsvc to the baseline
-measured next to it, and the run reports the median). ``--quick`` is a smoke run of every path (what CI runs); explicit flags
-still win over it.
+measured next to it, and the run reports the median). ``--quick`` is a smoke
+run of every path (what CI runs); explicit flags still win over it.
 """
 
 from __future__ import annotations

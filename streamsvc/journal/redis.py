@@ -63,17 +63,18 @@ _READ_COUNT = 512  # entries per XRANGE/XREAD; the byte bound cuts further
 # One flush, every stream's pending events, as one script call: one command to pack and
 # one reply to parse instead of an XADD and its reply per event (redis-py's per-command
 # cost was about half the relay's CPU on this journal). KEYS: the streams; ARGV: the
-# retention (ms), then per stream its event count and, per event, id, kind, data, end and
-# whether it is final (its key then expires after the retention). Each XADD is pcall'd:
+# retention (ms), the kind, data and end field names, then per stream its event count
+# and, per event, id, kind, data, end and whether it is final (its key then expires
+# after the retention). Each XADD is pcall'd:
 # one refused (its id taken by a reader that ended the stream) puts its stream's index
 # (from 1) in the reply, nearly always empty, and does not stop the others.
 _APPEND_LUA = """
-local refused, at = {}, 2
+local refused, at = {}, 5
 for k = 1, #KEYS do
   local ok = true
   for _ = 1, tonumber(ARGV[at]) do
-    local added = redis.pcall('XADD', KEYS[k], ARGV[at + 1], 'k', ARGV[at + 2],
-                              'd', ARGV[at + 3], 'e', ARGV[at + 4])
+    local added = redis.pcall('XADD', KEYS[k], ARGV[at + 1], ARGV[2], ARGV[at + 2],
+                              ARGV[3], ARGV[at + 3], ARGV[4], ARGV[at + 4])
     if type(added) == 'table' and added.err then ok = false end
     if ARGV[at + 5] == '1' then redis.call('PEXPIRE', KEYS[k], ARGV[1]) end
     at = at + 5
@@ -294,10 +295,10 @@ class RedisJournal:
             self._idle.set()
 
     async def _write(self, batch: list[tuple[_Writer, list[Event], float]]) -> None:
-        """One pipeline for the whole batch; retried until Redis takes it (or we close)."""
+        """One script call for the whole batch; retried until Redis takes it (or we close)."""
         writers: list[_Writer] = []
         keys: list[str] = []
-        args: list[bytes | str | int] = [self._retention_ms]
+        args: list[bytes | str | int] = [self._retention_ms, _KIND, _DATA, _END]
         for writer, events, _ in batch:
             writers.append(writer)
             keys.append(writer.key)
