@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -131,11 +132,20 @@ def test_quick_bench_measures_every_path(quick_run: Any) -> None:
             assert all(finite(path[figure][key]) for key in ("p50", "p99", "max"))
         if path["relay"] == "nginx":  # measured once, outside the rounds
             assert path["rounds"] == []
+        elif path["relay"] == "baseline":  # before, between and after streamsvc's paths
+            streamsvc_paths = [p for p in report["paths"] if p["relay"] == "streamsvc"
+                               and p["relay_loop"] == path["relay_loop"]]
+            runs = path["rounds"]
+            assert len(runs) == len(streamsvc_paths) + 1 and {r["round"] for r in runs} == {1}
+            assert path["cpu_us_per_token"] == pytest.approx(
+                statistics.median(r["cpu_us_per_token"] for r in runs))
+            assert all(r["cpu_ratio_to_baseline"] == 1.0 for r in runs)
         else:  # --quick: one round, whose figures are the path's
             (only,) = path["rounds"]
             assert only["round"] == 1 and only["cpu_us_per_token"] == path["cpu_us_per_token"]
             assert only["cpu_ratio_to_baseline"] == path["cpu_ratio_to_baseline"]
             assert only["completed"] == load["completed"] and only["failed"] == 0
+            assert positive(only["baseline_us_per_token"])
         if path["relay_loop"] is not None:  # each relay ran on the loop its name says
             assert path["event_loop"] == path["relay_loop"] and path["event_loop"] in LOOPS
             assert path["name"] == on(path["name"].partition("@")[0], path["relay_loop"])
@@ -454,19 +464,21 @@ def test_each_round_runs_the_relay_paths_in_the_reverse_order_of_the_one_before(
     run = _Run(BenchOptions(loop="asyncio", nginx=False, redis=False,
                             endpoints=("openai", "streams")), tmp_path, Progress())
     order = [(path.name, number) for path, number in _rounds(_main_paths(run), 3)]
-    forward = ["baseline", "streamsvc-openai", "streamsvc-streams"]
-    assert order == [("direct", 0), *((name, 1) for name in forward),
-                     *((name, 2) for name in reversed(forward)), *((name, 3) for name in forward)]
+    base, openai, streams = "baseline", "streamsvc-openai", "streamsvc-streams"
+    assert order == [("direct", 0),
+                     *((name, 1) for name in (base, openai, base, streams, base)),
+                     *((name, 2) for name in (base, streams, base, openai, base)),
+                     *((name, 3) for name in (base, openai, base, streams, base))]
     both = _Run(BenchOptions(loop="both", nginx=True, redis=False, endpoints=("openai",)),
                 tmp_path, Progress())
     if nginx_binary() is None or len(RELAY_LOOPS) < 2:
         return
     order = [(path.name, number) for path, number in _rounds(_main_paths(both), 2)]
     assert order == [("direct", 0),
-                     ("baseline@uvloop", 1), ("streamsvc-openai@uvloop", 1),
-                     ("streamsvc-openai@uvloop", 2), ("baseline@uvloop", 2),
-                     ("baseline@asyncio", 1), ("streamsvc-openai@asyncio", 1),
-                     ("streamsvc-openai@asyncio", 2), ("baseline@asyncio", 2),
+                     *((name, number) for number in (1, 2) for name in (
+                         "baseline@uvloop", "streamsvc-openai@uvloop", "baseline@uvloop")),
+                     *((name, number) for number in (1, 2) for name in (
+                         "baseline@asyncio", "streamsvc-openai@asyncio", "baseline@asyncio")),
                      ("nginx", 0)]
 
 
@@ -485,31 +497,62 @@ def test_each_round_is_held_to_its_own_baseline_and_the_median_is_reported(
 
     _, report, _ = quick_run
     load = _typed(report).paths[0].load
-    options = BenchOptions(loop="asyncio", nginx=False, redis=False, endpoints=("openai",),
-                           rounds=3, streams=load.streams, tokens=load.tokens)
-    direct, baseline, openai = _main_paths(_Run(options, tmp_path, Progress()))
+    options = BenchOptions(loop="asyncio", nginx=False, redis=False,
+                           endpoints=("openai", "events"), rounds=3, streams=load.streams,
+                           tokens=load.tokens)
+    direct, baseline, openai, events = _main_paths(_Run(options, tmp_path, Progress()))
     tokens = load.streams * load.tokens
-    # The machine slows down over the run: the baseline's CPU doubles, streamsvc's with it.
+
+    def us(path: Any, number: int, cpu: float, failed: int = 0) -> _Ran:
+        # CPU per token counts the tokens of the streams completed
+        return _ran(path, load, number, cpu * (tokens - failed * load.tokens) / 1e6, failed)
+
+    # The machine slows down over the run, within rounds too: the baseline's CPU goes from
+    # 1 to 8 µs, streamsvc's with it; a path is held to the baseline runs either side of it.
     measured = [
         _ran(direct, load, 0, None),
-        _ran(baseline, load, 1, 1.0 * tokens / 1e6), _ran(openai, load, 1, 1.1 * tokens / 1e6),
-        # CPU per token counts the tokens of the streams completed
-        _ran(openai, load, 2, 1.8 * (tokens - load.tokens) / 1e6, failed=1),
-        _ran(baseline, load, 2, 2.0 * tokens / 1e6),
-        _ran(baseline, load, 3, 4.0 * tokens / 1e6), _ran(openai, load, 3, 3.6 * tokens / 1e6),
+        us(baseline, 1, 1.0), us(openai, 1, 1.65), us(baseline, 1, 2.0), us(events, 1, 2.2),
+        us(baseline, 1, 2.0),
+        us(baseline, 2, 2.0), us(events, 2, 2.5), us(baseline, 2, 3.0),
+        us(openai, 2, 2.7, failed=1), us(baseline, 2, 3.0),
+        us(baseline, 3, 4.0), us(openai, 3, 5.4), us(baseline, 3, 8.0), us(events, 3, 8.8),
+        us(baseline, 3, 8.0),
     ]
     results = {result.name: result for result in _path_results(measured, options)}
-    assert list(results) == ["direct", "baseline", "streamsvc-openai"]
+    assert list(results) == ["direct", "baseline", "streamsvc-openai", "streamsvc-events"]
     relayed = results["streamsvc-openai"]
-    ratios = [r.cpu_ratio_to_baseline for r in relayed.rounds]
     assert [r.round for r in relayed.rounds] == [1, 2, 3]
-    assert ratios == pytest.approx([1.1, 1.8 / 2.0, 3.6 / 4.0])  # not ÷ one baseline's
+    assert [r.baseline_us_per_token for r in relayed.rounds] == pytest.approx([1.5, 3.0, 6.0])
+    ratios = [r.cpu_ratio_to_baseline for r in relayed.rounds]
+    assert ratios == pytest.approx([1.1, 0.9, 0.9])  # not ÷ the round's first baseline
     assert relayed.cpu_ratio_to_baseline == pytest.approx(0.9)  # the median of the rounds'
+    events_ratios = [r.cpu_ratio_to_baseline for r in results["streamsvc-events"].rounds]
+    assert events_ratios == pytest.approx([1.1, 2.5 / 2.5, 1.1])
     # The load, latencies and memory shown are those of the median round; the failures of all.
     assert relayed.failed_streams == 1 and relayed.load.failed in (0, 1)
-    assert results["baseline"].cpu_ratio_to_baseline == pytest.approx(1.0)
-    assert results["baseline"].cpu_us_per_token == pytest.approx(2.0)
+    base = results["baseline"]
+    assert len(base.rounds) == 9 and {r.round for r in base.rounds} == {1, 2, 3}
+    assert all(r.cpu_ratio_to_baseline == pytest.approx(1.0) for r in base.rounds)
+    assert base.cpu_us_per_token == pytest.approx(3.0)  # the median of its nine runs
     assert results["direct"].rounds == [] and results["direct"].cpu_ratio_to_baseline is None
+
+
+def test_a_run_missing_one_of_its_baselines_is_held_to_the_other(
+    quick_run: Any, tmp_path: Path,
+) -> None:
+    from rich.progress import Progress
+
+    _, report, _ = quick_run
+    load = _typed(report).paths[0].load
+    options = BenchOptions(loop="asyncio", nginx=False, redis=False, endpoints=("openai",),
+                           rounds=1, streams=load.streams, tokens=load.tokens)
+    direct, baseline, openai = _main_paths(_Run(options, tmp_path, Progress()))
+    tokens = load.streams * load.tokens
+    measured = [_ran(direct, load, 0, None), _ran(baseline, load, 1, None),  # no CPU read
+                _ran(openai, load, 1, 3.0 * tokens / 1e6), _ran(baseline, load, 1, 2.0 * tokens / 1e6)]
+    (one,) = {r.name: r for r in _path_results(measured, options)}["streamsvc-openai"].rounds
+    assert one.baseline_us_per_token == pytest.approx(2.0)
+    assert one.cpu_ratio_to_baseline == pytest.approx(1.5)
 
 
 def test_several_rounds_are_tabled_with_their_range_at_80_columns(quick_run: Any) -> None:
@@ -519,14 +562,14 @@ def test_several_rounds_are_tabled_with_their_range_at_80_columns(quick_run: Any
     typed = _typed(report)
     paths: list[PathResult] = []
     for path in typed.paths:
-        if path.rounds:
-            (one,) = path.rounds
+        runs = []
+        for one in path.rounds:  # the baseline's: one per streamsvc path, and one
             ttft = one.added_ttft_p99_ms or 0.0
             two = msgspec.structs.replace(one, round=2, cpu_ratio_to_baseline=(
                 one.cpu_ratio_to_baseline or 1.0) * 1.25, added_ttft_p99_ms=ttft + 100)
             three = msgspec.structs.replace(one, round=3, added_ttft_p99_ms=ttft + 1)
-            path = msgspec.structs.replace(path, rounds=[one, two, three])
-        paths.append(path)
+            runs += [one, two, three]
+        paths.append(msgspec.structs.replace(path, rounds=runs))
     typed = msgspec.structs.replace(typed, paths=paths)
     typed = msgspec.structs.replace(typed, targets=evaluate_targets(typed))
     titles = [title for title, _, _ in tables(typed) if "3 rounds" in title]
@@ -574,17 +617,25 @@ def test_bench_in_rounds_measures_each_round_in_processes_of_its_own(tmp_path: P
     assert report["settings"]["rounds"] == 2
     paths = {path["name"]: path for path in report["paths"]}
     assert list(paths) == ["direct", "baseline", "streamsvc-openai"]
+    # Each round: the baseline, streamsvc, the baseline again.
+    assert [r["round"] for r in paths["baseline"]["rounds"]] == [1, 1, 2, 2]
+    assert [r["round"] for r in paths["streamsvc-openai"]["rounds"]] == [1, 2]
     for name in ("baseline", "streamsvc-openai"):
         rounds = paths[name]["rounds"]
-        assert [r["round"] for r in rounds] == [1, 2]
         assert all(positive(r["cpu_us_per_token"]) and r["completed"] == 10 for r in rounds)
-    # Four relay processes (two per round) and a load client's results for each round.
+    for one in paths["streamsvc-openai"]["rounds"]:
+        number = one["round"]
+        either_side = [r["cpu_us_per_token"] for r in paths["baseline"]["rounds"]
+                       if r["round"] == number]
+        assert one["baseline_us_per_token"] == pytest.approx(sum(either_side) / 2)
+    # Six relay processes (three per round) and a load client's results for each run.
     logs = tmp_path / "logs"
-    for relay in ("baseline", "streamsvc"):  # a relay's log is ROLE-PORT.log
+    for relay, count in (("baseline", 4), ("streamsvc", 2)):  # a relay's log is ROLE-PORT.log
         assert len([p for p in logs.glob(f"{relay}-*.log") if p.stem[len(relay) + 1:].isdigit()
-                    ]) == 2, relay
+                    ]) == count, relay
     assert {p.name for p in logs.glob("*.load.json")} == {
-        "direct.load.json", "baseline-r1.load.json", "baseline-r2.load.json",
+        "direct.load.json", "baseline-r1.load.json", "baseline-r1-2.load.json",
+        "baseline-r2.load.json", "baseline-r2-2.load.json",
         "streamsvc-openai-r1.load.json", "streamsvc-openai-r2.load.json"}
     assert "2 rounds in alternating order" in " ".join(result.stdout.split())
 

@@ -3,8 +3,8 @@
 The defaults are the target scenario (docs/performance.md): 200 concurrent
 streams of 200 tokens at 50 tokens/s, then 1,000 open streams at 20 tokens/s
 for the memory figures, the relays on asyncio and on uvloop, the main phase in
-two rounds (a machine's speed drifts: each round holds streamsvc to the baseline
-measured next to it, and the run reports the median). ``--quick`` is a smoke
+two rounds (a machine's speed drifts: each round holds every streamsvc path to
+the baseline runs just before and after it, and the run reports the median). ``--quick`` is a smoke
 run of every path (what CI runs); explicit flags still win over it.
 """
 
@@ -156,10 +156,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " asyncio; asyncio alone without uvloop), auto (uvloop when"
                              " installed), asyncio, uvloop")
     parser.add_argument("--rounds", type=int, metavar="N",
-                        help="rounds of the main phase per relay loop: each measures the"
-                             " baseline and every streamsvc path once, in the reverse order"
-                             " of the round before, and holds each to that round's baseline;"
-                             " the ratio reported is the median of the rounds'"
+                        help="rounds of the main phase per relay loop: each measures"
+                             " every streamsvc path once, in the reverse order of the round"
+                             " before, with the baseline before, between and after them, and"
+                             " holds each path to the mean of the baseline runs just before"
+                             " and after it; the ratio reported is the median of the rounds'"
                              f" (default {d.rounds}; --quick {QUICK.rounds})")
     parser.add_argument("--model", help=f"simulator model (default {d.model})")
     parser.add_argument("--no-nginx", action="store_false", dest="nginx", default=None,

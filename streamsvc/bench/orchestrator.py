@@ -17,10 +17,12 @@ The relay paths (baseline, streamsvc-*) run once per relay loop (``--loop
 both``: uvloop, then asyncio), each named ``PATH@LOOP`` when there are two;
 the simulator and the load clients keep one loop for the whole run, so the
 direct path is the reference of both. On each loop they run in ``--rounds``
-rounds, each round in the reverse order of the one before (baseline, openai,
-..., redis, then redis, ..., openai, baseline): a machine whose speed drifts
-over a run then favours no path, and each round's figures are held to the
-baseline measured in the same round.
+rounds, each round in the reverse order of the one before (openai, ..., redis,
+then redis, ..., openai), with the baseline measured before the first path of
+a round, between every two and after the last (baseline, openai, baseline,
+events, ..., redis, baseline). Each path's CPU is held to the mean of the two
+baseline runs just before and after it: a machine whose speed drifts over a
+run (or within a round) then favours no path.
 
 Open-streams phase: M slow streams at once, direct, then per relay loop through
 the baseline and through streamsvc on each of its ``open_endpoints`` (the OpenAI and
@@ -78,7 +80,7 @@ from streamsvc.bench.results import (
     Skipped,
 )
 from streamsvc.bench.services import Service, ServiceError, client_command, free_port, run_client
-from streamsvc.bench.stats import added
+from streamsvc.bench.stats import added, median
 
 __all__ = ["run_bench"]
 
@@ -154,6 +156,7 @@ class _Run:
         self.nginx_version: str | None = None
         self.redis_version: str | None = None
         self.simulator: Service | None = None
+        self._runs: dict[str, int] = {}  # the runs of each path name so far
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -340,6 +343,9 @@ class _Run:
         if round and self.options.rounds > 1:
             shown = f"{name} · {round}/{self.options.rounds}"
             name += f"-r{round}"  # each round's load client writes files of its own
+        runs = self._runs[name] = self._runs.get(name, 0) + 1
+        if runs > 1:  # the baseline, measured several times a round
+            name += f"-{runs}"
         if path.relay is None:
             measured = await self.measure(name, _retarget(spec, self.simulator.url, "openai"),
                                           None, track_rss=track_rss)
@@ -393,17 +399,25 @@ def _main_paths(run: _Run) -> list[_Path]:
 
 
 def _rounds(paths: list[_Path], rounds: int) -> list[tuple[_Path, int]]:
-    """The main phase's order: each (path, round), the relay paths of each loop ``rounds``
-    times, every other round reversed; direct first and nginx last, once (round 0)."""
+    """The main phase's order: each (path, round), the streamsvc paths of each loop
+    ``rounds`` times, every other round reversed, with the loop's baseline before, between
+    and after them; direct first and nginx last, once (round 0)."""
     order: list[tuple[_Path, int]] = []
+    baselines: dict[RelayLoop, _Path] = {}
     loops: dict[RelayLoop, list[_Path]] = {}
     for path in paths:
-        if path.relay in ("baseline", "streamsvc") and path.loop is not None:
+        if path.relay == "baseline" and path.loop is not None:
+            baselines[path.loop] = path
+            loops.setdefault(path.loop, [])
+        elif path.relay == "streamsvc" and path.loop is not None:
             loops.setdefault(path.loop, []).append(path)
     order += [(path, 0) for path in paths if path.relay is None]
-    for group in loops.values():
+    for loop, group in loops.items():
+        baseline = baselines[loop]
         for number in range(1, rounds + 1):
-            order += [(path, number) for path in (group if number % 2 else reversed(group))]
+            order.append((baseline, number))
+            for path in (group if number % 2 else reversed(group)):
+                order += [(path, number), (baseline, number)]
     order += [(path, 0) for path in paths if path.relay == "nginx"]
     return order
 
@@ -447,29 +461,30 @@ async def _run(options: BenchOptions, workdir: Path, bar: ProgressBar) -> tuple[
 
 def _path_results(measured: list[_Ran], options: BenchOptions) -> list[PathResult]:
     """One result per path: a path measured in rounds reports the median of its rounds, each
-    round held to the baseline of the same round and loop (nginx, of no loop of ours: to the
-    first loop's baseline)."""
+    round held to the mean of the baseline runs just before and after it (nginx, of no loop of
+    ours: to the median of the first loop's baseline runs)."""
     direct = measured[0].measured.load
-    baseline: dict[tuple[RelayLoop | None, int], float | None] = {}
+    baseline_runs: dict[RelayLoop | None, list[float | None]] = {}
     by_name: dict[str, list[_Ran]] = {}
     for ran in measured:
         by_name.setdefault(ran.path.name, []).append(ran)
         if ran.path.relay == "baseline":
-            baseline[(ran.path.loop, ran.round)] = _cpu_per_token(ran, options)
+            baseline_runs.setdefault(ran.path.loop, []).append(_cpu_per_token(ran, options))
     baseline_median: dict[RelayLoop | None, float | None] = {}
-    for loop in dict.fromkeys(loop for loop, _ in baseline):
-        baseline_median[loop] = _median([cpu for (on, _), cpu in baseline.items() if on == loop])
+    for loop, runs in baseline_runs.items():
+        baseline_median[loop] = median(runs)
         baseline_median.setdefault(None, baseline_median[loop])
+    held_to = _bracketing_baselines(measured, options)
     results: list[PathResult] = []
     for group in by_name.values():
         measured_rounds = [
-            (ran, _round_result(ran, options, direct, baseline.get((ran.path.loop, ran.round))))
+            (ran, _round_result(ran, options, direct, held_to.get(id(ran))))
             for ran in group if ran.round
         ]
         rounds = [result for _, result in measured_rounds]
         if measured_rounds:
-            ratio = _median([r.cpu_ratio_to_baseline for r in rounds])
-            cpu = _median([r.cpu_us_per_token for r in rounds])
+            ratio = median([r.cpu_ratio_to_baseline for r in rounds])
+            cpu = median([r.cpu_us_per_token for r in rounds])
             ran, _ = min(measured_rounds, key=lambda pair: _distance(
                 (pair[1].cpu_ratio_to_baseline, ratio), (pair[1].cpu_us_per_token, cpu)))
         else:
@@ -494,6 +509,31 @@ def _path_results(measured: list[_Ran], options: BenchOptions) -> list[PathResul
     return results
 
 
+def _bracketing_baselines(measured: list[_Ran], options: BenchOptions) -> dict[int, float]:
+    """What each run of a round is held to (by ``id`` of its ``_Ran``): for a streamsvc path,
+    the mean of the baseline runs of its loop and round just before and after it (those
+    measured); for a baseline run, its own CPU per token."""
+    held: dict[int, float] = {}
+    for at, ran in enumerate(measured):
+        if not ran.round:
+            continue
+        if ran.path.relay == "baseline":
+            own = _cpu_per_token(ran, options)
+            if own is not None:
+                held[id(ran)] = own
+            continue
+        same = [(index, other) for index, other in enumerate(measured)
+                if other.path.relay == "baseline" and other.path.loop == ran.path.loop
+                and other.round == ran.round]
+        before = [other for index, other in same if index < at][-1:]
+        after = [other for index, other in same if index > at][:1]
+        cpus = [cpu for other in before + after
+                if (cpu := _cpu_per_token(other, options)) is not None]
+        if cpus:
+            held[id(ran)] = statistics.fmean(cpus)
+    return held
+
+
 def _cpu_per_token(ran: _Ran, options: BenchOptions) -> float | None:
     return _per_token(ran.measured.relay_cpu_s, ran.measured.load.completed * options.tokens)
 
@@ -504,23 +544,18 @@ def _round_result(ran: _Ran, options: BenchOptions, direct: LoadResult,
     cpu = _cpu_per_token(ran, options)
     return RoundResult(
         round=ran.round, cpu_s=ran.measured.relay_cpu_s, cpu_us_per_token=cpu,
-        cpu_ratio_to_baseline=_ratio(cpu, baseline), completed=load.completed,
+        cpu_ratio_to_baseline=_ratio(cpu, baseline), baseline_us_per_token=baseline,
+        completed=load.completed,
         failed=load.failed, added_ttft_p99_ms=added(load.ttft_ms, direct.ttft_ms).p99,
         added_gap_p99_ms=added(load.gap_ms, direct.gap_ms).p99,
     )
 
 
-def _median(values: list[float | None]) -> float | None:
-    """The median of the values measured; None when none was."""
-    known = [value for value in values if value is not None]
-    return statistics.median(known) if known else None
-
-
 def _distance(*pairs: tuple[float | None, float | None]) -> float:
     """How far a round is from the median: by the first pair both of whose figures exist."""
-    for value, median in pairs:
-        if value is not None and median is not None:
-            return abs(value - median)
+    for value, middle in pairs:
+        if value is not None and middle is not None:
+            return abs(value - middle)
     return 0.0
 
 

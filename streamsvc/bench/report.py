@@ -20,6 +20,7 @@ from rich.table import Table
 
 from streamsvc.bench.options import DEFAULT, BenchOptions
 from streamsvc.bench.results import BenchReport, OpenStreamsResult, PathResult, TargetResult
+from streamsvc.bench.stats import median
 
 __all__ = [
     "ADDED_GAP_P99_LIMIT_MS",
@@ -84,8 +85,8 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
             continue
         endpoint = path.name.removeprefix("streamsvc-")
         rounds = (f"the CPU ratios and the added TTFT p99 are the median of {len(path.rounds)}"
-                  " rounds (each round's CPU ÷ its own baseline's)" if len(path.rounds) > 1
-                  else "")
+                  " rounds (each round's CPU ÷ the baseline's just before and after it)"
+                  if len(path.rounds) > 1 else "")
         note = "; ".join(filter(None, (main_note, rounds)))
         targets.append(_target(
             f"cpu_ratio_{endpoint}", f"CPU vs baseline, {path.name}",
@@ -243,22 +244,29 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
 def _rounds_table(paths: Sequence[PathResult], on_loop: str) -> list[
     tuple[str, list[str], list[list[str]]]
 ]:
-    """The rounds of the paths measured in several: each round's CPU per token, the median
-    ratio and the range of the rounds' ratios (none with one round)."""
-    measured = [p for p in paths if len(p.rounds) > 1]
+    """The rounds of the paths measured in several: each round's CPU per token (the
+    baseline's: the median of its runs in the round), the median ratio and the range of the
+    rounds' ratios; the baseline's range is that of its runs ÷ their median (the drift)."""
+    measured = [p for p in paths if len({r.round for r in p.rounds}) > 1]
     if not measured:
         return []
-    count = max(len(p.rounds) for p in measured)
+    count = max(r.round for p in measured for r in p.rounds)
     rows = []
     for p in measured:
-        ratios = [r.cpu_ratio_to_baseline for r in p.rounds if r.cpu_ratio_to_baseline]
+        if p.relay == "baseline" and p.cpu_us_per_token:
+            typical = p.cpu_us_per_token
+            ratios = [r.cpu_us_per_token / typical for r in p.rounds if r.cpu_us_per_token]
+        else:
+            ratios = [r.cpu_ratio_to_baseline for r in p.rounds if r.cpu_ratio_to_baseline]
         spread = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "–"
-        cells = [_f(r.cpu_us_per_token) for r in p.rounds]
-        rows.append([_shown(p.name), *cells, *["–"] * (count - len(cells)),
-                     _f(p.cpu_ratio_to_baseline, 2), spread])
+        by_round: dict[int, list[float | None]] = {}
+        for r in p.rounds:
+            by_round.setdefault(r.round, []).append(r.cpu_us_per_token)
+        cells = [_f(median(by_round.get(n, []))) for n in range(1, count + 1)]
+        rows.append([_shown(p.name), *cells, _f(p.cpu_ratio_to_baseline, 2), spread])
     return [(
         (f"same run{on_loop}, {count} rounds in alternating order: CPU µs per token by round,"
-         " each ÷ its round's baseline"),
+         " each ÷ the baseline runs just before and after it"),
         ["path", *(f"round {n}" for n in range(1, count + 1)), "median ÷ baseline",
          "range ÷ baseline"],
         rows,

@@ -84,8 +84,9 @@ class LoadResult(_Record):
 
 
 class RoundResult(_Record):
-    """One round of a relay path (``--rounds``): its own processes, held to the baseline
-    measured in the same round on the same loop."""
+    """One run of a relay path in a round (``--rounds``): its own processes, held to the
+    baseline runs of the same round and loop just before and after it. The baseline runs
+    several times a round (before, between and after the streamsvc paths): one each."""
 
     round: int  # 1, 2, ...
     cpu_s: float | None
@@ -95,6 +96,9 @@ class RoundResult(_Record):
     failed: int
     added_ttft_p99_ms: float | None
     added_gap_p99_ms: float | None
+    # What cpu_ratio_to_baseline divides by: the mean of the baseline runs just before and
+    # after (the baseline's own figure for a baseline run); None in JSON from before.
+    baseline_us_per_token: float | None = None
 
 
 class PathResult(_Record):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Iterable, Sequence
 
 from streamsvc.bench.results import Added, Latency
 
-__all__ = ["CDF_LEVELS", "added", "cdf", "percentile", "summarize"]
+__all__ = ["CDF_LEVELS", "added", "cdf", "median", "percentile", "summarize"]
 
 # The cumulative levels at which a distribution is kept for the plot: evenly
 # spread, then denser in the tail, where a relay's cost shows.
@@ -33,6 +34,12 @@ def percentile(ordered: Sequence[float], q: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the values measured (None: not measured); None when none was."""
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
 
 
 def summarize(samples_s: Sequence[float]) -> Latency:
