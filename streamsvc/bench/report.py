@@ -34,6 +34,7 @@ __all__ = [
     "notes",
     "print_report",
     "tables",
+    "verdict",
     "write_outputs",
 ]
 
@@ -66,13 +67,29 @@ def _scenario_note(report: BenchReport) -> tuple[str, str]:
 
 
 def _target(
-    name: str, description: str, limit: float, unit: str, value: float | None, note: str
+    name: str, description: str, limit: float, unit: str, value: float | None, note: str,
+    *, added: bool = False,
 ) -> TargetResult:
+    """``added``: ``value`` is a relay's latency minus the direct path's, which says nothing
+    when the direct path was slower than the relay by more than the limit (its phase was
+    disturbed): such a figure is kept but not judged."""
     if value is None:
         return TargetResult(name=name, description=description, limit=limit, unit=unit,
                             value=None, met=None, note=note or "not measured in this run")
+    if added and value < -limit:
+        unjudged = (f"{description}: the direct path was {-value:.0f} {unit} slower than"
+                    " the relay, so the reference was disturbed and this run does not judge it")
+        return TargetResult(name=name, description=description, limit=limit, unit=unit,
+                            value=value, met=None, note="; ".join(filter(None, (note, unjudged))))
     return TargetResult(name=name, description=description, limit=limit, unit=unit,
                         value=value, met=value <= limit, note=note)
+
+
+def verdict(target: TargetResult) -> str:
+    """What the targets table says of ``target``."""
+    if target.met is None:
+        return "not measured" if target.value is None else "not judged"
+    return "met" if target.met else "NOT met"
 
 
 def evaluate_targets(report: BenchReport) -> list[TargetResult]:
@@ -99,7 +116,7 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
             ttft = statistics.median(measured)
         targets.append(_target(
             f"added_ttft_p99_{endpoint}", f"added TTFT p99, {path.name}",
-            ADDED_TTFT_P99_LIMIT_MS, "ms", ttft, note,
+            ADDED_TTFT_P99_LIMIT_MS, "ms", ttft, note, added=True,
         ))
     if not any(o.relay == "streamsvc" for o in report.open_streams):
         for name, description, limit, unit in (
@@ -122,13 +139,14 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
             f"added_gap_p99_open_streams_{endpoint}",
             f"open added gap p99, {result.name}",
             ADDED_GAP_P99_LIMIT_MS, "ms",
-            result.added_gap_ms.p99 if result.added_gap_ms else None, open_note,
+            result.added_gap_ms.p99 if result.added_gap_ms else None, open_note, added=True,
         ))
         targets.append(_target(
             f"added_ttft_p99_open_streams_{endpoint}",
             f"open added TTFT, {result.name}",
             ADDED_TTFT_P99_LIMIT_MS, "ms",
             result.added_ttft_ms.p99 if result.added_ttft_ms else None, open_note,
+            added=True,
         ))
         note = open_note
         if not result.plateau_reached and result.rss_per_stream_kib is not None:
@@ -232,7 +250,7 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
         [
             t.description, f"≤ {t.limit:g} {t.unit}",
             "–" if t.value is None else f"{t.value:.2f} {t.unit}",
-            {True: "met", False: "NOT met", None: "not measured"}[t.met],
+            verdict(t),
         ]
         for t in report.targets
     ]
