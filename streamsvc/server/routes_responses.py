@@ -57,10 +57,11 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     chat = parsed.with_history(history)
     response_id = new_response_id()
     meter = UsageMeter()  # the generation counts, the response's usage reads it
+    prompt_tokens = estimate_prompt_tokens(chat.body["messages"])  # once, for both
     events = ResponseEvents(
         {"id": response_id, "object": "response", "created_at": int(time.time()),
          "error": None, "incomplete_details": None, "usage": None, **parsed.echo},
-        prompt_tokens=estimate_prompt_tokens(chat.body["messages"]), meter=meter,
+        prompt_tokens=prompt_tokens, meter=meter,
     )
     entries = ResponseEntries(events)
     meta = {"format": FORMAT, "store": "1" if parsed.store else "0",
@@ -70,7 +71,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     generation = await app[STREAMS].journaled(
         chat, key_id=key_id, meta=meta, stream_id=response_id, entries=entries,
         kind="responses", resumable=parsed.background, background=parsed.background,
-        meter=meter,
+        meter=meter, prompt_tokens=prompt_tokens,
     )
     log.info("request %s: response %s started (model %s%s)", request[REQUEST_ID], response_id,
              parsed.chat.model, ", background" if parsed.background else "")

@@ -104,7 +104,7 @@ class Streams:
         self, chat: ChatRequest, *, key_id: str | None, meta: Mapping[str, str] | None = None,
         stream_id: str | None = None, entries: EntryEncoder | None = None,
         kind: str = "resumable", resumable: bool = True, background: bool = False,
-        meter: UsageMeter | None = None,
+        meter: UsageMeter | None = None, prompt_tokens: int | None = None,
     ) -> Generation:
         """A stream in the journal (with ``meta`` kept beside it), read by any number of readers.
 
@@ -117,6 +117,8 @@ class Streams:
             background: it runs to its end whoever reads it (no ``resume_grace_s``).
             meter: the stream's usage meter, for a format that reports usage itself
                 (``entries`` reads it; the generation counts each chunk into it).
+            prompt_tokens: the prompt's estimated tokens, when the caller has them already
+                (default: estimated from ``chat``'s messages).
         """
         stream_id = stream_id or new_stream_id()
         sink = JournalSink(self._journal, stream_id, entries)
@@ -128,6 +130,7 @@ class Streams:
         return await self._start(
             stream_id, chat, sink, key_id=key_id, kind=kind, valve=None,
             resumable=resumable, background=background, admitted=admitted, meter=meter,
+            prompt_tokens=prompt_tokens,
         )
 
     async def complete(
@@ -154,7 +157,7 @@ class Streams:
         self, stream_id: str, chat: ChatRequest, sink: Sink, *, key_id: str | None,
         kind: str, valve: Valve | None, resumable: bool, background: bool = False,
         admitted: Callable[[], Awaitable[None]] | None = None,
-        meter: UsageMeter | None = None,
+        meter: UsageMeter | None = None, prompt_tokens: int | None = None,
     ) -> Generation:
         """Admit the request (drain, route, limits), then run it.
 
@@ -163,8 +166,9 @@ class Streams:
         """
         self._accepting()
         clients = self._router.clients_for(chat.model)
-        context = StreamContext(key_id=key_id, valve=valve,
-                                prompt_tokens=estimate_prompt_tokens(chat.body.get("messages")))
+        if prompt_tokens is None:
+            prompt_tokens = estimate_prompt_tokens(chat.body.get("messages"))
+        context = StreamContext(key_id=key_id, valve=valve, prompt_tokens=prompt_tokens)
         source = build_pipeline(chat.body, clients, self._config.pipeline, context,
                                 retries=chat.retries,
                                 continuation=self._router.continues(chat.model))
