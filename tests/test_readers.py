@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
 
@@ -43,8 +42,9 @@ def text(content: str) -> Chunk:
 class FakeConnection:
     """Records what the reader writes; ``room`` says whether ``write_now`` may write."""
 
-    def __init__(self, room: Callable[[], bool] = lambda: True) -> None:
+    def __init__(self, room: Callable[[], bool] = lambda: True, send_s: float = 0.0) -> None:
         self.room = room
+        self.send_s = send_s  # how long a send waits for the client
         self.data = bytearray()
         self.sends = 0
         self.direct = 0
@@ -59,6 +59,8 @@ class FakeConnection:
     async def send(self, data: bytes) -> None:
         self.data += data
         self.sends += 1
+        if self.send_s:
+            await asyncio.sleep(self.send_s)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -122,6 +124,49 @@ async def test_a_reader_with_no_room_goes_back_to_read_and_loses_nothing(
     assert await asyncio.wait_for(reader, 2) == 42
     assert bytes(connection.data) == await all_frames(journal, "s")
     assert connection.sends > 1 and connection.direct > 0  # both paths took turns
+
+
+async def test_a_reader_whose_writes_are_slower_than_the_tokens_catches_up_in_one_read(
+    make: JournalFactory,
+) -> None:
+    """Found on the Redis journal at 200 streams: a reader that read, wrote, then asked
+    whether it had caught up found the writer a few events ahead every time (they came
+    during its write, or Redis held them before the flusher heard back), so it read the
+    journal once per batch and never took the live tail; at 200 tokens/s the reads drained
+    the Redis connection pool and streams ended with journal_unavailable."""
+    journal = make()
+    await journal.create("s")
+    for i in range(5):
+        journal.append_nowait("s", [msg(f"early {i}")])
+    connection = FakeConnection(send_s=0.02)  # each write to the client takes 20 ms
+    reader = asyncio.ensure_future(read_journal(connection, journal, "s", 0))
+    for i in range(60):  # a token every 2 ms, ten per write
+        journal.append_nowait("s", [msg(str(i))])
+        await asyncio.sleep(0.002)
+    journal.append_nowait("s", [DONE])
+    assert await asyncio.wait_for(reader, 5) == 66
+    assert bytes(connection.data) == await all_frames(journal, "s")
+    assert connection.sends <= 2, connection.sends  # the replay (and one more at most)
+    assert connection.direct > 0
+
+
+async def test_a_tail_that_keeps_more_than_a_write_slice_gives_way_to_reads(
+    make: JournalFactory,
+) -> None:
+    journal = make()
+    await journal.create("s")
+    journal.append_nowait("s", [msg("a")])
+    connection = FakeConnection(send_s=0.05)
+    reader = asyncio.ensure_future(read_journal(connection, journal, "s", 0))
+    await asyncio.sleep(0.01)  # the replay's write is under way
+    big = "x" * 20_000
+    for _ in range(8):  # about 160 KB while the write waits: more than a tail keeps
+        journal.append_nowait("s", [msg(big)])
+        await asyncio.sleep(0)
+    journal.append_nowait("s", [DONE])
+    assert await asyncio.wait_for(reader, 5) == 10
+    assert bytes(connection.data) == await all_frames(journal, "s")
+    assert connection.sends >= 2  # what the tail could not keep came by read
 
 
 @pytest.mark.parametrize("after", [0, 1, 5, 9, 10])

@@ -11,6 +11,7 @@ decide when the stream itself must end.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from streamsvc.journal.base import Event, Journal
@@ -58,53 +59,115 @@ async def read_journal(
     """
     position = wrote if wrote is not None else [after]
     position[0] = after
-    while True:
-        events = await journal.read(stream_id, position[0], WRITE_SLICE)
-        if not events:
-            return position[0]
-        await connection.send(b"".join([first, *[event.frame for event in events]]))
-        first = b""  # the first write always comes from here: read() waits for an event
-        position[0] = events[-1].seq
-        if events[-1].final:
-            return position[0]
-        # Caught up with a running stream this process writes: take the live tail.
-        # (Asked of this process's own state: no journal round trip per batch.)
-        if journal.live_seq(stream_id) == position[0] and await _follow_live(
-            connection, journal, stream_id, position
-        ):
-            return position[0]
+    tail: _Tail | None = None
+    try:
+        while True:
+            if tail is None or tail.stopped:
+                if tail is not None:
+                    tail.close()
+                # Listening before reading: what is appended while the read and its write
+                # are in flight is kept, so one read catches the reader up. Read first,
+                # and a write slower than the tokens would be chased by a read per batch.
+                tail = _Tail(connection, position)
+                tail.stop = journal.listen(stream_id, tail.take)  # None: not ours, or not live
+            events = await journal.read(stream_id, position[0], WRITE_SLICE)
+            if not events:
+                return position[0]
+            await connection.send(b"".join([first, *[event.frame for event in events]]))
+            first = b""  # the first write always comes from here: read() waits for an event
+            position[0] = events[-1].seq
+            if events[-1].final:
+                return position[0]
+            if tail.stop is None:
+                tail = None  # listen again next time: the journal may serve a tail by then
+                continue
+            if await tail.follow():
+                return position[0]
+    finally:
+        if tail is not None:
+            tail.close()
 
 
-async def _follow_live(
-    connection: Connection, journal: Journal, stream_id: str, position: list[int]
-) -> bool:
-    """Write each new batch from the journal's append call while the connection has room.
+class _Tail:
+    """A reader's listener on a stream this process writes (``Journal.listen``).
 
-    A reader that has caught up would otherwise wake up once per token to
-    ``read`` and write. Once the connection has no room (or the stream
-    expires) this returns and the reader goes on with ``read``, where writes wait.
-    Returns whether the final event was written.
+    While the reader reads and writes, it keeps what the appends bring (at most
+    :data:`WRITE_SLICE` bytes: past that it stops, and the reader reads it).
+    Once the reader has written up to what it kept, :meth:`follow` writes that
+    and then each new batch from the append call itself, while the connection
+    has room: a reader that has caught up would otherwise wake up once per
+    token to ``read`` and write.
     """
-    woken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
-    def take(events: list[Event]) -> bool:
-        if events and events[0].seq == position[0] + 1:
+    __slots__ = ("connection", "kept", "kept_bytes", "live", "position", "stop", "stopped",
+                 "woken")
+
+    def __init__(self, connection: Connection, position: list[int]) -> None:
+        self.connection = connection
+        self.position = position
+        self.kept: list[Event] = []
+        self.kept_bytes = 0
+        self.live = False
+        self.stopped = False  # the journal no longer calls take: a new listener is needed
+        self.stop: Callable[[], None] | None = None
+        self.woken: asyncio.Future[bool] | None = None
+
+    def take(self, events: list[Event]) -> bool:
+        if self.live:
+            return self._write(events)
+        if events:
+            self.kept += events
+            self.kept_bytes += sum(len(event.frame) for event in events)
+            if self.kept_bytes <= WRITE_SLICE:
+                return True
+        self.stopped = True  # too much to keep, or the tail is over ([]): the reader reads it
+        self.kept = []
+        return False
+
+    async def follow(self) -> bool:
+        """Write what was kept after the reader's position, then the live tail; returns
+        whether the final event was written. False: the reader reads on (the tail
+        stopped, no room, or what was kept does not follow the position yet)."""
+        if self.stopped:
+            return False
+        kept = self.kept
+        if kept and kept[0].seq > self.position[0] + 1:
+            return False  # the read stopped short of what was kept: read on, still keeping
+        self.kept, self.kept_bytes = [], 0
+        self.live = True
+        self.woken = asyncio.get_running_loop().create_future()
+        if kept and not self._write(kept):
+            self.stopped = True  # the journal still calls take: close() stops that
+        return await self.woken
+
+    def _write(self, events: list[Event]) -> bool:
+        """Write the events after the position (a read may have brought some of them);
+        returns whether to go on listening."""
+        position = self.position
+        if events and events[-1].seq <= position[0]:
+            return True  # written already: read from the journal before this batch was told
+        if events and events[0].seq <= position[0] + 1:
+            if events[0].seq <= position[0]:
+                events = [event for event in events if event.seq > position[0]]
             last = events[-1]  # nearly always the one event a token made: its frame as it is
             data = last.frame if len(events) == 1 else b"".join([event.frame for event in events])
-            if connection.write_now(data):
+            if self.connection.write_now(data):
                 position[0] = last.seq
                 if not last.final:
                     return True
-                woken.set_result(True)
+                self._wake(True)
+                self.stopped = True
                 return False
-        if not woken.done():
-            woken.set_result(False)
+        self._wake(False)
+        self.stopped = True
         return False
 
-    stop = journal.listen(stream_id, take)
-    if stop is None:
-        return False
-    try:
-        return await woken
-    finally:
-        stop()
+    def _wake(self, final: bool) -> None:
+        if self.woken is not None and not self.woken.done():
+            self.woken.set_result(final)
+
+    def close(self) -> None:
+        """Stop listening (once)."""
+        stop, self.stop = self.stop, None
+        if stop is not None:
+            stop()
