@@ -99,21 +99,20 @@ class _Tail:
     token to ``read`` and write.
     """
 
-    __slots__ = ("connection", "kept", "kept_bytes", "live", "position", "stop", "stopped",
-                 "woken")
+    __slots__ = ("connection", "kept", "kept_bytes", "position", "stop", "stopped", "woken")
 
     def __init__(self, connection: Connection, position: list[int]) -> None:
         self.connection = connection
         self.position = position
         self.kept: list[Event] = []
         self.kept_bytes = 0
-        self.live = False
         self.stopped = False  # the journal no longer calls take: a new listener is needed
         self.stop: Callable[[], None] | None = None
         self.woken: asyncio.Future[bool] | None = None
+        """Made when the tail goes live: set to whether the final event was written."""
 
     def take(self, events: list[Event]) -> bool:
-        if self.live:
+        if self.woken is not None:  # live
             return self._write(events)
         if events:
             self.kept += events
@@ -134,10 +133,9 @@ class _Tail:
         if kept and kept[0].seq > self.position[0] + 1:
             return False  # the read stopped short of what was kept: read on, still keeping
         self.kept, self.kept_bytes = [], 0
-        self.live = True
         self.woken = asyncio.get_running_loop().create_future()
-        if kept and not self._write(kept):
-            self.stopped = True  # the journal still calls take: close() stops that
+        if kept:
+            self._write(kept)  # one that stops wakes and marks the tail stopped itself
         return await self.woken
 
     def _write(self, events: list[Event]) -> bool:
