@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -18,6 +17,7 @@ from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
 from streamsvc.journal.base import Event, Framer, Journal, encode_frame
 from streamsvc.journal.followers import Followers
 from streamsvc.journal.redis import RedisJournal
+from streamsvc.journal.redis_tail import LINGER_S
 from tests.conftest import JOURNAL_BACKENDS, JournalFactory, journal_factory, wait_until
 from tests.redis_server import RedisServer
 
@@ -436,6 +436,82 @@ class TestRedisAcrossInstances:
         assert [(e.seq, e.kind) for e in events] == [(1, "message"), (2, "message"), (3, "error")]
         assert await reader.last_seq("s") == (3, True)
 
+    async def test_a_remote_reader_that_keeps_up_costs_no_redis_command_of_its_own(
+        self, pair: tuple[RedisJournal, RedisJournal], redis_server: RedisServer
+    ) -> None:
+        # The shared XREAD brings the entries: a reader waiting where they start takes
+        # them. Before, each wake cost the reader an XRANGE and an XREVRANGE of its own.
+        writer, reader = pair
+        await writer.create("s")
+        await writer.append("s", [msg("0")])
+        assert [e.seq for e in await reader.read("s", 0)] == [1]
+        before = _calls(redis_server, "xrange")
+        got = await _read_while_writing(writer, reader, "s", after=1, count=30, every_s=0.005)
+        assert got == list(range(2, 33))  # 30 messages and the done, in order
+        assert _calls(redis_server, "xrange") - before <= 2  # before: about one per event
+
+    async def test_a_remote_reader_slower_than_the_tokens_catches_up_from_the_shared_tail(
+        self, pair: tuple[RedisJournal, RedisJournal], redis_server: RedisServer
+    ) -> None:
+        # A reader whose every read finds more (its writes slower than the tokens) never
+        # waited, so it was never tailed and read the journal once per batch for good.
+        writer, reader = pair
+        await writer.create("s")
+        before = _calls(redis_server, "xrange")
+        got = await _read_while_writing(writer, reader, "s", after=0, count=80, every_s=0.002,
+                                        pause_s=0.02)
+        assert got == list(range(1, 82))
+        assert _calls(redis_server, "xrange") - before <= 3  # before: one per read, 8 to 12
+
+    async def test_a_remote_reader_further_back_than_the_tail_keeps_reads_the_journal(
+        self, pair: tuple[RedisJournal, RedisJournal]
+    ) -> None:
+        writer, reader = pair
+        await writer.create("s")
+        await writer.append("s", [msg("0")])
+        assert [e.seq for e in await reader.read("s", 0)] == [1]
+        tail = asyncio.ensure_future(reader.read("s", 1))
+        await writer.append("s", [msg(str(i)) for i in range(1, 300)])  # past the 64 kept
+        assert (await asyncio.wait_for(tail, 2))[0].seq == 2
+        await writer.append("s", [DONE])
+        events = await _read_all(reader, "s", after=1)
+        assert [e.seq for e in events] == list(range(2, 302))
+        assert [e.data for e in events[:299]] == [msg(str(i))[1] for i in range(1, 300)]
+        assert all(len(tail.kept) <= 64 for tail in reader._tailer._tails.values())
+
+    async def test_a_remote_stream_nobody_reads_is_no_longer_tailed(
+        self, pair: tuple[RedisJournal, RedisJournal]
+    ) -> None:
+        writer, reader = pair
+        await writer.create("s")
+        await writer.append("s", [msg("a")])
+        assert [e.seq for e in await reader.read("s", 0)] == [1]
+        assert reader._tailer.follows("streamsvc:s:s", 1)  # tailed from where it read
+        await writer.append("s", [msg("b")])  # the client left: nobody reads on
+        assert await wait_until(lambda: not reader._tailer._tails, LINGER_S + 2)
+
+    async def test_a_remote_reader_back_at_the_final_event_ends_at_once(
+        self, redis_server: RedisServer
+    ) -> None:
+        # The shared tail knows the stream ended: a reader there is not left waiting
+        # for a lease on a stream that cannot move.
+        clients = [Redis.from_url(redis_server.url) for _ in range(2)]
+        writer, reader = (RedisJournal(client, lease_s=5.0) for client in clients)
+        try:
+            await writer.create("s")
+            await writer.append("s", [msg("a")])
+            assert [e.seq for e in await reader.read("s", 0)] == [1]
+            tail = asyncio.ensure_future(reader.read("s", 1))
+            await asyncio.sleep(0.05)
+            await writer.append("s", [DONE])
+            assert [e.kind for e in await asyncio.wait_for(tail, 2)] == ["done"]
+            assert await asyncio.wait_for(reader.read("s", 2), 1) == []
+        finally:
+            for journal in (writer, reader):
+                await journal.close()
+            for client in clients:
+                await client.aclose()
+
     async def test_start_fails_with_a_typed_error_naming_the_journal(self) -> None:
         client = Redis.from_url(f"redis://127.0.0.1:{_closed_port()}/0")
         journal = RedisJournal(client, url="redis://:secret@127.0.0.1:1/0")
@@ -444,6 +520,45 @@ class TestRedisAcrossInstances:
         assert caught.value.code == ErrorCode.JOURNAL_UNAVAILABLE
         assert "secret" not in caught.value.message
         await client.aclose()
+
+
+def _calls(redis_server: RedisServer, command: str) -> int:
+    """How many times Redis ran ``command`` (``INFO commandstats``), over a raw socket."""
+    for line in redis_server.command("INFO", "commandstats").decode().splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=", 1)[1].split(",", 1)[0])
+    return 0
+
+
+async def _read_all(journal: Journal, stream_id: str, *, after: int,
+                    pause_s: float = 0.0) -> list[Event]:
+    """Read until the final event, ``pause_s`` after each read (a client's write)."""
+    events: list[Event] = []
+    while not events or not events[-1].final:
+        got = await asyncio.wait_for(journal.read(stream_id, after), 5)
+        assert got, "the stream ended without its final event"
+        events += got
+        after = got[-1].seq
+        await asyncio.sleep(pause_s)
+    return events
+
+
+async def _read_while_writing(
+    writer: RedisJournal, reader: RedisJournal, stream_id: str, *, after: int, count: int,
+    every_s: float, pause_s: float = 0.0,
+) -> list[int]:
+    """``count`` messages and a done written ``every_s`` apart while ``reader`` reads them
+    all; returns the seqs read."""
+    async def write() -> None:
+        for i in range(count):
+            writer.append_nowait(stream_id, [msg(str(i))])
+            await asyncio.sleep(every_s)
+        await writer.append(stream_id, [DONE])
+
+    writing = asyncio.ensure_future(write())
+    events = await _read_all(reader, stream_id, after=after, pause_s=pause_s)
+    await writing
+    return [e.seq for e in events]
 
 
 def _closed_port() -> int:

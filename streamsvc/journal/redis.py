@@ -148,7 +148,8 @@ class RedisJournal:
         self.instance = instance or secrets.token_hex(6)
         self._lease_key = f"{prefix}i:{self.instance}"
         self._writers: dict[str, _Writer] = {}
-        self._tailer = Tailer(redis, block_s=lease_s)
+        self._tailer = Tailer(redis, block_s=lease_s,
+                              final=lambda fields: is_final(fields[_KIND].decode()))
         self._queue: list[tuple[_Writer, list[Event], float]] = []
         self._queued = asyncio.Event()
         self._idle = asyncio.Event()
@@ -388,47 +389,67 @@ class RedisJournal:
 
     async def read(self, stream_id: str, after: int, max_bytes: int | None = None) -> list[Event]:
         key = self._key(stream_id)
-        known = False
+        # A stream written elsewhere whose shared XREAD last found it at ``after`` (the
+        # reader that took its entries, coming back): wait on the next call at once.
+        tailing = self._tailer.follows(key, after) and self._own(stream_id) is None
+        known = tailing
         while not self._closed:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.xrange(key, f"{after + 1}-0", "+", count=_READ_COUNT)
-            pipe.xrevrange(key, "+", "-", count=1)
-            try:
-                entries, head = await pipe.execute()
-            except (RedisError, OSError) as exc:
-                raise self._unavailable(exc) from exc
-            if entries:
-                return self._events(stream_id, entries, max_bytes)
-            if not head:
-                if known:
-                    return []  # expired while we waited
-                raise ClientError(
-                    f"no stream {stream_id!r} (unknown, or expired after its retention time)",
-                    code=ErrorCode.NOT_FOUND,
-                )
-            known = True
-            _, ended = _head(head[0])
-            if ended:
-                return []
-            writer = self._writers.get(stream_id)
-            if writer is not None and not writer.lost:
-                # Ours: the flusher wakes us once Redis holds more.
-                if writer.flushed <= after:
-                    await writer.wait()
-                continue
-            if not await self._tailer.wait(key, after, self._lease_s):
-                await self._end_if_orphaned(stream_id, key, head[0])
+            if not tailing:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.xrange(key, f"{after + 1}-0", "+", count=_READ_COUNT)
+                pipe.xrevrange(key, "+", "-", count=1)
+                try:
+                    entries, head = await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    raise self._unavailable(exc) from exc
+                if entries:
+                    events = self._events(stream_id, entries, max_bytes)
+                    if not events[-1].final and self._own(stream_id) is None:
+                        self._tailer.saw(key, events[-1].seq)
+                    return events
+                if not head:
+                    if known:
+                        return []  # expired while we waited
+                    raise ClientError(
+                        f"no stream {stream_id!r} (unknown, or expired after its retention time)",
+                        code=ErrorCode.NOT_FOUND,
+                    )
+                known = True
+                _, ended = _head(head[0])
+                if ended:
+                    return []
+                writer = self._own(stream_id)
+                if writer is not None:
+                    # Ours: the flusher wakes us once Redis holds more.
+                    if writer.flushed <= after:
+                        await writer.wait()
+                    continue
+            tailing = False
+            got = await self._tailer.wait(key, after, self._lease_s)
+            if got is False:
+                await self._end_if_orphaned(stream_id, key)
+            elif got is not True:
+                return self._events(stream_id, got, max_bytes)
         return []
 
-    async def _end_if_orphaned(self, stream_id: str, key: str, head: Any) -> None:
+    def _own(self, stream_id: str) -> _Writer | None:
+        """The writer of a stream this process writes (and still holds)."""
+        writer = self._writers.get(stream_id)
+        return writer if writer is not None and not writer.lost else None
+
+    async def _end_if_orphaned(self, stream_id: str, key: str) -> None:
         """A stream quiet for a whole lease: if its writer's lease is gone, end it for everyone."""
         try:
-            opened: Any = await self._redis.xrange(key, _OPEN_ID, _OPEN_ID)
-            if not opened:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.xrange(key, _OPEN_ID, _OPEN_ID)
+            pipe.xrevrange(key, "+", "-", count=1)
+            opened, heads = await pipe.execute()
+            if not opened or not heads:
                 return
             instance = opened[0][1].get(b"instance", b"").decode()
             if await self._redis.exists(f"{self._prefix}i:{instance}"):
                 return
+            head = heads[0]
             last, ended = _head(head)
             if ended:
                 return
