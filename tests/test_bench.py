@@ -91,7 +91,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     result = subprocess.run(
         [sys.executable, "-m", "streamsvc", "bench", "--quick", "--json", "out.json",
          "--plot", "out.png", "--keep-logs", "logs"],
-        capture_output=True, text=True, timeout=100, cwd=tmp, env=env, check=False,
+        capture_output=True, text=True, timeout=150, cwd=tmp, env=env, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     yield result, json.loads((tmp / "out.json").read_text(encoding="utf-8")), tmp
@@ -102,7 +102,7 @@ def test_quick_bench_measures_every_path(quick_run: Any) -> None:
     names = [path["name"] for path in report["paths"]]
     relays = ["baseline", *(f"streamsvc-{e}" for e in ENDPOINTS)]
     if redis_binary() is not None:
-        relays.append("streamsvc-redis")
+        relays += ["streamsvc-redis", "streamsvc-remote"]
     expected = ["direct", *(on(name, loop) for loop in RELAY_LOOPS for name in relays)]
     if nginx_binary() is not None:
         expected.append("nginx")
@@ -167,12 +167,18 @@ def test_quick_bench_measures_the_journal_endpoint_and_the_redis_journal(
         assert "no redis-server on PATH" in skip["reason"]
         return
     for loop in RELAY_LOOPS:
-        redis = paths[on("streamsvc-redis", loop)]
+        redis, remote = paths[on("streamsvc-redis", loop)], paths[on("streamsvc-remote", loop)]
         # The relay's own log said it journals in Redis, and Redis did work for it.
-        assert redis["journal"] == "redis" and redis["load"]["endpoint"] == "streams"
-        assert positive(redis["redis_cpu_us_per_token"]) and positive(redis["cpu_us_per_token"])
+        for path in (redis, remote):
+            assert path["journal"] == "redis" and path["load"]["endpoint"] == "streams"
+            assert positive(path["redis_cpu_us_per_token"]) and positive(path["cpu_us_per_token"])
+        # The remote path's streams were created on one instance and read on another.
+        assert redis["load"]["read_url"] is None
+        read_url = remote["load"]["read_url"]
+        assert read_url.startswith("http://127.0.0.1:") and read_url != remote["load"]["url"]
     logs = [log.read_text() for log in (tmp / "logs").glob("streamsvc-*.log")]
-    assert sum("journal: Redis at redis://127.0.0.1:" in log for log in logs) == len(RELAY_LOOPS)
+    # One process on the Redis path, two on the remote one, per loop.
+    assert sum("journal: Redis at redis://127.0.0.1:" in log for log in logs) == 3 * len(RELAY_LOOPS)
     assert report["machine"]["redis"].startswith("redis-server ")
     assert "redis-server CPU per token" in "\n".join(notes(_typed(report)))
 

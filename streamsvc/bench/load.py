@@ -7,7 +7,8 @@ seconds, and measures per stream:
 - time to first token: from sending the request to the first read that
   brings content text (``streams``: the ``POST /v1/streams`` and its answer,
   then the ``GET`` of its ``events_url`` on the same connection, are inside
-  it, as an EventSource page waits for both);
+  it, as an EventSource page waits for both; with ``--read-url``, the
+  ``GET`` goes to that other instance on a connection of its own);
 - inter-token gaps: between successive reads that bring content text. A
   relay that merges two pending tokens into one event shows as one longer
   gap, which is what a reader sees.
@@ -66,6 +67,8 @@ class LoadSpec:
     ramp_s: float = 1.0
     model: str = "sim-small"
     seed: int = 4
+    read_url: str | None = None  # streams: GET each events_url from this instance instead
+
 
 
 def request_body(
@@ -209,6 +212,10 @@ class _Load:
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode("ascii") + body
         self.creates = spec.endpoint == "streams"  # POST answers 201 + events_url, then GET
+        read = urlsplit(spec.read_url or spec.url)
+        self.read_host, self.read_port = read.hostname or "127.0.0.1", read.port or 80
+        self.read_netloc = read.netloc
+        self.read_elsewhere = spec.read_url is not None
         self.expected = "".join(generated_tokens(spec.model, PROMPT, spec.tokens))
         self.parse = _PARSERS[spec.endpoint]
         pace_s = spec.tokens / spec.rate if spec.rate > 0 else 0.0
@@ -235,6 +242,10 @@ class _Load:
                     text = await stream.finished
             finally:
                 transport.close()
+                if stream.connecting is not None:
+                    stream.connecting.cancel()
+                if stream.reader is not None:
+                    stream.reader.close()
             if text != self.expected:
                 raise _Failed("text differs from the upstream's")
             self.done += 1
@@ -267,12 +278,16 @@ class _Stream(asyncio.Protocol):
         self.counted_open = False
         self.creating = load.creates  # reading the answer to POST /v1/streams
         self.created = b""
+        self.request = load.request
         self.transport: asyncio.WriteTransport | None = None
+        self.elsewhere = False  # --read-url: the GET went to a connection of its own
+        self.reader: asyncio.BaseTransport | None = None  # that connection
+        self.connecting: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but write the same.
         self.transport = cast(asyncio.WriteTransport, transport)
-        self.transport.write(self.load.request)
+        self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         if self.finished.done():
@@ -301,6 +316,11 @@ class _Stream(asyncio.Protocol):
             self.previous = now
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.elsewhere:  # with --read-url, the POST's connection is done with
+            self.lost()
+
+    def lost(self) -> None:
+        """The connection the stream reads closed (before its end, if it is still open)."""
         self._finish(_Failed("connection closed before the end of the stream"))
 
     # httptools callbacks
@@ -345,10 +365,26 @@ class _Stream(asyncio.Protocol):
             raise _Failed("POST /v1/streams closed the connection")
         target = urlsplit(_decode_created(self.created).events_url)
         path = target.path + (f"?{target.query}" if target.query else "")
+        load = self.load
+        request = (f"GET {path} HTTP/1.1\r\nHost: {load.read_netloc}\r\n"
+                   "Accept: text/event-stream\r\n\r\n").encode("ascii")
+        if load.read_elsewhere:
+            self.elsewhere = True
+            self.connecting = asyncio.ensure_future(self._read_elsewhere(request))
+            return
         assert self.transport is not None
-        self.transport.write(
-            f"GET {path} HTTP/1.1\r\nHost: {self.load.netloc}\r\n"
-            "Accept: text/event-stream\r\n\r\n".encode("ascii"))
+        self.transport.write(request)
+
+    async def _read_elsewhere(self, request: bytes) -> None:
+        """The GET on a connection of its own to ``--read-url``; this stream reads it."""
+        # From here on the POST's connection says nothing this stream waits for.
+        self.parser = httptools.HttpResponseParser(self)
+        self.request = request
+        try:
+            self.reader, _ = await asyncio.get_running_loop().create_connection(
+                lambda: _Reader(self), self.load.read_host, self.load.read_port)
+        except OSError as exc:
+            self._finish(_Failed(f"{type(exc).__name__} connecting to --read-url"))
 
     def _finish(self, failure: _Failed | None) -> None:
         if self.counted_open:
@@ -393,7 +429,24 @@ async def run_load(spec: LoadSpec, *, progress_interval: float = PROGRESS_INTERV
         duration_s=duration, cpu_s=cpu, process_cpu_s=time.process_time(), completed=load.done, failed=load.failed,
         errors=dict(load.errors), ttft_ms=summarize(load.ttft), gap_ms=summarize(load.gaps),
         ttft_cdf=cdf(load.ttft), gap_cdf=cdf(load.gaps), max_open=load.max_open,
+        read_url=spec.read_url,
     )
+
+
+class _Reader(asyncio.Protocol):
+    """A stream's ``--read-url`` connection: the GET out, its bytes to the stream."""
+
+    def __init__(self, stream: _Stream) -> None:
+        self.stream = stream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.WriteTransport, transport).write(self.stream.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.stream.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stream.lost()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -403,6 +456,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--url", required=True, help="the target's base URL (no /v1)")
     parser.add_argument("--endpoint", choices=tuple(ENDPOINTS), default="openai")
+    parser.add_argument("--read-url", metavar="URL",
+                        help="streams: GET each events_url from this instance (another one"
+                             " on the same Redis journal)")
     parser.add_argument("--streams", type=int, default=200, metavar="K")
     parser.add_argument("--tokens", type=int, default=200, metavar="N")
     parser.add_argument("--rate", type=float, default=50.0, metavar="R")
@@ -420,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = LoadSpec(
         url=args.url, endpoint=args.endpoint, streams=args.streams, tokens=args.tokens,
         rate=args.rate, ramp_s=args.ramp, model=args.model, seed=args.seed,
+        read_url=args.read_url,
     )
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
         result = runner.run(run_load(spec))

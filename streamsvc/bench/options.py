@@ -166,7 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-nginx", action="store_false", dest="nginx", default=None,
                         help="leave nginx out even when it is installed")
     parser.add_argument("--no-redis", action="store_false", dest="redis", default=None,
-                        help="leave the Redis journal out even when redis-server is installed")
+                        help="leave the Redis journal paths (streamsvc-redis, streamsvc-remote) out"
+                             " even when redis-server is installed")
     parser.add_argument("--json", metavar="FILE", dest="json_path",
                         help="write every figure, the machine and the command to FILE")
     parser.add_argument("--plot", metavar="FILE.png", dest="plot_path",

@@ -11,6 +11,9 @@ Main phase, once per path, all against the same simulator process::
     streamsvc-responses  (with --endpoints ...,responses)           POST /v1/responses
     streamsvc-redis   as streamsvc-streams, journal.backend = "redis" against a redis-server
                       of the run's own                        (when redis-server is installed)
+    streamsvc-remote  as streamsvc-redis, with the GET on a second instance on the same
+                      Redis: a reader of a stream another instance generates; its CPU is
+                      both instances'
     nginx             load client -> nginx -> simulator       (when nginx is installed)
 
 The relay paths (baseline, streamsvc-*) run once per relay loop (``--loop
@@ -95,6 +98,7 @@ _LABELS = {
     "streamsvc-streams": "streamsvc POST /v1/streams, GET /v1/streams/{id}/events",
     "streamsvc-responses": "streamsvc POST /v1/responses",
     "streamsvc-redis": "streamsvc-streams on the Redis journal (a redis-server of the run's)",
+    "streamsvc-remote": "streamsvc-redis with each GET on a second instance (CPU: both)",
     "nginx": "nginx proxy_pass, buffering off",
 }
 _REDIS_LOG_LINE = "journal: Redis at "  # what streamsvc serve logs when it journals in Redis
@@ -110,6 +114,7 @@ class _Path:
     relay: Relay | None = None  # a fresh process of it per path; None: direct
     loop: RelayLoop | None = None  # None: not the relays' loop to choose (direct, nginx)
     redis: bool = False  # the relay journals in a redis-server of the path's own
+    remote: bool = False  # the streams are read on a second relay process on that Redis
     tagged: bool = False  # the run has several relay loops: the name says which
 
     @property
@@ -249,8 +254,9 @@ class _Run:
 
     # -- measuring ---------------------------------------------------------------------------
 
-    async def warm_up(self, url: str, endpoint: str) -> None:
-        """A few fast streams, so that the measured run pays no first-call costs."""
+    async def warm_up(self, url: str, endpoint: str, read_url: str | None = None) -> None:
+        """A few fast streams, so that the measured run pays no first-call costs (on
+        ``read_url`` too, where the streams are read)."""
         body = request_body(self.options.model, WARM_UP_TOKENS, 1000.0, endpoint)
 
         async def read(response: aiohttp.ClientResponse, status: int) -> bytes:
@@ -266,7 +272,7 @@ class _Run:
                 text = await read(resp, 201 if creates else 200)
             if creates:
                 events_url = msgspec.json.decode(text)["events_url"]
-                async with session.get(url + events_url) as resp:
+                async with session.get((read_url or url) + events_url) as resp:
                     await read(resp, 200)
 
         connector = aiohttp.TCPConnector(limit=0)
@@ -275,8 +281,10 @@ class _Run:
 
     async def measure(
         self, name: str, spec: LoadSpec, relay: Service | None, *, redis: Service | None = None,
-        track_rss: bool = False, shown: str | None = None,
+        reader: Service | None = None, track_rss: bool = False, shown: str | None = None,
     ) -> _Measured:
+        """``relay``'s CPU (and ``reader``'s, a second relay that reads the streams), its
+        memory, the harness's CPU, over one load client's run of ``spec``."""
         assert self.simulator is not None
         # The tables' path names, short enough for the bar to fit 80 columns.
         task = self.bar.add_task(shown or name.removesuffix("-open")
@@ -297,6 +305,7 @@ class _Run:
                         plateau.append(rss)
 
         relay_before = relay.sample() if relay is not None else None
+        reader_before = reader.sample().cpu_s if reader is not None else 0.0
         redis_before = redis.sample().cpu_s if redis is not None else 0.0
         simulator_before = self.simulator.sample().cpu_s
         overflows_before = listen_overflows()
@@ -306,6 +315,7 @@ class _Run:
         overflows = listen_overflows() - overflows_before
         simulator_cpu = self.simulator.sample().cpu_s - simulator_before
         relay_after = relay.sample() if relay is not None else None
+        reader_cpu = reader.sample().cpu_s - reader_before if reader is not None else 0.0
         redis_cpu = redis.sample().cpu_s - redis_before if redis is not None else None
         self.note_process("load client", client_command(spec, workdir=self.workdir, name=name),
                           load.event_loop)
@@ -315,7 +325,7 @@ class _Run:
         rss_open = 0
         other = busy - own - simulator_cpu - load.process_cpu_s - (redis_cpu or 0.0)
         if relay_before is not None and relay_after is not None:
-            relay_cpu = relay_after.cpu_s - relay_before.cpu_s
+            relay_cpu = relay_after.cpu_s - relay_before.cpu_s + reader_cpu
             other -= relay_cpu
             peak = relay_after.hwm_bytes
             rss_before = relay_before.rss_bytes
@@ -357,19 +367,24 @@ class _Run:
                 self.note_service(redis)
             service = await stack.enter_async_context(self.relay_service(path, redis))
             self.note_service(service)
-            await self.warm_up(service.url, path.endpoint)
-            measured = await self.measure(name, _retarget(spec, service.url, path.endpoint),
-                                          service, redis=redis, track_rss=track_rss,
-                                          shown=shown)
+            reader = None
+            if path.remote:
+                reader = await stack.enter_async_context(self.relay_service(path, redis))
+            read_url = reader.url if reader is not None else None
+            await self.warm_up(service.url, path.endpoint, read_url)
+            measured = await self.measure(
+                name, _retarget(spec, service.url, path.endpoint, read_url), service,
+                redis=redis, reader=reader, track_rss=track_rss, shown=shown)
             journal = None
             if path.relay == "streamsvc":
                 journal = "redis" if _REDIS_LOG_LINE in service.log() else "memory"
             return _Ran(path, measured, service.event_loop(), service.role, journal, round)
 
 
-def _retarget(spec: LoadSpec, url: str, endpoint: str) -> LoadSpec:
+def _retarget(spec: LoadSpec, url: str, endpoint: str, read_url: str | None = None) -> LoadSpec:
     return LoadSpec(url=url, endpoint=endpoint, streams=spec.streams, tokens=spec.tokens,
-                    rate=spec.rate, ramp_s=spec.ramp_s, model=spec.model, seed=spec.seed)
+                    rate=spec.rate, ramp_s=spec.ramp_s, model=spec.model, seed=spec.seed,
+                    read_url=read_url)
 
 
 def _per_token(cpu_s: float | None, tokens: int) -> float | None:
@@ -391,8 +406,10 @@ def _main_paths(run: _Run) -> list[_Path]:
         paths += [_Path(f"streamsvc-{endpoint}", endpoint, "streamsvc", loop, tagged=tagged)
                   for endpoint in options.endpoints]
         if redis:
-            paths.append(_Path("streamsvc-redis", "streams", "streamsvc", loop, redis=True,
-                               tagged=tagged))
+            paths += [_Path("streamsvc-redis", "streams", "streamsvc", loop, redis=True,
+                            tagged=tagged),
+                      _Path("streamsvc-remote", "streams", "streamsvc", loop, redis=True,
+                            remote=True, tagged=tagged)]
     if not run.nginx_skipped():
         paths.append(_Path("nginx", "openai", "nginx"))
     return paths

@@ -81,6 +81,7 @@ class LoadResult(_Record):
     ttft_cdf: list[tuple[float, float]]  # (ms, cumulative level)
     gap_cdf: list[tuple[float, float]]
     max_open: int  # the most streams open at once
+    read_url: str | None = None  # streams read from another instance than ``url``
 
 
 class RoundResult(_Record):

@@ -185,6 +185,7 @@ def client_command(spec: LoadSpec, *, workdir: Path, name: str) -> list[str]:
         "--endpoint", spec.endpoint, "--streams", str(spec.streams),
         "--tokens", str(spec.tokens), "--rate", str(spec.rate), "--ramp", str(spec.ramp_s),
         "--model", spec.model, "--seed", str(spec.seed),
+        *(("--read-url", spec.read_url) if spec.read_url else ()),
         "--out", str(workdir / f"{name}.load.json"),
     ]
 
