@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import aiohttp_cors
 from aiohttp import web
+from redis.utils import HIREDIS_AVAILABLE
 
 from streamsvc.config import BUILTIN_SIMULATOR, Config, redact_url
 from streamsvc.journal.base import Journal
@@ -29,8 +30,12 @@ from streamsvc.server.connections import Connections, connection_middleware
 from streamsvc.server.limits import MemoryLimiter
 from streamsvc.server.limits_redis import RedisLimiter
 from streamsvc.server.metrics import Metrics
-from streamsvc.server.middleware import body_middleware, error_middleware, set_request_id_header
-from streamsvc.server.middleware import ensure_accepting
+from streamsvc.server.middleware import (
+    body_middleware,
+    ensure_accepting,
+    error_middleware,
+    set_request_id_header,
+)
 from streamsvc.server.state import (
     AUTH,
     CONFIG,
@@ -103,7 +108,9 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         return
     client = await connect_redis(journal)
     app[REDIS] = client
-    log.info("journal: Redis at %s", redact_url(journal.redis_url))
+    log.info("journal: Redis at %s (replies parsed by %s)", redact_url(journal.redis_url),
+             "hiredis" if HIREDIS_AVAILABLE
+             else "redis-py in Python; pip install 'streamsvc[fast]' for hiredis")
     try:
         yield
     finally:
