@@ -17,7 +17,7 @@ from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
 from streamsvc.journal.base import Event, Framer, Journal, encode_frame
 from streamsvc.journal.followers import Followers
 from streamsvc.journal.redis import RedisJournal
-from streamsvc.journal.redis_tail import LINGER_S
+from streamsvc.journal.redis_tail import KEPT, LINGER_S
 from tests.conftest import JOURNAL_BACKENDS, JournalFactory, journal_factory, wait_until
 from tests.redis_server import RedisServer
 
@@ -471,13 +471,13 @@ class TestRedisAcrossInstances:
         await writer.append("s", [msg("0")])
         assert [e.seq for e in await reader.read("s", 0)] == [1]
         tail = asyncio.ensure_future(reader.read("s", 1))
-        await writer.append("s", [msg(str(i)) for i in range(1, 300)])  # past the 64 kept
+        await writer.append("s", [msg(str(i)) for i in range(1, 300)])  # past what is kept
         assert (await asyncio.wait_for(tail, 2))[0].seq == 2
         await writer.append("s", [DONE])
         events = await _read_all(reader, "s", after=1)
         assert [e.seq for e in events] == list(range(2, 302))
         assert [e.data for e in events[:299]] == [msg(str(i))[1] for i in range(1, 300)]
-        assert all(len(tail.kept) <= 64 for tail in reader._tailer._tails.values())
+        assert all(len(tail.kept) <= KEPT for tail in reader._tailer._tails.values())
 
     async def test_a_remote_stream_nobody_reads_is_no_longer_tailed(
         self, pair: tuple[RedisJournal, RedisJournal]

@@ -7,7 +7,7 @@ whenever its client leaves mid-call. Here one task, on one connection of the
 shared pool, blocks on all the tailed streams at once.
 
 The call brings the new entries themselves, and the tailer keeps the last
-``count`` of each stream: a reader waiting where they start is handed them,
+:data:`KEPT` of each stream: a reader waiting where they start is handed them,
 and one that comes back from writing its client takes what came meanwhile
 without waiting. A reader that keeps up costs no Redis command of its own;
 one further back than what is kept reads the journal (``XRANGE``). Before,
@@ -35,12 +35,17 @@ from redis.exceptions import RedisError
 
 from streamsvc.tasks import stop_tasks
 
-__all__ = ["LINGER_S", "Entries", "Tailer"]
+__all__ = ["KEPT", "LINGER_S", "Entries", "Tailer"]
 
 log = logging.getLogger("streamsvc.journal")
 
 LINGER_S = 1.0
 """How long a stream stays tailed after its reader last came (its entries kept)."""
+
+KEPT = 16
+"""Entries kept per tailed stream (about 8 KiB: 500 bytes an entry as redis-py returns it).
+A reader gets back from its client's write one or two entries behind; one further
+back reads the journal."""
 
 Entries = list[Any]
 """Redis stream entries as redis-py returns them: ``(b"<seq>-0", {field: value})``."""
@@ -86,7 +91,7 @@ class Tailer:
         final: whether an entry's fields end its stream.
     """
 
-    def __init__(self, redis: Redis, *, block_s: float, count: int = 64,
+    def __init__(self, redis: Redis, *, block_s: float, count: int = KEPT,
                  final: Callable[[dict[bytes, bytes]], bool] = lambda fields: False) -> None:
         self._redis = redis
         self._count = count
