@@ -70,7 +70,6 @@ class LoadSpec:
     read_url: str | None = None  # streams: GET each events_url from this instance instead
 
 
-
 def request_body(
     model: str, tokens: int, rate: float, endpoint: str = "openai"
 ) -> dict[str, Any]:
@@ -205,7 +204,6 @@ class _Load:
         self.url = f"{spec.url.rstrip('/')}{ENDPOINTS[spec.endpoint]}"
         body = msgspec.json.encode(
             request_body(spec.model, spec.tokens, spec.rate, spec.endpoint))
-        self.netloc = split.netloc
         self.request = (
             f"POST {path} HTTP/1.1\r\nHost: {split.netloc}\r\n"
             "Content-Type: application/json\r\nAccept: text/event-stream\r\n"
