@@ -228,6 +228,8 @@ def test_quick_bench_says_what_ran_where(quick_run: Any) -> None:
     assert report["date"] and positive(report["duration_s"])
     machine = report["machine"]
     assert positive(machine["cpus"]) and machine["python"] and machine["aiohttp"]
+    # redis-py's reply parser moves the Redis paths' figures: the report says which ran.
+    assert machine["hiredis"] == _installed("hiredis")
     loops: dict[str, set[str]] = {}
     for process in report["processes"]:
         loops.setdefault(process["role"], set()).add(process["event_loop"])
@@ -727,3 +729,12 @@ def test_bench_faults_holds_a_relay_to_the_campaign_and_fails_one_that_is_not_a_
     bad = {line.split()[0]: int(line.split()[-2]) for line in raw.stdout.splitlines()
            if line.endswith(" bad")}
     assert bad["bad_error"] > 0 and bad["lost"] + bad["silent_cut"] + bad["hang"] > 0, raw.stdout
+
+
+def _installed(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

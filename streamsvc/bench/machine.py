@@ -54,6 +54,7 @@ def machine_info(
         "reactivex": _version("reactivex"),
         "msgspec": _version("msgspec"),
         "uvloop": _version("uvloop"),
+        "hiredis": _version("hiredis"),  # redis-py's reply parser on the Redis paths
         "nginx": nginx,
         "redis": redis,
     }

@@ -380,7 +380,8 @@ def markdown(report: BenchReport) -> str:
         (f"Machine: {m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')},"
          f" aiohttp {m.get('aiohttp')}, uvloop {m.get('uvloop') or 'not installed'},"
          f" {m.get('nginx') or 'nginx not installed'},"
-         f" {m.get('redis') or 'redis-server not installed'}  "),
+         f" {m.get('redis') or 'redis-server not installed'},"
+         f" hiredis {m.get('hiredis') or 'not installed'}  "),
         "Event loops: " + event_loops(report),
         "",
         "Paths: " + "; ".join(dict.fromkeys(f"`{_shown(p.name)}` = {p.label}"
