@@ -440,7 +440,7 @@ def test_without_redis_server_the_redis_path_is_left_out_and_said(
 ) -> None:
     from rich.progress import Progress
 
-    import streamsvc.bench.orchestrator as orchestrator
+    from streamsvc.bench import orchestrator
 
     monkeypatch.setattr(orchestrator, "redis_binary", lambda: None)
     run = _Run(BenchOptions(loop="asyncio", nginx=False), tmp_path, Progress())
@@ -448,8 +448,8 @@ def test_without_redis_server_the_redis_path_is_left_out_and_said(
     assert names == ["direct", "baseline", "streamsvc-openai", "streamsvc-events",
                      "streamsvc-streams"]
     assert [(s.name, s.reason) for s in run.skipped] == [
-        ("streamsvc-redis", "no redis-server on PATH: install redis-server to measure the"
-                            " Redis journal"),
+        ("streamsvc-redis", ("no redis-server on PATH: install redis-server to measure the"
+                             " Redis journal")),
         ("nginx", "left out by --no-nginx"),
     ]
 
