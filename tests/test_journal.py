@@ -442,9 +442,7 @@ class TestRedisAcrossInstances:
         # The shared XREAD brings the entries: a reader waiting where they start takes
         # them. Before, each wake cost the reader an XRANGE and an XREVRANGE of its own.
         writer, reader = pair
-        await writer.create("s")
-        await writer.append("s", [msg("0")])
-        assert [e.seq for e in await reader.read("s", 0)] == [1]
+        await _read_one(writer, reader, "s")
         before = _calls(redis_server, "xrange")
         got = await _read_while_writing(writer, reader, "s", after=1, count=30, every_s=0.005)
         assert got == list(range(2, 33))  # 30 messages and the done, in order
@@ -467,9 +465,7 @@ class TestRedisAcrossInstances:
         self, pair: tuple[RedisJournal, RedisJournal]
     ) -> None:
         writer, reader = pair
-        await writer.create("s")
-        await writer.append("s", [msg("0")])
-        assert [e.seq for e in await reader.read("s", 0)] == [1]
+        await _read_one(writer, reader, "s")
         tail = asyncio.ensure_future(reader.read("s", 1))
         await writer.append("s", [msg(str(i)) for i in range(1, 300)])  # past what is kept
         assert (await asyncio.wait_for(tail, 2))[0].seq == 2
@@ -483,9 +479,7 @@ class TestRedisAcrossInstances:
         self, pair: tuple[RedisJournal, RedisJournal]
     ) -> None:
         writer, reader = pair
-        await writer.create("s")
-        await writer.append("s", [msg("a")])
-        assert [e.seq for e in await reader.read("s", 0)] == [1]
+        await _read_one(writer, reader, "s")
         assert reader._tailer.follows("streamsvc:s:s", 1)  # tailed from where it read
         await writer.append("s", [msg("b")])  # the client left: nobody reads on
         assert await wait_until(lambda: not reader._tailer._tails, LINGER_S + 2)
@@ -494,7 +488,7 @@ class TestRedisAcrossInstances:
         self, redis_server: RedisServer
     ) -> None:
         # The shared tail knows the stream ended: a reader there is not left waiting
-        # for a lease on a stream that cannot move.
+        # for a lease on a stream that cannot move (and the tail is forgotten after).
         clients = [Redis.from_url(redis_server.url) for _ in range(2)]
         writer, reader = (RedisJournal(client, lease_s=5.0) for client in clients)
         try:
@@ -506,6 +500,9 @@ class TestRedisAcrossInstances:
             await writer.append("s", [DONE])
             assert [e.kind for e in await asyncio.wait_for(tail, 2)] == ["done"]
             assert await asyncio.wait_for(reader.read("s", 2), 1) == []
+            # Kept for a reader coming back, then forgotten: with nothing else tailed, the
+            # tailer waited for a new reader before it forgot an ended stream.
+            assert await wait_until(lambda: not reader._tailer._tails, LINGER_S + 2)
         finally:
             for journal in (writer, reader):
                 await journal.close()
@@ -520,6 +517,13 @@ class TestRedisAcrossInstances:
         assert caught.value.code == ErrorCode.JOURNAL_UNAVAILABLE
         assert "secret" not in caught.value.message
         await client.aclose()
+
+
+async def _read_one(writer: RedisJournal, reader: RedisJournal, stream_id: str) -> None:
+    """A stream with one message on ``writer``, read on ``reader`` (which then tails it)."""
+    await writer.create(stream_id)
+    await writer.append(stream_id, [msg("0")])
+    assert [e.seq for e in await reader.read(stream_id, 0)] == [1]
 
 
 def _calls(redis_server: RedisServer, command: str) -> int:

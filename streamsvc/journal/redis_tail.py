@@ -137,15 +137,10 @@ class Tailer:
         slower than the tokens) would otherwise read once per batch for good.
         """
         self.start()
-        now = asyncio.get_running_loop().time()
-        tail = self._tails.get(key)
-        if tail is None:
-            self._tails[key] = _Tail(seq, now)
-            self._wanted.set()
-        else:
-            tail.touched = now
-            if seq > tail.seen:
-                tail.restart(seq)
+        tail = self._touch(key, seq)
+        if seq > tail.seen:
+            tail.restart(seq)
+        self._wanted.set()
 
     async def wait(self, key: str, after: int, timeout: float) -> Entries | bool:
         """The entries of ``key`` from seq ``after + 1`` on, once a call brings them.
@@ -159,10 +154,7 @@ class Tailer:
             return True  # the read finds its journal closed
         self.start()
         loop = asyncio.get_running_loop()
-        tail = self._tails.get(key)
-        if tail is None:
-            tail = self._tails[key] = _Tail(after, loop.time())
-        tail.touched = loop.time()
+        tail = self._touch(key, after)
         kept = tail.after(after)
         if kept:
             return kept
@@ -184,6 +176,15 @@ class Tailer:
             tail.touched = loop.time()
             if waiting in tail.waiters:
                 tail.waiters.remove(waiting)
+
+    def _touch(self, key: str, seq: int) -> _Tail:
+        """The tail of ``key`` (a new one at ``seq``), marked as come to now."""
+        now = asyncio.get_running_loop().time()
+        tail = self._tails.get(key)
+        if tail is None:
+            tail = self._tails[key] = _Tail(seq, now)
+        tail.touched = now
+        return tail
 
     async def _kick(self) -> None:
         """Interrupt the call in flight until it covers every stream waited on."""
@@ -212,7 +213,11 @@ class Tailer:
             covered = self._cover()
             if not covered:
                 self._wanted.clear()
-                await self._wanted.wait()
+                if self._tails:  # only ended ones, kept for their readers: forget them in time
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wanted.wait(), LINGER_S)
+                else:
+                    await self._wanted.wait()
                 continue
             self._covered = covered
             self._in_call = True
