@@ -31,13 +31,19 @@ class Chunk:
     Attributes:
         data: the parsed ``chat.completion.chunk`` object.
         raw: the upstream's JSON bytes for ``data``, or None once ``data`` was rebuilt.
+        text: set by the upstream decoder when the chunk is nothing but text for
+            choice 0 (one choice, index 0, a delta of ``content`` alone, no finish
+            reason, no usage): nearly every chunk. Then that text, "" included, so
+            that the steps after it (the usage meter, the event formats) read the
+            chunk once instead of walking ``data`` each. None: read ``data``.
     """
 
-    __slots__ = ("data", "raw")
+    __slots__ = ("data", "raw", "text")
 
     def __init__(self, data: dict[str, Any], raw: bytes | None = None) -> None:
         self.data = data
         self.raw = raw
+        self.text: str | None = None
 
     @classmethod
     def from_json(cls, raw: bytes) -> Chunk:
@@ -85,6 +91,8 @@ class Chunk:
     @property
     def content(self) -> str:
         """The text this chunk adds to choice 0 ("" when it adds none)."""
+        if self.text is not None:
+            return self.text
         for choice in self.choices:
             if choice.get("index", 0) == 0:
                 text = (choice.get("delta") or {}).get("content")
@@ -98,6 +106,8 @@ class Chunk:
         Framing is a role-only delta, an empty delta, a finish reason or usage:
         a retry may still replace an attempt that sent only framing.
         """
+        if self.text is not None:
+            return bool(self.text)
         for choice in self.choices:
             delta = choice.get("delta")
             if not delta:
@@ -343,7 +353,10 @@ def merge(first: Chunk, second: Chunk) -> Chunk | None:
     choice["delta"] = delta
     data = dict(first.data)
     data["choices"] = [choice]
-    return Chunk(data)
+    merged = Chunk(data)
+    if first.text is not None and second.text is not None:
+        merged.text = first.text + second.text  # still text alone for choice 0
+    return merged
 
 
 def text_size(chunk: Chunk) -> int | None:

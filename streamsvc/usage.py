@@ -91,6 +91,10 @@ class UsageMeter:
 
     def add(self, chunk: Chunk) -> None:
         """A chunk was relayed (journaled, or handed to the client's socket)."""
+        text = chunk.text
+        if text is not None:  # nearly every chunk: text alone, no usage
+            self.chars += len(text)
+            return
         data = chunk.data
         choices = data.get("choices")
         usage = data.get("usage")
@@ -98,14 +102,6 @@ class UsageMeter:
             self.reported = usage  # cumulative where sent on every chunk: the last wins
         if type(choices) is not list:
             return
-        # Nearly every chunk is one text piece of choice 0: measure just that string.
-        if len(choices) == 1 and type(choice := choices[0]) is dict:
-            delta = choice.get("delta")
-            if type(delta) is dict and len(delta) == 1:
-                content = delta.get("content")
-                if type(content) is str:
-                    self.chars += len(content)
-                    return
         for choice in choices:
             if isinstance(choice, dict):
                 delta = choice.get("delta")

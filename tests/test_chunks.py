@@ -381,3 +381,83 @@ def test_chunks_without_split_surrogates_keep_their_upstream_bytes() -> None:
     chunks = _joined(*raws)
     assert [c.raw for c in chunks] == raws
     assert chunks[0].content == "\u00e9t\u00e9 \U0001f642"
+
+
+# -- the text mark: a shortcut that changes nothing ------------------------------------------
+
+_CHOICE_VALUES = st.one_of(st.none(), st.integers(0, 2), st.text(max_size=3), st.booleans())
+_DELTAS = st.one_of(
+    st.none(),
+    st.dictionaries(st.sampled_from(["content", "role", "reasoning_content", "refusal"]),
+                    st.one_of(st.text(max_size=4), st.none(), st.integers(0, 1)), max_size=2),
+)
+
+
+@st.composite
+def _chunk_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    choices = []
+    for _ in range(draw(st.integers(0, 2))):
+        choice: dict[str, Any] = {"index": draw(st.integers(0, 1))}
+        delta = draw(_DELTAS)
+        if delta is not None:
+            choice["delta"] = delta
+        if draw(st.booleans()):
+            choice["finish_reason"] = draw(st.sampled_from([None, "stop", "length"]))
+        if draw(st.booleans()):
+            choice["logprobs"] = draw(_CHOICE_VALUES)
+        choices.append(choice)
+    body: dict[str, Any] = {**ENVELOPE, "choices": choices}
+    if draw(st.booleans()):
+        body["usage"] = draw(st.sampled_from([None, {"prompt_tokens": 1, "completion_tokens": 2,
+                                                     "total_tokens": 3}]))
+    return body
+
+
+def _decoded(body: dict[str, Any]) -> Chunk:
+    from streamsvc.upstream.decoding import ChunkDecoder
+
+    out: list[Chunk] = []
+    ChunkDecoder("u", out.append).feed(b"data: " + msgspec.json.encode(body) + b"\n\n")
+    assert len(out) == 1
+    return out[0]
+
+
+def _everything_made_of(one: Chunk) -> tuple[Any, ...]:
+    from streamsvc.usage import UsageMeter
+    from streamsvc.wire.events import EventBuilder
+    from streamsvc.wire.responses import ResponseEvents
+
+    meter = UsageMeter()
+    meter.add(one)
+    responses = ResponseEvents({"id": "resp_1", "model": "m"}, prompt_tokens=1)
+    return (one.content, one.has_content, meter.chars, EventBuilder().deltas(one),
+            responses.chunk(one))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_chunk_bodies())
+def test_the_text_mark_changes_no_output(body: dict[str, Any]) -> None:
+    """The decoder marks a chunk that is only text for choice 0 (``Chunk.text``) so that
+    the steps after it read it once; every one of them must make what it makes from the
+    chunk's ``data`` alone."""
+    decoded = _decoded(body)
+    plain = Chunk(decoded.data, decoded.raw)
+    assert plain.text is None
+    assert _everything_made_of(decoded) == _everything_made_of(plain)
+    (choice,) = body["choices"] if len(body["choices"]) == 1 else (None,)
+    only_text = (
+        choice is not None and not choice["index"] and choice.get("finish_reason") is None
+        and isinstance(choice.get("delta"), dict) and list(choice["delta"]) == ["content"]
+        and isinstance(choice["delta"]["content"], str) and body.get("usage") is None
+    )
+    assert (decoded.text is not None) == only_text
+    if only_text:
+        assert decoded.text == choice["delta"]["content"]
+
+
+def test_a_merge_of_two_text_chunks_is_marked_as_text_and_reads_the_same() -> None:
+    first, second = (_decoded({**ENVELOPE, "choices": [{"index": 0, "delta": {"content": piece}}]})
+                     for piece in ("Hel", "lo"))
+    merged = merge(first, second)
+    assert merged is not None and merged.text == "Hello"
+    assert _everything_made_of(merged) == _everything_made_of(Chunk(merged.data))

@@ -165,6 +165,7 @@ class ChunkDecoder:
         choices = chunk.data.get("choices", [])
         if not isinstance(choices, list):
             raise self._malformed_choices(data)
+        finish = None
         for choice in choices:
             # The shape every later step relies on: choice objects with an integer
             # index and an object delta (or none). Checked and counted in one pass.
@@ -175,8 +176,14 @@ class ChunkDecoder:
             if not isinstance(index, int) or (delta is not None and not isinstance(delta, dict)):
                 raise self._malformed_choices(data)
             self._started.add(index)
-            if choice.get("finish_reason") is not None:
+            finish = choice.get("finish_reason")
+            if finish is not None:
                 self._finished.add(index)
+        if (len(choices) == 1 and not index and finish is None and type(delta) is dict
+                and len(delta) == 1 and chunk.data.get("usage") is None):
+            content = delta.get("content")
+            if type(content) is str:
+                chunk.text = content  # nearly every chunk: read once here, for every later step
         self._emit(chunk)
 
     def _malformed_choices(self, data: bytes) -> UpstreamError:

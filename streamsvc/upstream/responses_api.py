@@ -110,7 +110,11 @@ class ResponsesStream:
     def event(self, kind: str, data: dict[str, Any]) -> list[Chunk]:
         """The chunks of one event (often one); raises ``UpstreamError`` for a failure."""
         if kind == "response.output_text.delta":
-            return [self._delta({"content": data.get("delta", "")})]
+            text = data.get("delta", "")
+            chunk = self._delta({"content": text})
+            if type(text) is str:
+                chunk.text = text  # as the chat decoder marks a text chunk
+            return [chunk]
         if kind in ("response.reasoning_text.delta", "response.reasoning_summary_text.delta"):
             return [self._delta({"reasoning_content": data.get("delta", "")})]
         if kind == "response.function_call_arguments.delta":

@@ -49,20 +49,9 @@ class EventBuilder:
 
     def deltas(self, chunk: Chunk) -> list[bytes]:
         """The JSON data of the delta events one chunk makes (often one, sometimes none)."""
-        # Nearly every chunk is one text piece of choice 0: encode just that string.
-        choices = chunk.data.get("choices")
-        if chunk.data.get("usage") is None and type(choices) is list and len(choices) == 1:
-            choice = choices[0]
-            if (
-                type(choice) is dict
-                and choice.get("finish_reason") is None
-                and not choice.get("index")
-                and (delta := choice.get("delta"))
-                and type(delta) is dict
-                and len(delta) == 1
-                and type(content := delta.get("content")) is str
-            ):
-                return [_CONTENT + _encode(content) + b"}"] if content else []
+        text = chunk.text
+        if text is not None:  # nearly every chunk: one text piece of choice 0
+            return [_CONTENT + _encode(text) + b"}"] if text else []
         usage = chunk.usage
         if usage is not None:
             self.usage = usage

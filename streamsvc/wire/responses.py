@@ -147,26 +147,15 @@ class ResponseEvents:
         """The events one chunk makes (often one ``output_text.delta``)."""
         if self._counts:
             self._meter.add(chunk)
-        # Nearly every chunk is one text piece of choice 0, in the message item already open.
-        data = chunk.data
-        choices = data.get("choices")
-        if data.get("usage") is None and type(choices) is list and len(choices) == 1:
-            choice = choices[0]
-            if (
-                type(choice) is dict
-                and choice.get("finish_reason") is None
-                and choice.get("index", 0) == 0
-                and type(delta := choice.get("delta")) is dict
-                and len(delta) == 1
-                and type(content := delta.get("content")) is str
-            ):
-                if not content:
-                    return []
-                item = self._open
-                if item is not None and item.kind == "message":
-                    item.parts.append(content)
-                    return [self._delta(item, content)]
-                return self._text("message", content)
+        text = chunk.text
+        if text is not None:  # nearly every chunk: one text piece of choice 0
+            if not text:
+                return []
+            item = self._open
+            if item is not None and item.kind == "message":
+                item.parts.append(text)
+                return [self._delta(item, text)]
+            return self._text("message", text)
         events: Entries = []
         for choice in chunk.choices:
             if choice.get("index", 0) != 0:
