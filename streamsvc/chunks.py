@@ -38,12 +38,30 @@ class Chunk:
             chunk once instead of walking ``data`` each. None: read ``data``.
     """
 
-    __slots__ = ("data", "raw", "text")
+    __slots__ = ("_data", "raw", "text")
 
     def __init__(self, data: dict[str, Any], raw: bytes | None = None) -> None:
-        self.data = data
+        self._data: dict[str, Any] | None = data
         self.raw = raw
         self.text: str | None = None
+
+    @classmethod
+    def of_text(cls, raw: bytes, text: str) -> Chunk:
+        """A text chunk (see ``text``) whose ``raw`` is parsed only if a step asks for ``data``:
+        relayed as it came, nearly every chunk is never parsed into a dict at all."""
+        chunk = cls.__new__(cls)
+        chunk._data = None
+        chunk.raw = raw
+        chunk.text = text
+        return chunk
+
+    @property
+    def data(self) -> dict[str, Any]:
+        data = self._data
+        if data is None:
+            assert self.raw is not None  # of_text's bytes, which the decoder has read once
+            data = self._data = msgspec.json.decode(self.raw)
+        return data
 
     @classmethod
     def from_json(cls, raw: bytes) -> Chunk:

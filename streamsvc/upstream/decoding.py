@@ -13,6 +13,7 @@ finish reason.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -27,6 +28,26 @@ _decode_json = msgspec.json.decode
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 """The largest upstream event accepted (a big tool-call chunk is well below it)."""
+
+
+class _Choice(msgspec.Struct, gc=False):
+    index: int = 0
+    delta: dict[str, Any] | None = None
+    finish_reason: Any = None
+
+
+class _Shape(msgspec.Struct, gc=False):
+    """What the checks need of a chunk: choice objects with an integer index and an object
+    delta (or none), whether it reports an error, and its usage. msgspec checks that in C
+    while it reads, which the checks in Python cost twice over (a chunk it refuses is read
+    the slow way, which words the fault)."""
+
+    choices: list[_Choice] = msgspec.field(default_factory=list)
+    usage: Any = None
+    error: Any = None
+
+
+_decode_shape = msgspec.json.Decoder(_Shape).decode
 
 
 def error_message(body: bytes) -> str:
@@ -136,6 +157,14 @@ class ChunkDecoder:
             self._check_finished("[DONE]")
             self.done = True
             return
+        if not self._halves.held:
+            try:
+                shape = _decode_shape(data)
+            except (msgspec.DecodeError, RecursionError):  # ValidationError included
+                shape = None  # what the checks below word, or what only they accept
+            if shape is not None and shape.error is None:
+                self._chat_shape(shape, data)
+                return
         try:
             parsed = _decode_json(data)
         except (msgspec.DecodeError, RecursionError):
@@ -165,10 +194,8 @@ class ChunkDecoder:
         choices = chunk.data.get("choices", [])
         if not isinstance(choices, list):
             raise self._malformed_choices(data)
-        finish = None
         for choice in choices:
-            # The shape every later step relies on: choice objects with an integer
-            # index and an object delta (or none). Checked and counted in one pass.
+            # The shape every later step relies on (what _Shape checks), word by word.
             if not isinstance(choice, dict):
                 raise self._malformed_choices(data)
             index = choice.get("index", 0)
@@ -176,15 +203,29 @@ class ChunkDecoder:
             if not isinstance(index, int) or (delta is not None and not isinstance(delta, dict)):
                 raise self._malformed_choices(data)
             self._started.add(index)
-            finish = choice.get("finish_reason")
+            if choice.get("finish_reason") is not None:
+                self._finished.add(index)
+        self._emit(chunk)
+
+    def _chat_shape(self, shape: _Shape, data: bytes) -> None:
+        """A chunk whose shape msgspec has checked: counted, and emitted unparsed when it
+        is text alone (nearly every chunk; ``Chunk.of_text``)."""
+        choices = shape.choices
+        index, finish = 0, None
+        for choice in choices:
+            index = choice.index
+            self._started.add(index)
+            finish = choice.finish_reason
             if finish is not None:
                 self._finished.add(index)
-        if (len(choices) == 1 and not index and finish is None and type(delta) is dict
-                and len(delta) == 1 and chunk.data.get("usage") is None):
-            content = delta.get("content")
-            if type(content) is str:
-                chunk.text = content  # nearly every chunk: read once here, for every later step
-        self._emit(chunk)
+        if len(choices) == 1 and not index and finish is None and shape.usage is None:
+            delta = choices[0].delta
+            if delta is not None and len(delta) == 1:
+                content = delta.get("content")
+                if type(content) is str:
+                    self._emit(Chunk.of_text(data, content))
+                    return
+        self._emit(Chunk(_decode_json(data), data))
 
     def _malformed_choices(self, data: bytes) -> UpstreamError:
         return UpstreamError(
