@@ -46,7 +46,6 @@ import shlex
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -573,19 +572,17 @@ def run_bench(options: BenchOptions, *, command: list[str]) -> int:
     """
     console = Console(stderr=True)
     raise_file_limit(max(options.streams, options.slow_streams))
-    started = time.monotonic()
-    date = datetime.now(UTC).replace(microsecond=0).isoformat()
-    ran = run_with_progress(lambda workdir, bar: _run(options, workdir, bar),
-                            keep_logs=options.keep_logs, console=console)
-    if ran is None:
+    finished = run_with_progress(lambda workdir, bar: _run(options, workdir, bar),
+                                 keep_logs=options.keep_logs, console=console)
+    if finished is None:
         return 1
-    paths, open_streams, run = ran
+    paths, open_streams, run = finished.value
     report = BenchReport(
         streamsvc_version=str(machine_info()["streamsvc"]),
-        date=date,
+        date=finished.date,
         command=command,
         command_line=shlex.join(command),
-        duration_s=time.monotonic() - started,
+        duration_s=finished.duration_s,
         machine=machine_info(nginx=run.nginx_version, redis=run.redis_version),
         settings=BenchSettings(
             streams=options.streams, tokens=options.tokens, rate=options.rate,

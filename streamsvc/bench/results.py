@@ -21,6 +21,7 @@ __all__ = [
     "ProcessInfo",
     "Progress",
     "RoundResult",
+    "RunRecord",
     "Skipped",
     "TargetResult",
 ]
@@ -212,8 +213,8 @@ class BenchSettings(_Record):
     rounds: int = 1  # of the main phase's relay paths per loop (JSON from before: one)
 
 
-class BenchReport(_Record):
-    """Everything ``streamsvc bench --json FILE`` writes."""
+class RunRecord(_Record):
+    """What every report of ``streamsvc bench`` opens with: what ran, when, and where."""
 
     streamsvc_version: str
     date: str  # UTC, ISO 8601
@@ -221,6 +222,11 @@ class BenchReport(_Record):
     command_line: str
     duration_s: float
     machine: dict[str, str | int | float | None]
+
+
+class BenchReport(RunRecord):
+    """Everything ``streamsvc bench --json FILE`` writes."""
+
     settings: BenchSettings
     processes: list[ProcessInfo]
     paths: list[PathResult]

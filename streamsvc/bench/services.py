@@ -4,7 +4,8 @@ A :class:`Service` is a long-running server (simulator, relay): started,
 waited for until its port accepts, read from ``/proc``, stopped with SIGTERM
 (then SIGKILL). :func:`run_client` runs one load client to its end and hands
 each progress line to a callback. :func:`run_with_progress` runs a whole run's
-processes in a working folder, under a progress bar.
+processes in a working folder, under a progress bar, and says when it started and how
+long it took.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import msgspec
 from rich.console import Console
@@ -35,6 +38,7 @@ from streamsvc.bench.procfs import ProcSample, sample
 from streamsvc.bench.results import LoadResult, Progress
 
 __all__ = [
+    "Finished",
     "Service",
     "ServiceError",
     "child_env",
@@ -253,20 +257,31 @@ def raise_file_limit(streams: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+@dataclass(frozen=True, slots=True)
+class Finished(Generic[_T]):
+    """What a run returned, when it started and how long it took."""
+
+    value: _T
+    date: str  # UTC, ISO 8601, to the second
+    duration_s: float
+
+
 def run_with_progress(
     main: Callable[[Path, ProgressBar], Coroutine[Any, Any, _T]],
     *,
     keep_logs: str | None,
     console: Console,
-) -> _T | None:
+) -> Finished[_T] | None:
     """``main(workdir, bar)`` in a new event loop, under a progress bar on ``console``.
 
     ``workdir`` is ``keep_logs`` (made if missing) or a temporary folder removed afterwards.
 
     Returns:
-        What ``main`` returned; None when a process of the run failed, which is said on
-        ``console`` with its last log lines.
+        What ``main`` returned, with its start and duration; None when a process of the run
+        failed, which is said on ``console`` with its last log lines.
     """
+    started = time.monotonic()
+    date = datetime.now(UTC).replace(microsecond=0).isoformat()
     with contextlib.ExitStack() as stack:
         if keep_logs:
             workdir = Path(keep_logs).resolve()
@@ -281,7 +296,8 @@ def run_with_progress(
         )
         try:
             with bar:
-                return asyncio.run(main(workdir, bar))
+                value = asyncio.run(main(workdir, bar))
+            return Finished(value, date, time.monotonic() - started)
         except ServiceError as error:
             console.print(f"[red]streamsvc bench: {error}[/red]")
             if not keep_logs:
