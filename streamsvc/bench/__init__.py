@@ -22,6 +22,7 @@ Modules, one job each:
 - ``stats``: percentiles and distributions (pure).
 - ``results``: the typed result records (load client, paths, targets, report).
 - ``orchestrator``: the phases of one run, with a progress bar.
+- ``paired``: ``--paired``, each streamsvc path at the same time as a baseline of its own.
 - ``report``: targets, the table, the JSON file.
 - ``plot``: the PNG (needs the ``plot`` extra).
 - ``machine``: what machine the numbers come from.
