@@ -224,7 +224,7 @@ def _bench(args: argparse.Namespace, command: list[str]) -> int:
     from streamsvc.bench.options import options_from_args
     from streamsvc.bench.orchestrator import run_bench
 
-    if args.faults:
+    if args.faults and not args.paired:  # --paired refuses --faults, in options_from_args
         from streamsvc.bench.faults import run_from_args
 
         return run_from_args(args)
@@ -233,6 +233,10 @@ def _bench(args: argparse.Namespace, command: list[str]) -> int:
     except ValueError as error:
         print(f"streamsvc bench: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    if options.paired:
+        from streamsvc.bench.paired import run_paired
+
+        return run_paired(options, command=command)
     return run_bench(options, command=command)
 
 

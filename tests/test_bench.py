@@ -12,7 +12,6 @@ import argparse
 import io
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from streamsvc.bench.orchestrator import (
     _rounds,
     _Run,
 )
+from streamsvc.bench.paired import print_paired
 from streamsvc.bench.redis_server import redis_binary
 from streamsvc.bench.report import (
     evaluate_targets,
@@ -48,7 +48,15 @@ from streamsvc.bench.report import (
     verdict,
     write_outputs,
 )
-from streamsvc.bench.results import Added, BenchReport, LoadResult, PathResult, Skipped
+from streamsvc.bench.results import (
+    Added,
+    BenchReport,
+    LoadResult,
+    PairedReport,
+    PathResult,
+    Skipped,
+)
+from streamsvc.bench.services import child_env
 from streamsvc.bench.stats import percentile, summarize
 from streamsvc.eventloop import uvloop_available
 from streamsvc.simulator import SimulatorServer
@@ -78,16 +86,22 @@ def positive(value: Any) -> bool:
     return finite(value) and value > 0
 
 
+def cli_env(*, own_width: bool = False) -> dict[str, str]:
+    """A ``streamsvc`` child's environment: no streamsvc settings, this checkout's package;
+    ``own_width``: no ``COLUMNS``, so that rich keeps to its own 80 columns when piped."""
+    env = child_env({"PYTHONPATH": str(ROOT)})
+    if own_width:
+        env.pop("COLUMNS", None)
+    return env
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     subprocess.CompletedProcess[str], dict[str, Any], Path
 ]]:
     """One ``streamsvc bench --quick --json --plot`` run, shared by the checks below."""
     tmp = tmp_path_factory.mktemp("bench")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("STREAMSVC__") and k != "STREAMSVC_CONFIG"}
-    env["PYTHONPATH"] = str(ROOT)
-    env.pop("COLUMNS", None)  # piped: rich's own width, 80 columns
+    env = cli_env(own_width=True)
     result = subprocess.run(
         [sys.executable, "-m", "streamsvc", "bench", "--quick", "--json", "out.json",
          "--plot", "out.png", "--keep-logs", "logs"],
@@ -634,9 +648,7 @@ def test_a_report_from_before_rounds_loads(quick_run: Any) -> None:
 
 
 def test_bench_in_rounds_measures_each_round_in_processes_of_its_own(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("STREAMSVC__") and k != "STREAMSVC_CONFIG"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = cli_env()
     result = subprocess.run(
         [sys.executable, "-m", "streamsvc", "bench", "--quick", "--rounds", "2", "--loop",
          "asyncio", "--endpoints", "openai", "--no-nginx", "--no-redis", "--slow-streams", "0",
@@ -671,6 +683,139 @@ def test_bench_in_rounds_measures_each_round_in_processes_of_its_own(tmp_path: P
     assert "2 rounds in alternating order" in " ".join(result.stdout.split())
 
 
+# -- streamsvc bench --paired: each streamsvc path at the same time as a baseline of its own -----
+
+
+@pytest.fixture(scope="module")
+def paired_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[
+    subprocess.CompletedProcess[str], dict[str, Any]
+]:
+    """One small paired run: two endpoints on one loop, two reps each."""
+    tmp = tmp_path_factory.mktemp("paired")
+    env = cli_env(own_width=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "streamsvc", "bench", "--paired", "-k", "10", "-n", "20", "-r",
+         "100", "--ramp", "0.2", "--endpoints", "openai,streams", "--loop", "asyncio",
+         "--rounds", "2", "--json", "out.json"],
+        capture_output=True, text=True, timeout=100, cwd=tmp, env=env, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, json.loads((tmp / "out.json").read_text(encoding="utf-8"))
+
+
+def test_bench_paired_runs_each_path_beside_its_own_baseline(paired_run: Any) -> None:
+    _, report = paired_run
+    paired = report["paired"]
+    scenario = paired["scenario"]
+    assert (scenario["streams"], scenario["streams_per_side"], scenario["reps"]) == (10, 5, 2)
+    assert report["command"][:3] == ["streamsvc", "bench", "--paired"]
+    (loop,) = paired["loops"]
+    assert loop["loop"] == "asyncio"
+    assert [path["name"] for path in loop["paths"]] == ["streamsvc-openai", "streamsvc-streams"]
+    for path in loop["paths"]:
+        reps = path["reps"]
+        assert [rep["rep"] for rep in reps] == [1, 2]
+        # The start order alternates, and so does which simulator each side relays.
+        assert [rep["first"] for rep in reps] == ["baseline", "streamsvc"]
+        one, two = reps
+        assert one["baseline"]["simulator_port"] == two["path"]["simulator_port"]
+        assert one["path"]["simulator_port"] == two["baseline"]["simulator_port"]
+        assert one["baseline"]["simulator_port"] != one["path"]["simulator_port"]
+        for rep in reps:
+            assert rep["failed"] == 0
+            for side, relay in ((rep["baseline"], "baseline"), (rep["path"], "streamsvc")):
+                assert side["relay"] == relay and side["event_loop"] == "asyncio"
+                assert side["completed"] == 5 and side["failed"] == 0 and side["errors"] == {}
+                assert positive(side["cpu_s"]) and positive(side["cpu_us_per_token"])
+                assert side["cpu_us_per_token"] == pytest.approx(side["cpu_s"] / (5 * 20) * 1e6)
+            assert rep["ratio"] == pytest.approx(
+                rep["path"]["cpu_us_per_token"] / rep["baseline"]["cpu_us_per_token"])
+        ratios = [rep["ratio"] for rep in reps]
+        assert path["median_ratio"] == pytest.approx(statistics.median(ratios))
+        assert (path["min_ratio"], path["max_ratio"]) == (min(ratios), max(ratios))
+    assert paired["failed_streams"] == 0
+    targets = {t["name"]: t for t in paired["targets"]}
+    assert {name: t["limit"] for name, t in targets.items()} == {
+        "paired_cpu_ratio_openai": 1.0, "paired_cpu_ratio_streams": 1.2}
+    for target, path in zip(targets.values(), loop["paths"], strict=True):
+        assert target["value"] == path["median_ratio"]
+        assert target["met"] == (target["value"] <= target["limit"])
+    msgspec.json.decode(json.dumps(report), type=PairedReport)
+
+
+def test_bench_paired_says_its_scenario_in_tables_of_80_columns(paired_run: Any) -> None:
+    result, report = paired_run
+    out = result.stdout
+    assert max(len(line.rstrip()) for line in out.splitlines()) <= 80
+    assert "…" not in out
+    said = " ".join(out.split())
+    assert "relays on asyncio: 5 + 5 streams x 20 tokens at 100 tokens/s" in said
+    assert "each side carried half of -k 10" in said
+    assert "targets, paired" in said
+    for target in report["paired"]["targets"]:
+        assert target["description"] in out and target["description"].startswith("paired ")
+    rows = [line.split() for line in out.splitlines() if line.startswith((" openai", " streams"))]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        ("openai", "1", "baseline"), ("openai", "2", "streamsvc"),
+        ("streams", "1", "baseline"), ("streams", "2", "streamsvc")]
+
+
+def test_bench_paired_flags_a_rep_with_failed_streams(paired_run: Any) -> None:
+    from rich.console import Console
+
+    _, report = paired_run
+    failing = json.loads(json.dumps(report))
+    rep = failing["paired"]["loops"][0]["paths"][1]["reps"][0]
+    rep["path"].update(completed=3, failed=2, errors={"truncated": 2})
+    rep["failed"] = 2
+    failing["paired"]["failed_streams"] = 2
+    typed = msgspec.json.decode(json.dumps(failing), type=PairedReport).paired
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_paired(typed, console)
+    text = console.export_text()
+    (row,) = [line for line in text.splitlines() if line.startswith(" streams     1 ")]
+    assert row.split()[5].endswith("!")
+    said = " ".join(text.split())
+    assert ("! streamsvc-streams on asyncio, rep 1: 2 streams failed on the streamsvc side"
+            " (truncated: 2)") in said
+    assert "2 streams failed" in said
+
+
+@pytest.mark.parametrize("flags", [
+    ("--faults", "http://127.0.0.1:9"), ("--quick",), ("--plot", "x.png"),
+    ("--markdown", "x.md"), ("--slow-streams", "0"),
+], ids=("faults", "quick", "plot", "markdown", "slow-streams"))
+def test_bench_paired_refuses_what_it_cannot_combine_with(
+    flags: tuple[str, ...], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from streamsvc.bench import paired
+    from streamsvc.cli import main
+
+    def ran(*_: Any, **__: Any) -> int:
+        raise AssertionError("a refused combination ran")
+
+    monkeypatch.setattr(paired, "run_paired", ran)
+    assert main(["bench", "--paired", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"--paired cannot be combined with {flags[0]}:" in err
+
+
+def test_bench_paired_halves_k_and_takes_what_it_measures(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from streamsvc.cli import main
+
+    options = _bench_options("--paired")
+    assert options.paired and options.streams == 200 and options.side_streams == 100
+    assert options.rounds == 2 and options.endpoints == ENDPOINTS
+    # nginx and Redis it leaves out anyway: saying so is not an error.
+    options = _bench_options("--paired", "--no-nginx", "--no-redis", "-k", "11", "--loop",
+                             "asyncio", "--rounds", "3", "--endpoints", "responses")
+    assert (options.side_streams, options.rounds, options.endpoints) == (5, 3, ("responses",))
+    assert main(["bench", "--paired", "-k", "1"]) == 2
+    assert "--paired: --streams must be at least 2" in capsys.readouterr().err
+
+
 # -- streamsvc bench --faults: the campaign against any relay URL ---------------------------------
 
 
@@ -692,9 +837,7 @@ def _wait_answers(url: str, process: subprocess.Popen[str]) -> None:
 
 
 def test_bench_faults_holds_a_relay_to_the_campaign_and_fails_one_that_is_not_a_relay() -> None:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("STREAMSVC__") and k != "STREAMSVC_CONFIG"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = cli_env()
     relay_env = {**env, "STREAMSVC__PIPELINE__IDLE_TIMEOUT_S": "0.5",
                  "STREAMSVC__PIPELINE__FIRST_TOKEN_TIMEOUT_S": "3",
                  "STREAMSVC__PIPELINE__RETRY_BACKOFF_MAX_MS": "20"}

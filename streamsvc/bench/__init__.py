@@ -18,9 +18,11 @@ Modules, one job each:
 - ``redis_server``: the ``redis-server`` command of the Redis journal path.
 - ``procfs``: CPU seconds and RSS of a process, from ``/proc``.
 - ``services``: starting, watching and stopping the processes.
+- ``relays``: the simulator, baseline and streamsvc processes, and their warm-up.
 - ``stats``: percentiles and distributions (pure).
 - ``results``: the typed result records (load client, paths, targets, report).
 - ``orchestrator``: the phases of one run, with a progress bar.
+- ``paired``: ``--paired``, each streamsvc path at the same time as a baseline of its own.
 - ``report``: targets, the table, the JSON file.
 - ``plot``: the PNG (needs the ``plot`` extra).
 - ``machine``: what machine the numbers come from.

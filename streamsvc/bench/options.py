@@ -6,6 +6,11 @@ for the memory figures, the relays on asyncio and on uvloop, the main phase in
 two rounds (a machine's speed drifts: each round holds every streamsvc path to
 the baseline runs just before and after it, and the run reports the median). ``--quick`` is a smoke
 run of every path (what CI runs); explicit flags still win over it.
+
+``--paired`` runs each streamsvc path at the same time as a baseline of its own
+(docs/performance.md#paired-runs): the two sides carry half of ``-k`` each, and
+the flags of what a paired run does not measure (the open-streams phase, nginx
+and Redis, the plot, ``--faults``) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ __all__ = [
     "ENDPOINTS",
     "LOOP_CHOICES",
     "OPEN_ENDPOINTS",
+    "PAIRED_REFUSES",
     "QUICK",
     "BenchOptions",
     "RelayLoop",
@@ -63,6 +69,7 @@ class BenchOptions:
     nginx: bool = True  # include nginx when the binary is installed
     redis: bool = True  # include the Redis journal when redis-server is installed
     quick: bool = False
+    paired: bool = False  # each streamsvc path beside a baseline of its own, at the same time
     json_path: str | None = None
     plot_path: str | None = None
     markdown_path: str | None = None
@@ -83,6 +90,13 @@ class BenchOptions:
                              " (pip install 'streamsvc[fast]')")
         if not self.endpoints:
             raise ValueError("--endpoints must name at least one of: " + ", ".join(ENDPOINTS))
+        if self.paired and self.streams < 2:
+            raise ValueError("--paired: --streams must be at least 2 (each side carries half)")
+
+    @property
+    def side_streams(self) -> int:
+        """The streams of each side of a paired run: half of K (rounded down)."""
+        return self.streams // 2
 
     @property
     def relay_loops(self) -> tuple[RelayLoop, ...]:
@@ -103,6 +117,19 @@ QUICK = BenchOptions(
     streams=10, tokens=20, rate=100.0, ramp_s=0.2, slow_streams=50, slow_rate=20.0,
     slow_tokens=20, slow_ramp_s=0.2, rounds=1, quick=True,
 )
+PAIRED_REFUSES: dict[str, str] = {
+    "quick": "--quick",
+    "slow_streams": "--slow-streams",
+    "slow_rate": "--slow-rate",
+    "slow_tokens": "--slow-tokens",
+    "slow_ramp_s": "--slow-ramp",
+    "plot_path": "--plot",
+    "markdown_path": "--markdown",
+    "faults": "--faults",
+    "upstream_stats": "--upstream-stats",
+}
+"""The flags ``--paired`` refuses (by their ``argparse`` dest): it measures none of what
+they are for. ``--no-nginx`` and ``--no-redis`` it takes: it leaves both out anyway."""
 
 
 def _is_endpoint(name: str) -> TypeGuard[Endpoint]:
@@ -127,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a smoke run of every path: K={QUICK.streams},"
                              f" N={QUICK.tokens}, R={QUICK.rate:g}, M={QUICK.slow_streams}")
     parser.add_argument("-k", "--streams", type=int, metavar="K",
-                        help=f"concurrent streams per path (default {d.streams})")
+                        help=f"concurrent streams per path (default {d.streams}; with"
+                             " --paired: in all, half on each side)")
     parser.add_argument("-n", "--tokens", type=int, metavar="N",
                         help=f"tokens per stream (default {d.tokens})")
     parser.add_argument("-r", "--rate", type=float, metavar="R",
@@ -161,7 +189,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              " before, with the baseline before, between and after them, and"
                              " holds each path to the mean of the baseline runs just before"
                              " and after it; the ratio reported is the median of the rounds'"
-                             f" (default {d.rounds}; --quick {QUICK.rounds})")
+                             f" (default {d.rounds}; --quick {QUICK.rounds}); with --paired:"
+                             " the reps of each path")
+    parser.add_argument("--paired", action="store_true", default=None,
+                        help="CPU only: run each streamsvc path at the same time as a"
+                             " baseline of its own (each side with its own simulator and"
+                             " load client), so that the machine's drift hits both alike;"
+                             f" each side carries half of -k (by default {d.side_streams} +"
+                             f" {d.side_streams} streams x {d.tokens} tokens at {d.rate:g}"
+                             " tokens/s), --rounds reps per"
+                             " path and loop, each rep in the other start order; with"
+                             " --endpoints, --loop, --rounds, -k/-n/-r, --ramp, --model, --json,"
+                             " --keep-logs (docs/performance.md#paired-runs)")
     parser.add_argument("--model", help=f"simulator model (default {d.model})")
     parser.add_argument("--no-nginx", action="store_false", dest="nginx", default=None,
                         help="leave nginx out even when it is installed")
@@ -206,11 +245,21 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """The preset (``--quick`` or the defaults) with the flags given on top.
 
     Raises:
-        ValueError: a flag out of range, naming the flag.
+        ValueError: a flag out of range, or one ``--paired`` cannot be combined with;
+            naming the flag.
     """
+    if args.paired:
+        # Given: not None (the preset decides) nor False (--quick's default); 0 is given.
+        refused = [flag for dest, flag in PAIRED_REFUSES.items()
+                   if getattr(args, dest, None) is not None
+                   and getattr(args, dest) is not False]
+        if refused:
+            raise ValueError(f"--paired cannot be combined with {', '.join(refused)}: a paired"
+                             " run measures each streamsvc path's CPU per token beside its own"
+                             " baseline, nothing else")
     preset = QUICK if args.quick else DEFAULT
     fields = ("streams", "tokens", "rate", "ramp_s", "slow_streams", "slow_rate",
               "slow_tokens", "slow_ramp_s", "endpoints", "loop", "rounds", "model", "nginx",
-              "redis", "json_path", "plot_path", "markdown_path", "keep_logs")
+              "redis", "paired", "json_path", "plot_path", "markdown_path", "keep_logs")
     given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     return replace(preset, **given)

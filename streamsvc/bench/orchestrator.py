@@ -42,34 +42,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import resource
 import shlex
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-import aiohttp
 import msgspec
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.progress import Progress as ProgressBar
 
-from streamsvc.bench.load import LoadSpec, request_body
+from streamsvc.bench.load import LoadSpec
 from streamsvc.bench.machine import machine_info
 from streamsvc.bench.nginx import nginx_binary, nginx_command, nginx_version, write_config
-from streamsvc.bench.options import ENDPOINTS, BenchOptions, RelayLoop
+from streamsvc.bench.options import BenchOptions, RelayLoop
 from streamsvc.bench.procfs import busy_cpu_seconds, listen_overflows
 from streamsvc.bench.redis_server import redis_binary, redis_command, redis_version
+from streamsvc.bench.relays import relay_service, simulator_service, warm_up
 from streamsvc.bench.report import evaluate_targets, print_report, write_outputs
 from streamsvc.bench.results import (
     BenchReport,
@@ -82,13 +72,18 @@ from streamsvc.bench.results import (
     RoundResult,
     Skipped,
 )
-from streamsvc.bench.services import Service, ServiceError, client_command, free_port, run_client
+from streamsvc.bench.services import (
+    Service,
+    client_command,
+    free_port,
+    raise_file_limit,
+    run_client,
+    run_with_progress,
+)
 from streamsvc.bench.stats import added, median
 
 __all__ = ["run_bench"]
 
-WARM_UP_STREAMS = 20
-WARM_UP_TOKENS = 20
 SETTLE_S = 0.2  # a pause between phases, for the previous processes' exit to settle
 _LABELS = {
     "direct": "direct (clients → simulator)",
@@ -165,35 +160,22 @@ class _Run:
 
     # -- processes ---------------------------------------------------------------------------
 
-    def _python(self, role: str, args: list[str], env: dict[str, str] | None = None) -> Service:
-        port = free_port()
-        args = [arg.replace("{port}", str(port)) for arg in args]
-        return Service(role, [sys.executable, *args], port=port,
-                       log_path=self.workdir / f"{role}-{port}.log", env=env)
-
     @property
     def upstream(self) -> str:
         assert self.simulator is not None
         return f"{self.simulator.url}/v1"
-
-    def simulator_service(self) -> Service:
-        return self._python("simulator", ["-m", "streamsvc", "simulate", "--port", "{port}"])
 
     def relay_service(self, path: _Path, redis: Service | None) -> Service:
         """A fresh process of ``path``'s relay (not started)."""
         if path.relay == "nginx":
             return self.nginx_service()
         assert path.relay is not None and path.loop is not None
-        loop = path.loop
-        if path.relay == "baseline":
-            return self._python("baseline", ["-m", "streamsvc.bench.baseline", "--upstream",
-                                             self.upstream, "--port", "{port}", "--loop", loop])
-        env: dict[str, str] = {"STREAMSVC__SERVER__EVENT_LOOP": loop}
+        env = None
         if redis is not None:
-            env |= {"STREAMSVC__JOURNAL__BACKEND": "redis",
-                    "STREAMSVC__JOURNAL__REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"}
-        return self._python("streamsvc", ["-m", "streamsvc", "serve", "--upstream",
-                                          self.upstream, "--port", "{port}"], env=env)
+            env = {"STREAMSVC__JOURNAL__BACKEND": "redis",
+                   "STREAMSVC__JOURNAL__REDIS_URL": f"redis://127.0.0.1:{redis.port}/0"}
+        return relay_service(path.relay, upstream=self.upstream, loop=path.loop,
+                             workdir=self.workdir, env=env)
 
     def _left_out(self, name: str, flag: bool, flag_name: str, binary: str | None,
                   missing: str) -> bool:
@@ -253,31 +235,6 @@ class _Run:
                           service.settings)
 
     # -- measuring ---------------------------------------------------------------------------
-
-    async def warm_up(self, url: str, endpoint: str, read_url: str | None = None) -> None:
-        """A few fast streams, so that the measured run pays no first-call costs (on
-        ``read_url`` too, where the streams are read)."""
-        body = request_body(self.options.model, WARM_UP_TOKENS, 1000.0, endpoint)
-
-        async def read(response: aiohttp.ClientResponse, status: int) -> bytes:
-            text = await response.read()
-            if response.status != status:
-                raise ServiceError(f"warm-up request to {response.url} answered"
-                                   f" {response.status}: {text[:300]!r}")
-            return text
-
-        async def one(session: aiohttp.ClientSession) -> None:
-            creates = endpoint == "streams"
-            async with session.post(url + ENDPOINTS[endpoint], json=body) as resp:
-                text = await read(resp, 201 if creates else 200)
-            if creates:
-                events_url = msgspec.json.decode(text)["events_url"]
-                async with session.get((read_url or url) + events_url) as resp:
-                    await read(resp, 200)
-
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            await asyncio.gather(*(one(session) for _ in range(WARM_UP_STREAMS)))
 
     async def measure(
         self, name: str, spec: LoadSpec, relay: Service | None, *, redis: Service | None = None,
@@ -371,7 +328,8 @@ class _Run:
             if path.remote:
                 reader = await stack.enter_async_context(self.relay_service(path, redis))
             read_url = reader.url if reader is not None else None
-            await self.warm_up(service.url, path.endpoint, read_url)
+            await warm_up(service.url, path.endpoint, model=self.options.model,
+                          read_url=read_url)
             measured = await self.measure(
                 name, _retarget(spec, service.url, path.endpoint, read_url), service,
                 redis=redis, reader=reader, track_rss=track_rss, shown=shown)
@@ -455,10 +413,10 @@ async def _run(options: BenchOptions, workdir: Path, bar: ProgressBar) -> tuple[
     list[PathResult], list[OpenStreamsResult], _Run
 ]:
     run = _Run(options, workdir, bar)
-    run.simulator = run.simulator_service()
+    run.simulator = simulator_service(workdir)
     async with run.simulator:
         run.note_service(run.simulator)
-        await run.warm_up(run.simulator.url, "openai")
+        await warm_up(run.simulator.url, "openai", model=options.model)
         main_spec = LoadSpec(url="", streams=options.streams, tokens=options.tokens,
                              rate=options.rate, ramp_s=options.ramp_s, model=options.model)
         measured = [await run.run_path(path, main_spec, round=number)
@@ -606,15 +564,6 @@ def _open_results(measured: list[_Ran]) -> list[OpenStreamsResult]:
     return results
 
 
-def _raise_file_limit(streams: int) -> None:
-    # Each open stream holds up to three sockets across the processes; children inherit this.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = min(hard, max(soft, 4 * streams + 1024)) if hard != resource.RLIM_INFINITY else max(
-        soft, 4 * streams + 1024)
-    if wanted > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
 def run_bench(options: BenchOptions, *, command: list[str]) -> int:
     """Run the benchmark, print the table, write ``--json`` / ``--plot``.
 
@@ -622,35 +571,18 @@ def run_bench(options: BenchOptions, *, command: list[str]) -> int:
         0; 1 when a stream failed on some path or a process would not start.
     """
     console = Console(stderr=True)
-    _raise_file_limit(max(options.streams, options.slow_streams))
-    started = time.monotonic()
-    date = datetime.now(UTC).replace(microsecond=0).isoformat()
-    with contextlib.ExitStack() as stack:
-        if options.keep_logs:
-            workdir = Path(options.keep_logs).resolve()
-            workdir.mkdir(parents=True, exist_ok=True)
-        else:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                prefix="streamsvc-bench-")))
-        bar = ProgressBar(
-            TextColumn("{task.description}"), BarColumn(bar_width=12), TaskProgressColumn(),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-            console=console, refresh_per_second=4,
-        )
-        try:
-            with bar:
-                paths, open_streams, run = asyncio.run(_run(options, workdir, bar))
-        except ServiceError as error:
-            console.print(f"[red]streamsvc bench: {error}[/red]")
-            if not options.keep_logs:
-                console.print("rerun with --keep-logs DIR to keep every process's log")
-            return 1
+    raise_file_limit(max(options.streams, options.slow_streams))
+    finished = run_with_progress(lambda workdir, bar: _run(options, workdir, bar),
+                                 keep_logs=options.keep_logs, console=console)
+    if finished is None:
+        return 1
+    paths, open_streams, run = finished.value
     report = BenchReport(
         streamsvc_version=str(machine_info()["streamsvc"]),
-        date=date,
+        date=finished.date,
         command=command,
         command_line=shlex.join(command),
-        duration_s=time.monotonic() - started,
+        duration_s=finished.duration_s,
         machine=machine_info(nginx=run.nginx_version, redis=run.redis_version),
         settings=BenchSettings(
             streams=options.streams, tokens=options.tokens, rate=options.rate,

@@ -28,13 +28,19 @@ __all__ = [
     "CPU_RATIO_LIMIT",
     "CPU_RATIO_LIMITS",
     "RSS_PER_STREAM_LIMIT_KIB",
+    "Tables",
+    "cpu_ratio_limit",
     "evaluate_targets",
     "event_loops",
     "markdown",
     "notes",
     "print_report",
+    "print_tables",
+    "scenario_note",
     "tables",
+    "target_notes",
     "verdict",
+    "write_json",
     "write_outputs",
 ]
 
@@ -47,19 +53,31 @@ ADDED_TTFT_P99_LIMIT_MS = 10.0
 RSS_PER_STREAM_LIMIT_KIB = 64.0
 MIB = 1024 * 1024
 _P = TypeVar("_P", PathResult, OpenStreamsResult)
+Tables = list[tuple[str, list[str], list[list[str]]]]
+"""(title, header, rows) tables: the same cells for the terminal and Markdown."""
 # Other processes using more than this share of one CPU during a phase (and more
 # than the floor, which short phases need) make it noisy.
 BUSY_SHARE = 0.1
 BUSY_FLOOR_S = 0.25
 
 
+def cpu_ratio_limit(endpoint: str) -> float:
+    """The CPU-per-token ratio to the baseline that ``endpoint`` (``openai``, ...) is held to."""
+    return CPU_RATIO_LIMITS.get(endpoint, CPU_RATIO_LIMIT)
+
+
+def scenario_note(streams: int, tokens: int, rate: float) -> str:
+    """A note for the main targets when K, N, R are not the target scenario's; else ``""``."""
+    if (streams, tokens, rate) == (DEFAULT.streams, DEFAULT.tokens, DEFAULT.rate):
+        return ""
+    return (f"measured at K={streams}, N={tokens}, R={rate:g} (the target is for"
+            f" K={DEFAULT.streams}, N={DEFAULT.tokens}, R={DEFAULT.rate:g})")
+
+
 def _scenario_note(report: BenchReport) -> tuple[str, str]:
     """Notes for the main and the open-streams targets when the run is not the target scenario."""
     s = report.settings
-    main = open_ = ""
-    if (s.streams, s.tokens, s.rate) != (DEFAULT.streams, DEFAULT.tokens, DEFAULT.rate):
-        main = (f"measured at K={s.streams}, N={s.tokens}, R={s.rate:g} (the target is for"
-                f" K={DEFAULT.streams}, N={DEFAULT.tokens}, R={DEFAULT.rate:g})")
+    main, open_ = scenario_note(s.streams, s.tokens, s.rate), ""
     if (s.slow_streams, s.slow_rate) != (DEFAULT.slow_streams, DEFAULT.slow_rate):
         open_ = (f"measured at M={s.slow_streams} x {s.slow_rate:g} tokens/s (the target is for"
                  f" M={DEFAULT.slow_streams} x {DEFAULT.slow_rate:g})")
@@ -107,7 +125,7 @@ def evaluate_targets(report: BenchReport) -> list[TargetResult]:
         note = "; ".join(filter(None, (main_note, rounds)))
         targets.append(_target(
             f"cpu_ratio_{endpoint}", f"CPU vs baseline, {path.name}",
-            CPU_RATIO_LIMITS.get(endpoint.split("@")[0], CPU_RATIO_LIMIT), "x",
+            cpu_ratio_limit(endpoint.split("@")[0]), "x",
             path.cpu_ratio_to_baseline, note,
         ))
         ttft = path.added_ttft_ms.p99 if path.added_ttft_ms else None
@@ -187,14 +205,14 @@ def _shown(name: str) -> str:
     return name.partition("@")[0]
 
 
-def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
+def tables(report: BenchReport) -> Tables:
     """The report as (title, header, rows) tables: the same cells for the terminal and Markdown.
 
     With several relay loops, each phase has one table per loop (the path names
     then fit 80 columns without their ``@LOOP``).
     """
     s = report.settings
-    out: list[tuple[str, list[str], list[list[str]]]] = []
+    out: Tables = []
     for on_loop, paths in _by_loop(report, report.paths):
         rows = [
             [
@@ -259,9 +277,7 @@ def tables(report: BenchReport) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
-def _rounds_table(paths: Sequence[PathResult], on_loop: str) -> list[
-    tuple[str, list[str], list[list[str]]]
-]:
+def _rounds_table(paths: Sequence[PathResult], on_loop: str) -> Tables:
     """The rounds of the paths measured in several: each round's CPU per token (the
     baseline's: the median of its runs in the round), the median ratio and the range of the
     rounds' ratios; the baseline's range is that of its runs ÷ their median (the drift)."""
@@ -328,10 +344,17 @@ def notes(report: BenchReport) -> list[str]:
             lines.append(f"{name} ({load.streams} streams): other processes used"
                          f" {other_cpu:.1f} CPU s in {load.duration_s:.1f} s: a noisy run")
     lines += [f"skipped {skipped.name}: {skipped.reason}" for skipped in report.skipped]
+    return lines + target_notes(report.targets, said=[s.reason for s in report.skipped])
+
+
+def target_notes(targets: Iterable[TargetResult], *, said: Iterable[str] = ()) -> list[str]:
+    """``note: ...`` lines for the targets' notes, each said once, and none that a line of
+    ``said`` already says."""
     # A target's note may join several ("measured at ...; no sample saw ..."), and targets
-    # share them: each is said once, and not again when a skipped line above says it.
-    seen = {skipped.reason for skipped in report.skipped}
-    for target in report.targets:
+    # share them.
+    seen = set(said)
+    lines = []
+    for target in targets:
         for part in filter(None, target.note.split("; ")):
             if part not in seen and not any(reason in part for reason in seen):
                 seen.add(part)
@@ -341,7 +364,17 @@ def notes(report: BenchReport) -> list[str]:
 
 def print_report(report: BenchReport, console: Console) -> None:
     """The tables and the notes on ``console``."""
-    for title, header, rows in tables(report):
+    failed = report.failed_streams
+    print_tables(tables(report), console, notes=notes(report), failed=(
+        f"{failed} streams failed; see the failed columns and load.errors in the JSON"
+        if failed else ""))
+
+
+def print_tables(shown: Tables, console: Console, *, notes: Iterable[str] = (),
+                 failed: str = "") -> None:
+    """``shown`` on ``console``, each under its title (a row with a target not met in red),
+    then the ``notes``, then what ``failed`` says, in red."""
+    for title, header, rows in shown:
         # The title on its own: a table's title wraps at the table's width, which may be one
         # column wider than the console (a pad the console then crops, with a title's letter).
         console.print(title, highlight=False)
@@ -354,11 +387,10 @@ def print_report(report: BenchReport, console: Console) -> None:
         for row in rows:
             table.add_row(*row, style="red" if "NOT met" in row else None)
         console.print(table)
-    for line in notes(report):
+    for line in notes:
         console.print(line, highlight=False)
-    if report.failed_streams:
-        console.print(f"[red]{report.failed_streams} streams failed; see the failed columns"
-                      " and load.errors in the JSON[/red]")
+    if failed:
+        console.print(f"[red]{failed}[/red]")
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -396,9 +428,7 @@ def markdown(report: BenchReport) -> str:
 def write_outputs(report: BenchReport, options: BenchOptions, console: Console) -> None:
     """``--json``, ``--markdown`` and ``--plot``; a missing matplotlib is said, not raised."""
     if options.json_path:
-        data = msgspec.json.format(msgspec.json.encode(report), indent=2)
-        Path(options.json_path).write_bytes(data + b"\n")
-        console.print(f"wrote {options.json_path}")
+        write_json(report, options.json_path, console)
     if options.markdown_path:
         Path(options.markdown_path).write_text(markdown(report), encoding="utf-8")
         console.print(f"wrote {options.markdown_path}")
@@ -411,3 +441,10 @@ def write_outputs(report: BenchReport, options: BenchOptions, console: Console) 
             return
         write_plot(report, Path(options.plot_path))
         console.print(f"wrote {options.plot_path}")
+
+
+def write_json(record: msgspec.Struct, path: str, console: Console) -> None:
+    """``record`` as indented JSON in ``path``; said on ``console``."""
+    data = msgspec.json.format(msgspec.json.encode(record), indent=2)
+    Path(path).write_bytes(data + b"\n")
+    console.print(f"wrote {path}")

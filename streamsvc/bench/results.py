@@ -3,7 +3,8 @@
 Times are milliseconds, memory bytes (``*_kib`` fields: KiB), CPU seconds and
 microseconds per token. The load client writes a :class:`LoadResult`; the
 orchestrator wraps each in a :class:`PathResult` or :class:`OpenStreamsResult`
-and ends with one :class:`BenchReport`.
+and ends with one :class:`BenchReport`; a paired run (``--paired``) ends with one
+:class:`PairedReport` instead.
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ __all__ = [
     "Latency",
     "LoadResult",
     "OpenStreamsResult",
+    "PairedLoop",
+    "PairedPath",
+    "PairedRep",
+    "PairedReport",
+    "PairedResult",
+    "PairedScenario",
+    "PairedSide",
     "PathResult",
     "ProcessInfo",
     "Progress",
     "RoundResult",
+    "RunRecord",
     "Skipped",
     "TargetResult",
 ]
@@ -212,8 +221,8 @@ class BenchSettings(_Record):
     rounds: int = 1  # of the main phase's relay paths per loop (JSON from before: one)
 
 
-class BenchReport(_Record):
-    """Everything ``streamsvc bench --json FILE`` writes."""
+class RunRecord(_Record):
+    """What every report of ``streamsvc bench`` opens with: what ran, when, and where."""
 
     streamsvc_version: str
     date: str  # UTC, ISO 8601
@@ -221,6 +230,11 @@ class BenchReport(_Record):
     command_line: str
     duration_s: float
     machine: dict[str, str | int | float | None]
+
+
+class BenchReport(RunRecord):
+    """Everything ``streamsvc bench --json FILE`` writes."""
+
     settings: BenchSettings
     processes: list[ProcessInfo]
     paths: list[PathResult]
@@ -228,3 +242,75 @@ class BenchReport(_Record):
     targets: list[TargetResult]
     skipped: list[Skipped]
     failed_streams: int
+
+
+class PairedSide(_Record):
+    """One side of a paired rep: a fresh relay with a simulator and a load client of its own."""
+
+    relay: str  # baseline | streamsvc
+    event_loop: str  # the relay's, as its log says
+    simulator_port: int  # which of the run's two simulators it relayed
+    cpu_s: float  # the relay's, from just before its load client started to just after it ended
+    cpu_us_per_token: float | None  # over the tokens of its completed streams
+    completed: int
+    failed: int
+    errors: dict[str, int]  # failure reason -> count, as the load client says
+
+
+class PairedRep(_Record):
+    """One rep of a paired path: the baseline and the streamsvc path measured at once."""
+
+    rep: int  # 1, 2, ...
+    first: str  # the side started first, on the first simulator: alternates rep by rep
+    baseline: PairedSide
+    path: PairedSide
+    ratio: float | None  # path.cpu_us_per_token / baseline.cpu_us_per_token
+    failed: int  # streams failed on either side: the rep's figures are then flagged
+
+
+class PairedPath(_Record):
+    """One streamsvc path of a paired run on one relay loop, over its reps."""
+
+    name: str  # streamsvc-ENDPOINT
+    endpoint: str
+    reps: list[PairedRep]
+    median_ratio: float | None
+    min_ratio: float | None
+    max_ratio: float | None
+
+
+class PairedLoop(_Record):
+    """The paired paths of one relay loop (``--loop``)."""
+
+    loop: str
+    paths: list[PairedPath]
+
+
+class PairedScenario(_Record):
+    """What each side of every rep carried, and what was measured."""
+
+    streams: int  # -k: in all, over both sides
+    streams_per_side: int  # half of it
+    tokens: int
+    rate: float
+    ramp_s: float
+    model: str
+    reps: int  # --rounds: per path and loop
+    endpoints: list[str]
+    loop: str
+    relay_loops: list[str]
+
+
+class PairedResult(_Record):
+    """The ``paired`` object of ``streamsvc bench --paired --json FILE``."""
+
+    scenario: PairedScenario
+    loops: list[PairedLoop]
+    targets: list[TargetResult]  # the CPU ratio targets, judged on the paired medians
+    failed_streams: int
+
+
+class PairedReport(RunRecord):
+    """Everything ``streamsvc bench --paired --json FILE`` writes."""
+
+    paired: PairedResult

@@ -3,7 +3,9 @@
 A :class:`Service` is a long-running server (simulator, relay): started,
 waited for until its port accepts, read from ``/proc``, stopped with SIGTERM
 (then SIGKILL). :func:`run_client` runs one load client to its end and hands
-each progress line to a callback.
+each progress line to a callback. :func:`run_with_progress` runs a whole run's
+processes in a working folder, under a progress bar, and says when it started and how
+long it took.
 """
 
 from __future__ import annotations
@@ -12,27 +14,45 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Generic, Self, TypeVar
 
 import msgspec
+from rich.console import Console
+from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as ProgressBar
 
 from streamsvc.bench.load import LoadSpec
 from streamsvc.bench.procfs import ProcSample, sample
 from streamsvc.bench.results import LoadResult, Progress
 
-__all__ = ["Service", "ServiceError", "child_env", "client_command", "free_port", "run_client"]
+__all__ = [
+    "Finished",
+    "Service",
+    "ServiceError",
+    "child_env",
+    "client_command",
+    "free_port",
+    "raise_file_limit",
+    "run_client",
+    "run_with_progress",
+]
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 _LOOP_LINE = re.compile(r"event loop: (\w+)")
+_T = TypeVar("_T")
 
 
 class ServiceError(RuntimeError):
@@ -224,3 +244,62 @@ async def run_client(
     if status != 0 or not out.exists():
         raise ServiceError(f"load client {name} exited with status {status}:\n{_tail(log)}")
     return msgspec.json.decode(out.read_bytes(), type=LoadResult)
+
+
+def raise_file_limit(streams: int) -> None:
+    """Raise this process's open-file limit (children inherit it) for ``streams`` at once."""
+    # Each open stream holds up to three sockets across the processes.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max(soft, 4 * streams + 1024)
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(hard, wanted)
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+@dataclass(frozen=True, slots=True)
+class Finished(Generic[_T]):
+    """What a run returned, when it started and how long it took."""
+
+    value: _T
+    date: str  # UTC, ISO 8601, to the second
+    duration_s: float
+
+
+def run_with_progress(
+    main: Callable[[Path, ProgressBar], Coroutine[Any, Any, _T]],
+    *,
+    keep_logs: str | None,
+    console: Console,
+) -> Finished[_T] | None:
+    """``main(workdir, bar)`` in a new event loop, under a progress bar on ``console``.
+
+    ``workdir`` is ``keep_logs`` (made if missing) or a temporary folder removed afterwards.
+
+    Returns:
+        What ``main`` returned, with its start and duration; None when a process of the run
+        failed, which is said on ``console`` with its last log lines.
+    """
+    started = time.monotonic()
+    date = datetime.now(UTC).replace(microsecond=0).isoformat()
+    with contextlib.ExitStack() as stack:
+        if keep_logs:
+            workdir = Path(keep_logs).resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="streamsvc-bench-")))
+        bar = ProgressBar(
+            TextColumn("{task.description}"), BarColumn(bar_width=12), TaskProgressColumn(),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+            console=console, refresh_per_second=4,
+        )
+        try:
+            with bar:
+                value = asyncio.run(main(workdir, bar))
+            return Finished(value, date, time.monotonic() - started)
+        except ServiceError as error:
+            console.print(f"[red]streamsvc bench: {error}[/red]")
+            if not keep_logs:
+                console.print("rerun with --keep-logs DIR to keep every process's log")
+            return None
