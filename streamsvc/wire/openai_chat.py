@@ -39,8 +39,6 @@ class OpenAIChatEncoder:
         return b""
 
     def chunk(self, chunk: Chunk) -> bytes:
-        if isinstance(chunk, Seam):
-            return b""  # the OpenAI format has no place for it: the text simply goes on
         raw = chunk.raw
         if chunk.text is not None and raw is not None:  # text alone: its usage is null or none
             if self._include_usage:
@@ -49,6 +47,8 @@ class OpenAIChatEncoder:
                 return b"data: " + raw[: -len(_NULL_USAGE)] + b"}\n\n"
             if b'"usage"' not in raw:  # a key's quotes: in a JSON string they are escaped
                 return b"data: " + raw + b"\n\n"
+        if isinstance(chunk, Seam):  # never text
+            return b""  # the OpenAI format has no place for it: the text simply goes on
         if not self._include_usage and "usage" in chunk.data:
             if chunk.data["usage"] is not None and not chunk.choices:
                 return b""  # the usage chunk itself
