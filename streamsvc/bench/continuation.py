@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
@@ -46,7 +47,7 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, rate: float
     seam = next(i for i, (_, kind) in enumerate(times) if kind == "failover")
     before = max(t for t, kind in times[:seam] if kind == "message")
     after = min(t for t, kind in times[seam:] if kind == "message")
-    gaps = [b - a for a, b in zip(messages, messages[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(messages)]
     return (after - before) * 1000, statistics.median(gaps) * 1000
 
 
