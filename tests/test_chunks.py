@@ -416,13 +416,19 @@ def _chunk_bodies(draw: st.DrawFn) -> dict[str, Any]:
     return body
 
 
-def _decoded(body: dict[str, Any]) -> Chunk:
+_ROLE = {**ENVELOPE, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+
+
+def _decoded(body: dict[str, Any], *, after: dict[str, Any] | None = None) -> Chunk:
+    """``body`` as the upstream decoder emits it; ``after``: a chunk fed just before it."""
     from streamsvc.upstream.decoding import ChunkDecoder
 
     out: list[Chunk] = []
-    ChunkDecoder("u", out.append).feed(b"data: " + msgspec.json.encode(body) + b"\n\n")
-    assert len(out) == 1
-    return out[0]
+    decoder = ChunkDecoder("u", out.append)
+    for one in ([after] if after is not None else []) + [body]:
+        decoder.feed(b"data: " + msgspec.json.encode(one) + b"\n\n")
+    assert len(out) == (2 if after is not None else 1)
+    return out[-1]
 
 
 def _everything_made_of(one: Chunk) -> tuple[Any, ...]:
@@ -440,12 +446,13 @@ def _everything_made_of(one: Chunk) -> tuple[Any, ...]:
 
 
 @settings(max_examples=500, deadline=None)
-@given(_chunk_bodies())
-def test_the_text_mark_changes_no_output(body: dict[str, Any]) -> None:
+@given(_chunk_bodies(), st.booleans())
+def test_the_text_mark_changes_no_output(body: dict[str, Any], after_framing: bool) -> None:
     """The decoder marks a chunk that is only text for choice 0 (``Chunk.text``) and leaves
     its JSON unparsed (``Chunk.of_text``), so that the steps after it read it once; every
-    one of them must make what it makes from the chunk's ``data`` alone."""
-    decoded = _decoded(body)
+    one of them must make what it makes from the chunk's ``data`` alone. After a chunk that
+    is not text (``after_framing``) the decoder reads the next as a dict, and marks it too."""
+    decoded = _decoded(body, after=_ROLE if after_framing else None)
     made = _everything_made_of(decoded)  # first: before anything parsed the chunk's data
     plain = Chunk(decoded.data, decoded.raw)
     assert plain.text is None
@@ -467,3 +474,19 @@ def test_a_merge_of_two_text_chunks_is_marked_as_text_and_reads_the_same() -> No
     merged = merge(first, second)
     assert merged is not None and merged.text == "Hello"
     assert _everything_made_of(merged) == _everything_made_of(Chunk(merged.data))
+
+
+def test_a_stream_of_text_after_framing_and_tool_calls_is_marked_again_once_text_returns() -> None:
+    """After a chunk that is not text the decoder reads chunks as dicts (no second read of
+    a tool call's pieces), and goes back to the shape check at the next text chunk."""
+    from streamsvc.upstream.decoding import ChunkDecoder
+
+    bodies = [_ROLE, *(tool_head("f", arguments="{").data, fragment('"a"').data,
+                       text("Hel").data, text("lo").data)]
+    out: list[Chunk] = []
+    decoder = ChunkDecoder("u", out.append)
+    for body in bodies:
+        decoder.feed(b"data: " + msgspec.json.encode({**ENVELOPE, **body}) + b"\n\n")
+    assert [one.text for one in out] == [None, None, None, "Hel", "lo"]
+    assert out[3]._data is not None  # the first text after tool calls: read as a dict
+    assert out[4]._data is None  # then text is read by shape again, left unparsed

@@ -79,7 +79,7 @@ class ChunkDecoder:
     """
 
     __slots__ = ("_decoder", "_emit", "_finished", "_halves", "_name", "_responses",
-                 "_started", "_undelivered", "done")
+                 "_started", "_texts", "_undelivered", "done")
 
     def __init__(self, upstream: str, emit: Callable[[Chunk], object], *,
                  responses: bool = False) -> None:
@@ -91,6 +91,10 @@ class ChunkDecoder:
         self._halves = SurrogateJoiner()  # an emoji split into "\ud83d" and "\ude42" chunks
         self._started: set[int] = set()  # the choices seen, and those of them that finished
         self._finished: set[int] = set()
+        # Whether the chunk before was text alone (or none came yet). msgspec reads such a
+        # stream's chunks as a _Shape; a chunk that is not text would then be read twice, so
+        # after one (a role, tool-call pieces) the next are read as dicts until text returns.
+        self._texts = True
         self.done = False
 
     def feed(self, data: bytes) -> None:
@@ -157,7 +161,7 @@ class ChunkDecoder:
             self._check_finished("[DONE]")
             self.done = True
             return
-        if not self._halves.held:
+        if self._texts and not self._halves.held:
             try:
                 shape = _decode_shape(data)
             except (msgspec.DecodeError, RecursionError):  # ValidationError included
@@ -194,6 +198,7 @@ class ChunkDecoder:
         choices = chunk.data.get("choices", [])
         if not isinstance(choices, list):
             raise self._malformed_choices(data)
+        finish = None
         for choice in choices:
             # The shape every later step relies on (what _Shape checks), word by word.
             if not isinstance(choice, dict):
@@ -203,8 +208,14 @@ class ChunkDecoder:
             if not isinstance(index, int) or (delta is not None and not isinstance(delta, dict)):
                 raise self._malformed_choices(data)
             self._started.add(index)
-            if choice.get("finish_reason") is not None:
+            finish = choice.get("finish_reason")
+            if finish is not None:
                 self._finished.add(index)
+        if (len(choices) == 1 and not index and finish is None and type(delta) is dict
+                and len(delta) == 1 and type(delta.get("content")) is str
+                and chunk.data.get("usage") is None):
+            chunk.text = delta["content"]  # what _chat_shape marks, read from the dict
+            self._texts = True
         self._emit(chunk)
 
     def _chat_shape(self, shape: _Shape, data: bytes) -> None:
@@ -225,6 +236,7 @@ class ChunkDecoder:
                 if type(content) is str:
                     self._emit(Chunk.of_text(data, content))
                     return
+        self._texts = False
         self._emit(Chunk(_decode_json(data), data))
 
     def _malformed_choices(self, data: bytes) -> UpstreamError:
