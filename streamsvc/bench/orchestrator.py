@@ -80,7 +80,7 @@ from streamsvc.bench.services import (
     run_client,
     run_with_progress,
 )
-from streamsvc.bench.stats import added, median
+from streamsvc.bench.stats import added, median, per_token_us, ratio
 
 __all__ = ["run_bench"]
 
@@ -345,10 +345,6 @@ def _retarget(spec: LoadSpec, url: str, endpoint: str, read_url: str | None = No
                     read_url=read_url)
 
 
-def _per_token(cpu_s: float | None, tokens: int) -> float | None:
-    return cpu_s / tokens * 1e6 if cpu_s is not None and tokens > 0 else None
-
-
 def _main_paths(run: _Run) -> list[_Path]:
     """direct, then per relay loop the baseline and streamsvc's paths, then nginx."""
     options = run.options
@@ -458,24 +454,24 @@ def _path_results(measured: list[_Ran], options: BenchOptions) -> list[PathResul
         ]
         rounds = [result for _, result in measured_rounds]
         if measured_rounds:
-            ratio = median([r.cpu_ratio_to_baseline for r in rounds])
+            to_baseline = median([r.cpu_ratio_to_baseline for r in rounds])
             cpu = median([r.cpu_us_per_token for r in rounds])
             ran, _ = min(measured_rounds, key=lambda pair: _distance(
-                (pair[1].cpu_ratio_to_baseline, ratio), (pair[1].cpu_us_per_token, cpu)))
+                (pair[1].cpu_ratio_to_baseline, to_baseline), (pair[1].cpu_us_per_token, cpu)))
         else:
             ran = group[0]
             cpu = _cpu_per_token(ran, options)
-            ratio = _ratio(cpu, baseline_median.get(ran.path.loop))
+            to_baseline = ratio(cpu, baseline_median.get(ran.path.loop))
         m, path = ran.measured, ran.path
         is_relay = ran.relay is not None
         tokens = m.load.completed * options.tokens
         results.append(PathResult(
             name=path.name, label=_LABELS[path.base], relay=ran.relay, relay_loop=path.loop,
             event_loop=ran.event_loop, journal=ran.journal, load=m.load, tokens_relayed=tokens,
-            cpu_s=m.relay_cpu_s, cpu_us_per_token=cpu, cpu_ratio_to_baseline=ratio,
-            redis_cpu_us_per_token=_per_token(m.redis_cpu_s, tokens),
+            cpu_s=m.relay_cpu_s, cpu_us_per_token=cpu, cpu_ratio_to_baseline=to_baseline,
+            redis_cpu_us_per_token=per_token_us(m.redis_cpu_s, tokens),
             peak_rss_bytes=m.peak_rss_bytes,
-            simulator_cpu_us_per_token=_per_token(m.simulator_cpu_s, tokens) or 0.0,
+            simulator_cpu_us_per_token=per_token_us(m.simulator_cpu_s, tokens) or 0.0,
             listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
             added_ttft_ms=added(m.load.ttft_ms, direct.ttft_ms) if is_relay else None,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if is_relay else None,
@@ -510,7 +506,7 @@ def _bracketing_baselines(measured: list[_Ran], options: BenchOptions) -> dict[i
 
 
 def _cpu_per_token(ran: _Ran, options: BenchOptions) -> float | None:
-    return _per_token(ran.measured.relay_cpu_s, ran.measured.load.completed * options.tokens)
+    return per_token_us(ran.measured.relay_cpu_s, ran.measured.load.completed * options.tokens)
 
 
 def _round_result(ran: _Ran, options: BenchOptions, direct: LoadResult,
@@ -519,7 +515,7 @@ def _round_result(ran: _Ran, options: BenchOptions, direct: LoadResult,
     cpu = _cpu_per_token(ran, options)
     return RoundResult(
         round=ran.round, cpu_s=ran.measured.relay_cpu_s, cpu_us_per_token=cpu,
-        cpu_ratio_to_baseline=_ratio(cpu, baseline), baseline_us_per_token=baseline,
+        cpu_ratio_to_baseline=ratio(cpu, baseline), baseline_us_per_token=baseline,
         completed=load.completed,
         failed=load.failed, added_ttft_p99_ms=added(load.ttft_ms, direct.ttft_ms).p99,
         added_gap_p99_ms=added(load.gap_ms, direct.gap_ms).p99,
@@ -532,10 +528,6 @@ def _distance(*pairs: tuple[float | None, float | None]) -> float:
         if value is not None and middle is not None:
             return abs(value - middle)
     return 0.0
-
-
-def _ratio(cpu: float | None, baseline: float | None) -> float | None:
-    return cpu / baseline if cpu is not None and baseline else None
 
 
 def _open_results(measured: list[_Ran]) -> list[OpenStreamsResult]:
@@ -555,7 +547,7 @@ def _open_results(measured: list[_Ran]) -> list[OpenStreamsResult]:
             rss_per_stream_kib=per_stream, rss_open_streams=m.rss_open_streams,
             plateau_reached=m.plateau_reached,
             peak_rss_bytes=m.peak_rss_bytes,
-            cpu_us_per_token=_per_token(m.relay_cpu_s, m.load.completed * m.load.tokens),
+            cpu_us_per_token=per_token_us(m.relay_cpu_s, m.load.completed * m.load.tokens),
             listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if ran.relay is not None else None,
             added_ttft_ms=(added(m.load.ttft_ms, direct.ttft_ms) if ran.relay is not None

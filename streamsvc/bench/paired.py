@@ -56,6 +56,7 @@ from streamsvc.bench.results import (
     TargetResult,
 )
 from streamsvc.bench.services import Service, raise_file_limit, run_client, run_with_progress
+from streamsvc.bench.stats import per_token_us, ratio
 
 __all__ = ["paired_tables", "paired_targets", "print_paired", "run_paired"]
 
@@ -125,7 +126,7 @@ class _PairedRun:
                                                      strict=True)}
         baseline, path = sides["baseline"], sides["streamsvc"]
         return PairedRep(rep=number, first=first, baseline=baseline, path=path,
-                         ratio=_ratio(path.cpu_us_per_token, baseline.cpu_us_per_token),
+                         ratio=ratio(path.cpu_us_per_token, baseline.cpu_us_per_token),
                          failed=baseline.failed + path.failed)
 
 
@@ -136,13 +137,9 @@ def _side(relay: PythonRelay, service: Service, simulator: Service, measured: _M
     return PairedSide(
         relay=relay, event_loop=service.event_loop(), simulator_port=simulator.port,
         cpu_s=measured.cpu_s,
-        cpu_us_per_token=measured.cpu_s / relayed * 1e6 if relayed else None,
+        cpu_us_per_token=per_token_us(measured.cpu_s, relayed),
         completed=load.completed, failed=load.failed, errors=load.errors,
     )
-
-
-def _ratio(cpu: float | None, baseline: float | None) -> float | None:
-    return cpu / baseline if cpu is not None and baseline else None
 
 
 def _path(endpoint: str, reps: list[PairedRep]) -> PairedPath:

@@ -8,7 +8,8 @@ from collections.abc import Iterable, Sequence
 
 from streamsvc.bench.results import Added, Latency
 
-__all__ = ["CDF_LEVELS", "added", "cdf", "median", "percentile", "summarize"]
+__all__ = ["CDF_LEVELS", "added", "cdf", "median", "per_token_us", "percentile", "ratio",
+           "summarize"]
 
 # The cumulative levels at which a distribution is kept for the plot: evenly
 # spread, then denser in the tail, where a relay's cost shows.
@@ -19,6 +20,16 @@ CDF_LEVELS: tuple[float, ...] = tuple(
         | {0.999 + i / 10_000 for i in range(10)}
     )
 )
+
+
+def per_token_us(cpu_s: float | None, tokens: int) -> float | None:
+    """CPU µs per relayed token; None without a CPU figure or with no token relayed."""
+    return cpu_s / tokens * 1e6 if cpu_s is not None and tokens > 0 else None
+
+
+def ratio(cpu: float | None, baseline: float | None) -> float | None:
+    """``cpu`` ÷ ``baseline``; None when either is missing (or the baseline is 0)."""
+    return cpu / baseline if cpu is not None and baseline else None
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
