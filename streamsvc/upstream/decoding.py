@@ -50,6 +50,19 @@ class _Shape(msgspec.Struct, gc=False):
 _decode_shape = msgspec.json.Decoder(_Shape).decode
 
 
+def _text_alone(choices: int, index: int, finish: object, delta: object,
+                usage: object) -> str | None:
+    """The text of a chunk that is nothing else (``Chunk.text``), from its one choice's
+    ``index``, ``finish_reason`` and ``delta`` and its ``usage``; else None. The one rule
+    both ways of reading a chunk apply."""
+    if choices != 1 or index or finish is not None or usage is not None:
+        return None
+    if type(delta) is not dict or len(delta) != 1:
+        return None
+    content = delta.get("content")
+    return content if type(content) is str else None
+
+
 def error_message(body: bytes) -> str:
     """The message of an upstream's error body (its ``error.message``, else its text)."""
     try:
@@ -198,7 +211,7 @@ class ChunkDecoder:
         choices = chunk.data.get("choices", [])
         if not isinstance(choices, list):
             raise self._malformed_choices(data)
-        finish = None
+        index, delta, finish = 0, None, None
         for choice in choices:
             # The shape every later step relies on (what _Shape checks), word by word.
             if not isinstance(choice, dict):
@@ -211,10 +224,9 @@ class ChunkDecoder:
             finish = choice.get("finish_reason")
             if finish is not None:
                 self._finished.add(index)
-        if (len(choices) == 1 and not index and finish is None and type(delta) is dict
-                and len(delta) == 1 and type(delta.get("content")) is str
-                and chunk.data.get("usage") is None):
-            chunk.text = delta["content"]  # what _chat_shape marks, read from the dict
+        alone = _text_alone(len(choices), index, finish, delta, chunk.data.get("usage"))
+        if alone is not None:
+            chunk.text = alone  # what _chat_shape marks, read from the dict
             self._texts = True
         self._emit(chunk)
 
@@ -222,20 +234,18 @@ class ChunkDecoder:
         """A chunk whose shape msgspec has checked: counted, and emitted unparsed when it
         is text alone (nearly every chunk; ``Chunk.of_text``)."""
         choices = shape.choices
-        index, finish = 0, None
+        index, delta, finish = 0, None, None
         for choice in choices:
             index = choice.index
             self._started.add(index)
+            delta = choice.delta
             finish = choice.finish_reason
             if finish is not None:
                 self._finished.add(index)
-        if len(choices) == 1 and not index and finish is None and shape.usage is None:
-            delta = choices[0].delta
-            if delta is not None and len(delta) == 1:
-                content = delta.get("content")
-                if type(content) is str:
-                    self._emit(Chunk.of_text(data, content))
-                    return
+        text = _text_alone(len(choices), index, finish, delta, shape.usage)
+        if text is not None:
+            self._emit(Chunk.of_text(data, text))
+            return
         self._texts = False
         self._emit(Chunk(_decode_json(data), data))
 
