@@ -36,6 +36,10 @@ class Chunk:
             reason, no usage): nearly every chunk. Then that text, "" included, so
             that the steps after it (the usage meter, the event formats) read the
             chunk once instead of walking ``data`` each. None: read ``data``.
+
+    A chunk is a value: to change one, make a new ``Chunk`` from a changed copy of
+    ``data``. A change made to ``data`` in place leaves ``raw`` and ``text`` as they
+    were, and the formats write those.
     """
 
     __slots__ = ("_data", "raw", "text")

@@ -490,3 +490,22 @@ def test_a_stream_of_text_after_framing_and_tool_calls_is_marked_again_once_text
     assert [one.text for one in out] == [None, None, None, "Hel", "lo"]
     assert out[3]._data is not None  # the first text after tool calls: read as a dict
     assert out[4]._data is None  # then text is read by shape again, left unparsed
+
+
+def test_a_chunk_changed_as_a_new_chunk_from_a_copy_is_written_changed_by_every_format() -> None:
+    """The way operators.md gives for an operator that changes a chunk: a new ``Chunk`` from
+    a changed copy of ``data``. Every format then writes the change, though the decoder's
+    chunk was text alone, relayed from its upstream bytes."""
+    import copy
+
+    decoded = _decoded({**ENVELOPE, "choices": [{"index": 0, "delta": {"content": "secret"}}]})
+    assert decoded.text == "secret"
+    data = copy.deepcopy(decoded.data)
+    data["choices"][0]["delta"]["content"] = "[redacted]"
+    changed = Chunk(data)
+    made = _everything_made_of(changed)
+    assert made == _everything_made_of(Chunk(msgspec.json.decode(msgspec.json.encode(data))))
+    assert not any(b"secret" in part for part in made[-2:])
+    assert all(b"[redacted]" in part for part in made[-2:])
+    assert made[0] == "[redacted]"
+    assert decoded.text == "secret" and b"secret" in decoded.raw  # the copy left it alone
