@@ -881,3 +881,49 @@ def _installed(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+# -- the harness runs without the garbage collector's pauses -------------------------------------
+
+
+def test_the_harness_processes_run_without_the_garbage_collector(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A collection in the simulator or the load client stops every stream of that process,
+    and shows as latency on the direct path and on every relay alike (bench/collector.py):
+    the bench's simulator and the load client run with the collector off, then put it back."""
+    import gc
+
+    from streamsvc.bench import load, simulator
+    from streamsvc.bench.collector import collector_off
+    from streamsvc.bench.relays import simulator_service
+
+    frozen = gc.get_freeze_count()
+    with collector_off():
+        assert not gc.isenabled()
+        assert gc.get_freeze_count() > frozen  # start-up's objects: walked by no collection
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+    seen: dict[str, bool] = {}
+
+    def fake_cli(argv: list[str]) -> int:
+        seen["simulator"] = gc.isenabled()
+        assert argv == ["simulate", "--port", "9"]
+        return 0
+
+    class Seen(Exception):
+        pass
+
+    async def fake_load(spec: LoadSpec) -> None:
+        seen["load"] = gc.isenabled()
+        raise Seen
+
+    monkeypatch.setattr(simulator, "cli_main", fake_cli)
+    monkeypatch.setattr(load, "run_load", fake_load)
+    assert simulator.main(["--port", "9"]) == 0
+    with pytest.raises(Seen):
+        load.main(["--url", "http://127.0.0.1:9", "--out", "unused.json"])
+    assert seen == {"simulator": False, "load": False}
+    assert gc.isenabled()
+    service = simulator_service(Path("."))
+    assert service.command[1:3] == ["-m", "streamsvc.bench.simulator"]

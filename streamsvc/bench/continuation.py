@@ -53,7 +53,7 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, rate: float
 
 async def run(streams: int, rate: float, logs: Path) -> dict[str, Any]:
     sim_port, relay_port = free_port(), free_port()
-    sim = Service("simulator", [sys.executable, "-m", "streamsvc", "simulate", "--port",
+    sim = Service("simulator", [sys.executable, "-m", "streamsvc.bench.simulator", "--port",
                                 str(sim_port)], port=sim_port, log_path=logs / "sim.log")
     async with sim:
         relay = Service("streamsvc", [sys.executable, "-m", "streamsvc", "serve", "--port",

@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import httptools
 import msgspec
 
+from streamsvc.bench.collector import collector_off
 from streamsvc.bench.options import ENDPOINTS
 from streamsvc.bench.results import LoadResult, Progress
 from streamsvc.bench.stats import cdf, summarize
@@ -476,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate=args.rate, ramp_s=args.ramp, model=args.model, seed=args.seed,
         read_url=args.read_url,
     )
-    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+    # No collector pauses in the measuring instrument (streamsvc.bench.collector).
+    with collector_off(), asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
         result = runner.run(run_load(spec))
     Path(args.out).write_bytes(msgspec.json.encode(result))
     return 0

@@ -48,8 +48,9 @@ def python_service(role: str, args: Sequence[str], *, workdir: Path,
 
 
 def simulator_service(workdir: Path) -> Service:
-    """A ``streamsvc simulate`` process on the harness's loop (its default); not started."""
-    return python_service("simulator", ["-m", "streamsvc", "simulate", "--port", "{port}"],
+    """A ``streamsvc simulate`` process on the harness's loop (its default), without the
+    garbage collector's pauses (:mod:`streamsvc.bench.collector`); not started."""
+    return python_service("simulator", ["-m", "streamsvc.bench.simulator", "--port", "{port}"],
                           workdir=workdir)
 
 
