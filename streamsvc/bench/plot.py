@@ -39,15 +39,22 @@ def write_plot(report: BenchReport, path: Path) -> None:
 
 
 def figure(report: BenchReport) -> Figure:
-    """Three panels: inter-token gap tail (the open-streams paths dashed), time to first
-    token, CPU µs per token. The caller closes it (``plt.close``)."""
+    """Inter-token gap tail (the open-streams paths dashed) and time to first token side by
+    side, one legend for both on their right, CPU µs per token per relay under them as
+    labelled bars. The caller closes it (``plt.close``)."""
     s = report.settings
-    fig, (gaps, ttft, cpu) = plt.subplots(1, 3, figsize=(16, 5.2))
+    relays = [p for p in report.paths if p.cpu_us_per_token is not None]
+    fig = plt.figure(figsize=(17, 8 + 0.3 * len(relays)), layout="constrained")
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.0, 0.25 + 0.05 * len(relays)])
+    gaps, ttft, cpu = (fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]),
+                       fig.add_subplot(grid[1, :]))
     fig.suptitle(
         f"streamsvc bench: {s.streams} streams x {s.tokens} tokens at {s.rate:g} tokens/s"
         f" ({report.machine.get('cpus')} CPUs, {report.date[:10]})"
     )
     tagged = len(s.relay_loops) > 1
+    for axes in (gaps, ttft):  # 20 colours: a path per colour up to 20 paths
+        axes.set_prop_cycle(color=[plt.get_cmap("tab20")(i) for i in range(20)])
 
     def label(path: PathResult | OpenStreamsResult) -> str:
         return f"{path.label}, {path.relay_loop}" if tagged and path.relay_loop else path.label
@@ -72,28 +79,29 @@ def figure(report: BenchReport) -> Figure:
     gaps.set(yscale="log", xlabel="inter-token gap (ms)",
              ylabel="fraction of gaps longer", title="inter-token gap, tail")
     gaps.grid(True, which="both", alpha=0.3)
-    gaps.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     ttft.set(xlabel="time to first token (ms)", ylabel="fraction of streams",
              title="time to first token")
     ttft.grid(True, which="both", alpha=0.3)
-    ttft.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    # The gap panel draws every path the other does, and the open-streams ones too.
+    fig.legend(*gaps.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
 
-    relays = [p for p in report.paths if p.cpu_us_per_token is not None]
-    labels = [p.name.replace("-", "\n") for p in relays]
+    names = [p.name for p in relays]
     values = [p.cpu_us_per_token or 0.0 for p in relays]
     redis = [p.redis_cpu_us_per_token or 0.0 for p in relays]
-    cpu.bar(range(len(values)), values, color="tab:blue", label="relay process")
+    rows = range(len(values))
+    cpu.barh(rows, values, color="tab:blue", label="relay process")
     if any(redis):
-        cpu.bar(range(len(values)), redis, bottom=values, color="tab:orange",
-                label="redis-server (Redis journal)")
-        cpu.legend(fontsize=7)
-    for x, p in enumerate(relays):
-        ratio = f"\n{p.cpu_ratio_to_baseline:.2f}x" if p.cpu_ratio_to_baseline else ""
-        cpu.annotate(f"{p.cpu_us_per_token:.0f} µs{ratio}", (x, values[x] + redis[x]),
-                     ha="center", va="bottom", fontsize=8)
-    cpu.set_xticks(range(len(values)), labels, fontsize=8)
-    cpu.set(ylabel="CPU µs per relayed token", title="relay CPU per token (lower is better)")
-    cpu.margins(y=0.2)
-    cpu.grid(True, axis="y", alpha=0.3)
-    fig.tight_layout()
+        cpu.barh(rows, redis, left=values, color="tab:orange",
+                 label="redis-server (Redis journal)")
+        cpu.legend(fontsize=8, loc="lower right")
+    for y, p in enumerate(relays):
+        ratio = f", {p.cpu_ratio_to_baseline:.2f}x" if p.cpu_ratio_to_baseline else ""
+        cpu.annotate(f" {p.cpu_us_per_token:.1f} µs{ratio}", (values[y] + redis[y], y),
+                     ha="left", va="center", fontsize=8)
+    cpu.set_yticks(rows, names, fontsize=8)
+    cpu.invert_yaxis()  # in the order the tables list them
+    cpu.set(xlabel="CPU µs per relayed token (x: ÷ the baseline)",
+            title="relay CPU per token (lower is better)")
+    cpu.margins(x=0.12)
+    cpu.grid(True, axis="x", alpha=0.3)
     return fig
