@@ -9,8 +9,8 @@ such pauses (the direct path's TTFT p99 39 to 100 ms with the collector, 5 ms
 without). A measuring instrument must not pause, as ``timeit`` turns the
 collector off for the same reason: the simulator the bench starts and the
 load client freeze what their start-up made and turn the collector off for
-their run, which is short; what their streams make is freed by reference
-counting. The relays under test keep their own collector settings.
+their run (a bench's minutes); what their streams make is freed by reference
+counting, and the few cycles they leave wait for the process's end. The relays under test keep their own collector settings.
 """
 
 from __future__ import annotations
