@@ -119,16 +119,6 @@ class TestJournal:
         assert events[1].data == b'{"content":"b"}'
         assert await journal.last_seq("s") == (3, False)
 
-    async def test_live_seq_is_the_readable_end_of_a_running_stream_written_here(
-        self, journal: Journal
-    ) -> None:
-        assert journal.live_seq("s") is None
-        await journal.create("s")
-        assert journal.live_seq("s") == 0
-        await journal.append("s", [msg("a"), msg("b")])
-        await journal.append("s", [DONE])
-        assert journal.live_seq("s") is None  # ended: nothing live to follow
-
     async def test_streams_are_numbered_independently(self, journal: Journal) -> None:
         await journal.create("a")
         await journal.create("b")

@@ -78,7 +78,7 @@ async def caught_up(journal: Journal, stream_id: str, connection: FakeConnection
     """Until the reader has written through ``seq`` and listens (its next write is direct)."""
     frames = first + await all_frames(journal, stream_id)
     assert await wait_until(lambda: bytes(connection.data) == frames, 2)
-    assert journal.live_seq(stream_id) == seq
+    assert await journal.last_seq(stream_id) == (seq, False)
     await asyncio.sleep(0)  # the reader's task goes from read() on to listen()
 
 

@@ -180,13 +180,6 @@ class Journal(Protocol):
         cannot call back (a reader then goes on with ``read``).
         """
 
-    def live_seq(self, stream_id: str) -> int | None:
-        """The last readable seq of a running stream this process writes, else None.
-
-        A reader that has written up to it has caught up and can ``listen``;
-        answered from this process's own state (no I/O).
-        """
-
     def size(self, stream_id: str) -> int | None:
         """Bytes of all the frames so far of a stream this process writes (or, in
         memory, knows); None otherwise."""

@@ -168,10 +168,6 @@ class MemoryJournal:
         log = self._logs.get(stream_id)
         return None if log is None else (len(log.events), log.ended)
 
-    def live_seq(self, stream_id: str) -> int | None:
-        log = self._logs.get(stream_id)
-        return None if log is None or log.ended else len(log.events)
-
     def size(self, stream_id: str) -> int | None:
         log = self._logs.get(stream_id)
         return None if log is None else log.size

@@ -516,12 +516,6 @@ class RedisJournal:
             return None  # another instance writes it: readers tail with XREAD BLOCK
         return writer.listen(listener)
 
-    def live_seq(self, stream_id: str) -> int | None:
-        writer = self._writers.get(stream_id)
-        if writer is None or writer.ended or writer.lost:
-            return None
-        return writer.flushed  # what Redis holds: a listener gets the rest as it is written
-
     def size(self, stream_id: str) -> int | None:
         writer = self._writers.get(stream_id)
         return None if writer is None else writer.size
