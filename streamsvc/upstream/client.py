@@ -537,6 +537,8 @@ class _Exchange:
         except Exception as exc:  # noqa: BLE001 - a task's failure would otherwise go unseen
             self._fail(exc)
             return
+        # Done with: the task, its coroutine and context need not live as long as the stream.
+        self._task = None
         if self._state is not _State.CONNECTING:  # disposed meanwhile
             connection.close()
             return
