@@ -8,9 +8,10 @@ run to run. The relays' added TTFT p99 was then mostly the difference of two
 such pauses (the direct path's TTFT p99 39 to 100 ms with the collector, 5 ms
 without). A measuring instrument must not pause, as ``timeit`` turns the
 collector off for the same reason: the simulator the bench starts and the
-load client freeze what their start-up made and turn the collector off for
-their run (a bench's minutes); what their streams make is freed by reference
-counting, and the few cycles they leave wait for the process's end. The relays under test keep their own collector settings.
+load client turn the collector off for their run (a bench's minutes); what
+their streams make is freed by reference counting, and the few cycles they
+leave wait for the process's end. The relays under test keep their own
+collector settings.
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ __all__ = ["collector_off"]
 def collector_off() -> Iterator[None]:
     """No automatic collection inside; the collector as it was afterwards."""
     enabled = gc.isenabled()
-    gc.freeze()  # what start-up made: never walked by a collection
     gc.disable()
     try:
         yield
     finally:
-        gc.unfreeze()
         if enabled:
             gc.enable()
