@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from streamsvc.bench.relays import simulator_service
 from streamsvc.bench.services import Service, free_port
 from streamsvc.sse import SSEDecoder
 
@@ -52,9 +53,8 @@ async def _one(session: aiohttp.ClientSession, url: str, key: str, rate: float
 
 
 async def run(streams: int, rate: float, logs: Path) -> dict[str, Any]:
-    sim_port, relay_port = free_port(), free_port()
-    sim = Service("simulator", [sys.executable, "-m", "streamsvc.bench.simulator", "--port",
-                                str(sim_port)], port=sim_port, log_path=logs / "sim.log")
+    relay_port = free_port()
+    sim = simulator_service(logs)
     async with sim:
         relay = Service("streamsvc", [sys.executable, "-m", "streamsvc", "serve", "--port",
                                       str(relay_port), "--upstream", sim.url + "/v1"],
