@@ -164,6 +164,23 @@ async def test_model_no_route_matches_is_404(
     assert simulator.stats.requests == 1
 
 
+@pytest.mark.parametrize("path", POST_PATHS)
+async def test_a_json_answer_carries_what_the_client_sent_in_utf8(
+    start_server: StartServer, session: aiohttp.ClientSession, path: str,
+) -> None:
+    """Every JSON body goes through one msgspec encoder: text as UTF-8, not as ``\\u`` escapes,
+    and what the client sent comes back as it was sent."""
+    relay = await start_server(overrides={"routes": [{"model": "gpt-*",
+                                                      "upstreams": ["simulator"]}]})
+    model = "modèle-日本-\U0001f600"
+    async with session.post(f"{relay.url}{path}", json=_ok(model=model)) as r:
+        assert r.content_type == "application/json"
+        raw = await r.read()
+    assert model.encode() in raw
+    assert json.loads(raw)["error"]["param"] == "model"
+    assert model in json.loads(raw)["error"]["message"]
+
+
 async def test_one_shot_get_model_no_route_is_404(
     start_server: StartServer, simulator: SimulatorServer, session: aiohttp.ClientSession
 ) -> None:

@@ -99,8 +99,10 @@ _VARYING = [
     (re.compile(r"(msg|rs|fc)_[0-9a-f]{24}_(\d+)"), r"\1_" + ELLIPSIS + r"_\2"),
 ]
 _MARK = "<<<streamsvc-docs-example-step>>>"
-# A ticket as a command prints it: in a URL's query, or as the JSON value of "ticket".
-_TICKET = re.compile(r'(?:(?<=ticket=)|(?<="ticket": "))(\.?)(e[yJ][\w-]+)\.([\w-]+)')
+# A ticket as a command prints it: in a URL's query, or as the JSON value of "ticket" (as
+# streamsvc writes it, or spaced as a doc shows it).
+_TICKET = re.compile(
+    r'(?:(?<=ticket=)|(?<="ticket":")|(?<="ticket": "))(\.?)(e[yJ][\w-]+)\.([\w-]+)')
 
 
 def _other_form(ticket: re.Match[str]) -> str:

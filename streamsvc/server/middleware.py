@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode, StreamError, StreamsvcError
+from streamsvc.server.json_response import json_response
 from streamsvc.server.sse_response import response_bytes
 from streamsvc.server.state import CONFIG, HUNG_UP, METRICS, REQUEST_ID
 
@@ -28,7 +29,7 @@ def error_response(error: StreamsvcError) -> web.Response:
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(math.ceil(retry_after))  # what the upstream asked for
-    return web.json_response(error.to_openai(), status=error.status, headers=headers)
+    return json_response(error.to_openai(), status=error.status, headers=headers)
 
 
 @web.middleware

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from streamsvc.server.json_response import json_response
 from streamsvc.server.state import CONFIG, DRAINING, JOURNAL, METRICS, ROUTER
 from streamsvc.simulator import MODELS as SIMULATOR_MODELS
 
@@ -38,23 +39,23 @@ async def list_models(request: web.Request) -> web.Response:
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "streamsvc"} for name in names
     ]
-    return web.json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     if request.app[DRAINING].is_set():
-        return web.json_response({"status": "draining"}, status=503)
+        return json_response({"status": "draining"}, status=503)
     if not request.app[JOURNAL].healthy:
-        return web.json_response(
+        return json_response(
             {"status": "journal_unavailable", "message": "the journal (Redis) cannot be reached"},
             status=503)
-    return web.json_response({"status": "ready"})
+    return json_response({"status": "ready"})
 
 
 @routes.get("/metrics")

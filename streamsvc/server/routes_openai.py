@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 
-import msgspec
 from aiohttp import web
 
+from streamsvc.server.json_response import json_response
 from streamsvc.server.middleware import note_hangup
 from streamsvc.server.requests import parse_chat_body
 from streamsvc.server.sse_response import ClientGone, SSEResponse
@@ -28,10 +28,6 @@ log = logging.getLogger("streamsvc.http")
 routes = web.RouteTableDef()
 
 
-def _encode(answer: object) -> str:
-    return msgspec.json.encode(answer).decode()
-
-
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_body(await request.read())
@@ -42,7 +38,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers = {"X-Streamsvc-Attempts": str(context.attempts)}
         if context.upstream:
             headers["X-Streamsvc-Upstream"] = context.upstream
-        return web.json_response(answer, dumps=_encode, headers=headers)
+        return json_response(answer, headers=headers)
 
     generation, backlog = await streams.direct(
         chat, lambda _id: OpenAIChatEncoder(chat.include_usage), key_id=key_id, kind="openai")

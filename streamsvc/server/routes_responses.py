@@ -23,6 +23,7 @@ from aiohttp import web
 
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
 from streamsvc.journal.base import Journal
+from streamsvc.server.json_response import json_response
 from streamsvc.server.middleware import note_hangup
 from streamsvc.server.responses_request import is_response_id, parse_responses_body
 from streamsvc.server.sse_response import ClientGone, SSEResponse
@@ -42,10 +43,6 @@ FORMAT = "responses"
 
 def new_response_id() -> str:
     return "resp_" + secrets.token_hex(12)
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda o: msgspec.json.encode(o).decode())
 
 
 @routes.post("/v1/responses")
@@ -77,14 +74,14 @@ async def create_response(request: web.Request) -> web.StreamResponse:
              parsed.chat.model, ", background" if parsed.background else "")
     if not parsed.stream:
         if parsed.background:
-            return _json(events.snapshot("in_progress"))
+            return json_response(events.snapshot("in_progress"))
         try:
             await generation.ended
         finally:
             app[STREAMS].done_reading(generation)
         if entries.failure is not None and not events.has_output:
             raise entries.failure  # nothing came: an HTTP status says it, as for chat
-        return _json(await _state(app[JOURNAL], response_id))
+        return json_response(await _state(app[JOURNAL], response_id))
     return await _serve(request, response_id, 0, stop_when_gone=not parsed.background)
 
 
@@ -197,7 +194,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
         raise ClientError(f"stream: expected true or false, got {stream[:20]!r}", param="stream")
     starting_after = _starting_after(request)
     if stream in ("false", "0"):
-        return _json(await _state(request.app[JOURNAL], response_id))
+        return json_response(await _state(request.app[JOURNAL], response_id))
     state = await request.app[JOURNAL].last_seq(response_id)
     assert state is not None
     last, _ = state
@@ -220,5 +217,5 @@ async def cancel_response(request: web.Request) -> web.Response:
         state = await _state(journal, response_id)
         if state.get("status") == "in_progress":
             state["status"] = "cancelled"
-        return _json(state)
-    return _json(await _state(journal, response_id))
+        return json_response(state)
+    return json_response(await _state(journal, response_id))

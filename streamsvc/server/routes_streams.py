@@ -21,6 +21,7 @@ from aiohttp import web
 from streamsvc.chat_request import ChatRequest
 from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
 from streamsvc.server.auth import Ticket
+from streamsvc.server.json_response import json_response
 from streamsvc.server.middleware import note_hangup
 from streamsvc.server.requests import (
     is_stream_id,
@@ -298,7 +299,7 @@ def _created(request: web.Request, stream_id: str, *, status: int) -> web.Respon
     if key_id is not None:  # auth on: EventSource cannot send the key, the URL carries a ticket
         ticket, _ = request.app[AUTH].mint("stream", key_id, stream_id)
         events_url += f"?ticket={ticket}"
-    return web.json_response(
+    return json_response(
         {
             "id": stream_id,
             "object": "stream",
@@ -349,7 +350,7 @@ async def delete_stream(request: web.Request) -> web.Response:
         status = "ended"  # it had already finished; nothing to stop
     else:
         raise ClientError(f"no stream {stream_id!r}", code=ErrorCode.NOT_FOUND, param="id")
-    return web.json_response({"id": stream_id, "object": "stream", "status": status},
+    return json_response({"id": stream_id, "object": "stream", "status": status},
                              headers={"X-Stream-ID": stream_id})
 
 
@@ -380,7 +381,7 @@ async def create_ticket(request: web.Request) -> web.Response:
     ticket, expires = auth.mint(scope, key_id, stream_id)
     url = (f"/v1/chat/stream?ticket={ticket}" if stream_id is None
            else f"/v1/streams/{stream_id}/events?ticket={ticket}")
-    return web.json_response(
+    return json_response(
         {"object": "ticket", "ticket": ticket, "scope": scope, "stream_id": stream_id,
          "url": url, "expires_at": int(expires)},
         status=201,

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, NoReturn
 
-import msgspec
 from aiohttp import web
 
 from streamsvc.errors import ClientError
+from streamsvc.server.json_response import json_response
 from streamsvc.simulator.encoding import DONE_EVENT, MODELS_BODY, ChunkEncoder, completion_body
 from streamsvc.simulator.faults import (
     AT_TOKEN,
@@ -133,17 +133,6 @@ def _choices(params: ChatParams) -> list[Choice]:
     )
 
 
-def _json_response(
-    body: object, *, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.Response(
-        body=msgspec.json.encode(body),
-        status=status,
-        headers=headers,
-        content_type="application/json",
-    )
-
-
 # ---------------------------------------------------------------------------
 # handlers
 
@@ -161,7 +150,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         body = decode_json(raw, "body")
         params = parse_chat_request(body)
     except ClientError as exc:
-        return _json_response(exc.to_openai(), status=400)
+        return json_response(exc.to_openai(), status=400)
     finally:
         # Recorded whether valid or not: tests look at what the relay sent.
         state.stats.recent.append(
@@ -173,7 +162,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     if fault in BEFORE_FIRST_BYTE:
         assert fault is not None
         reply = fault_reply(fault, retry_after=params.simulate.retry_after)
-        return _json_response(reply.body, status=reply.status, headers=reply.headers)
+        return json_response(reply.body, status=reply.status, headers=reply.headers)
     if params.stream:
         return await _stream(request, state, params, fault)
     return await _complete(request, state, params, fault)
@@ -333,27 +322,27 @@ async def _complete_body(
 
 
 async def _stats(request: web.Request) -> web.Response:
-    return _json_response(request.app[SIMULATOR_STATS_KEY].snapshot())
+    return json_response(request.app[SIMULATOR_STATS_KEY].snapshot())
 
 
 async def _recent_requests(request: web.Request) -> web.Response:
-    return _json_response(list(request.app[SIMULATOR_STATS_KEY].recent))
+    return json_response(list(request.app[SIMULATOR_STATS_KEY].recent))
 
 
 async def _keys(request: web.Request) -> web.Response:
     keys = request.app[SIMULATOR_STATS_KEY].keys
     wanted = request.query.get("key")
     if wanted is not None:
-        return _json_response({wanted: keys.get(wanted, {"requests": 0, "after_content": 0,
+        return json_response({wanted: keys.get(wanted, {"requests": 0, "after_content": 0,
                                                          "content": 0})})
-    return _json_response(keys)
+    return json_response(keys)
 
 
 async def _reset(request: web.Request) -> web.Response:
     state = request.app[_STATE_KEY]
     state.stats.reset()
     state.fail_counts.clear()
-    return _json_response(state.stats.snapshot())
+    return json_response(state.stats.snapshot())
 
 
 async def _on_shutdown(app: web.Application) -> None:
