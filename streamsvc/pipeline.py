@@ -45,19 +45,35 @@ class StreamContext:
     valve: Valve | None = None
     """Closed by a sink whose backlog is full: the upstream is then not read (backpressure)."""
 
+    # Methods, not closures built per stream: the pipeline keeps these for the stream's
+    # life, and a closure is three objects more for each garbage collection to walk.
+    def attempt_started(self) -> None:
+        self.attempts += 1
+
+    def note_retry(self, _source: int, _attempt: int, error: Exception,
+                   _delay: float) -> None:
+        self.retried.append(str(getattr(error, "code", "internal_error")))
+
+
+class _Opened:
+    """``on_open`` of one upstream's requests: the context names the upstream that answered."""
+
+    __slots__ = ("context", "name")
+
+    def __init__(self, context: StreamContext, name: str) -> None:
+        self.context = context
+        self.name = name
+
+    def __call__(self) -> None:
+        self.context.upstream = self.name
+
 
 def upstream_source(
     client: UpstreamClient, body: dict[str, Any], context: StreamContext
 ) -> Observable[Chunk]:
     """One cold Observable per upstream: each subscription is one HTTP request."""
-
-    def started() -> None:
-        context.attempts += 1
-
-    def opened() -> None:
-        context.upstream = client.name
-
-    return client.chunks(body, on_start=started, on_open=opened, valve=context.valve)
+    return client.chunks(body, on_start=context.attempt_started,
+                         on_open=_Opened(context, client.name), valve=context.valve)
 
 
 def build_pipeline(
@@ -97,9 +113,7 @@ def build_pipeline(
         max_attempts=config.retry_max_attempts if retries else 1,
         backoff_base=config.retry_backoff_base_ms / 1000,
         backoff_max=config.retry_backoff_max_ms / 1000,
-        held=None if valve is None else (lambda: not valve.is_open),
-        on_retry=lambda _source, _attempt, error, _delay: context.retried.append(
-            str(getattr(error, "code", "internal_error"))),
+        held=None if valve is None else valve.is_closed, on_retry=context.note_retry,
     )
     n = body.get("n")
     if continuation and retries and (n is None or n == 1):

@@ -36,6 +36,10 @@ class Valve:
         """The sink is full: the reader stops at its next :meth:`wait_open`."""
         self.is_open = False
 
+    def is_closed(self) -> bool:
+        """Whether the sink is full (what the attempts operator's ``held`` asks)."""
+        return not self.is_open
+
     def open(self) -> None:
         """The sink drained: a waiting reader goes on."""
         self.is_open = True

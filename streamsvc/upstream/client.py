@@ -34,7 +34,6 @@ import aiohttp
 import httptools
 import msgspec
 from reactivex import Observable, abc
-from reactivex.disposable import Disposable
 
 from streamsvc.chunks import Chunk
 from streamsvc.config import UpstreamConfig
@@ -322,16 +321,8 @@ class UpstreamClient:
         content = msgspec.json.encode(payload)
         request = self._request_head + b"Content-Length: %d\r\n\r\n" % len(content) + content
 
-        def subscribe(
-            observer: abc.ObserverBase[Chunk], scheduler: abc.SchedulerBase | None = None
-        ) -> abc.DisposableBase:
-            if on_start is not None:
-                on_start()
-            exchange = _Exchange(self, request, observer, on_open, valve)
-            exchange.start()
-            return Disposable(exchange.dispose)
-
-        return DirectObservable(subscribe)  # the exchange keeps the observer grammar itself
+        # The exchange keeps the observer grammar itself, and is its own disposable.
+        return DirectObservable(_Request(self, request, on_start, on_open, valve).subscribe)
 
     async def stream(
         self,
@@ -470,10 +461,40 @@ class _State(Enum):
     ENDED = "ended"
 
 
-class _Exchange:
+class _Request:
+    """One request of :meth:`UpstreamClient.chunks`; each subscription to it is an
+    :class:`_Exchange`. An object, not a closure over its five values: the Observable
+    lives as long as its stream, and each cell of a closure is one more object for
+    every collection of the garbage collector to walk."""
+
+    __slots__ = ("client", "on_open", "on_start", "request", "valve")
+
+    def __init__(
+        self, client: UpstreamClient, request: bytes, on_start: Callable[[], None] | None,
+        on_open: Callable[[], None] | None, valve: Valve | None,
+    ) -> None:
+        self.client = client
+        self.request = request
+        self.on_start = on_start
+        self.on_open = on_open
+        self.valve = valve
+
+    def subscribe(
+        self, observer: abc.ObserverBase[Chunk], scheduler: abc.SchedulerBase | None = None
+    ) -> abc.DisposableBase:
+        if self.on_start is not None:
+            self.on_start()
+        exchange = _Exchange(self.client, self.request, observer, self.on_open, self.valve)
+        exchange.start()
+        return exchange
+
+
+class _Exchange(abc.DisposableBase):
     """One subscription's request: the connection's ``ResponseHandler`` and its observer's source.
 
     The connection calls it from ``data_received``; it decodes and emits there.
+    It is the subscription's disposable (``dispose`` closes the connection; once
+    the exchange has ended it does nothing, so a second call is harmless).
     """
 
     __slots__ = ("_client", "_connection", "_decoder", "_end", "_error_body", "_grace",

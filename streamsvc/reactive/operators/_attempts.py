@@ -43,18 +43,48 @@ def attempts_(
     Equivalent to ``sources[0].pipe(first_token_timeout, idle_timeout,
     retry_with_backoff(max_attempts, fallbacks=sources[1:] with the same timeouts))``.
     """
+    plan = _Plan(sources, first_token_s, idle_s, max_attempts, backoff_base, backoff_max, held,
+                 on_retry, scheduler)
+    return DirectObservable(plan.subscribe)  # it keeps the observer grammar itself
+
+
+class _Plan:
+    """What :func:`attempts_` was given; each subscription to it is a :class:`_Run`.
+
+    An object, not a closure: the Observable lives as long as its stream, and a
+    closure over these nine values would be eleven objects (a function, its
+    tuple and a cell each) for every collection of the garbage collector to walk.
+    """
+
+    __slots__ = ("backoff_base", "backoff_max", "first_token_s", "held", "idle_s",
+                 "max_attempts", "on_retry", "scheduler", "sources")
+
+    def __init__(
+        self, sources: Sequence[Observable[Chunk]], first_token_s: float, idle_s: float,
+        max_attempts: int, backoff_base: float, backoff_max: float,
+        held: Callable[[], bool] | None, on_retry: RetryListener | None,
+        scheduler: abc.SchedulerBase | None,
+    ) -> None:
+        self.sources = sources
+        self.first_token_s = first_token_s
+        self.idle_s = idle_s
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.held = held
+        self.on_retry = on_retry
+        self.scheduler = scheduler
 
     def subscribe(
-        observer: abc.ObserverBase[Chunk], scheduler_: abc.SchedulerBase | None = None
+        self, observer: abc.ObserverBase[Chunk], scheduler: abc.SchedulerBase | None = None
     ) -> abc.DisposableBase:
         # Named as what it stands for: the error an embedder sees stays the same.
-        timers = scheduler_of(scheduler, scheduler_, "retry_with_backoff")
-        run = _Run(sources, observer, scheduler_, timers, first_token_s, idle_s, max_attempts,
-                   backoff_base, backoff_max, held, on_retry)
+        timers = scheduler_of(self.scheduler, scheduler, "retry_with_backoff")
+        run = _Run(self.sources, observer, scheduler, timers, self.first_token_s, self.idle_s,
+                   self.max_attempts, self.backoff_base, self.backoff_max, self.held,
+                   self.on_retry)
         run.start()
         return run
-
-    return DirectObservable(subscribe)  # it keeps the observer grammar itself
 
 
 class _Run(abc.DisposableBase):
