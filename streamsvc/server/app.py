@@ -25,15 +25,14 @@ from streamsvc.server import (
     routes_responses,
     routes_streams,
 )
-from streamsvc.server.auth import Auth, auth_middleware
-from streamsvc.server.connections import Connections, connection_middleware
+from streamsvc.server.auth import Auth
+from streamsvc.server.connections import Connections
 from streamsvc.server.limits import MemoryLimiter
 from streamsvc.server.limits_redis import RedisLimiter
 from streamsvc.server.metrics import Metrics
 from streamsvc.server.middleware import (
-    body_middleware,
     ensure_accepting,
-    error_middleware,
+    request_middleware,
     set_request_id_header,
 )
 from streamsvc.server.state import (
@@ -239,7 +238,7 @@ def create_app(config: Config | None = None) -> web.Application:
     config = config or Config()
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[connection_middleware, error_middleware, auth_middleware, body_middleware],
+        middlewares=[request_middleware],
         # Every runner's connections: a request head must come within this (slowloris).
         handler_args={"keepalive_timeout": config.server.keepalive_timeout_s},
     )

@@ -1,4 +1,4 @@
-"""Client API keys, EventSource tickets, stream ownership, and the middleware that checks them.
+"""Client API keys, EventSource tickets, stream ownership, and the step that checks them.
 
 Auth is on when the variable named by ``auth.api_keys_env`` holds keys
 (comma-separated); then every ``/v1/*`` request needs ``Authorization:
@@ -43,7 +43,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +55,7 @@ from streamsvc.errors import ClientError, ErrorCode, StreamsvcError
 from streamsvc.server.state import AUTH, JOURNAL, KEY_ID, LIMITER, TICKET
 from streamsvc.server.tickets import IN_USE, MemoryTicketStore, TicketStore
 
-__all__ = ["Auth", "Ticket", "auth_middleware"]
+__all__ = ["Auth", "Ticket", "authorize", "needs_key"]
 
 log = logging.getLogger("streamsvc")
 
@@ -286,20 +286,22 @@ class Auth:
             raise _forbidden(f"stream {stream_id} belongs to another API key")
 
 
+def needs_key(request: web.Request) -> bool:
+    """Whether :func:`authorize` has anything to check: ``/v1/*`` with auth on.
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """``/v1/*`` needs a key (or a ticket where EventSource reads); then the rate is counted.
-
-    Runs inside ``error_middleware``, so a 401/403/429 gets the usual error body.
     CORS preflights (``OPTIONS``) pass: browsers send them without credentials.
     """
+    return (request.app[AUTH].enabled and request.method != "OPTIONS"
+            and request.path.startswith("/v1/"))
+
+
+async def authorize(request: web.Request) -> None:
+    """``/v1/*`` needs a key (or a ticket where EventSource reads); then the rate is counted.
+
+    A step of ``request_middleware``, where a 401/403/429 gets the usual error body;
+    only for a request that :func:`needs_key`.
+    """
     auth = request.app[AUTH]
-    if not auth.enabled or request.method == "OPTIONS" or not request.path.startswith("/v1/"):
-        return await handler(request)
     header = request.headers.get("Authorization")
     resource = request.match_info.route.resource
     canonical = resource.canonical if resource is not None else ""
@@ -316,4 +318,3 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         )
     request[KEY_ID] = key_id
     await request.app[LIMITER].check_rate(key_id)
-    return await handler(request)

@@ -10,17 +10,9 @@ draining says ``Connection: close``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from streamsvc.server.state import CONNECTIONS
-
-__all__ = ["Connections", "connection_middleware"]
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
+__all__ = ["Connections"]
 
 class Connections:
     """How many requests each client connection has in flight.
@@ -55,19 +47,3 @@ class Connections:
             protocol.force_close()
         self._prune()
         return len(idle)
-
-
-
-
-@web.middleware
-async def connection_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count the request against its connection while it runs."""
-    protocol = request.protocol
-    if not isinstance(protocol, RequestHandler):
-        return await handler(request)
-    connections = request.app[CONNECTIONS]
-    connections.enter(protocol)
-    try:
-        return await handler(request)
-    finally:
-        connections.leave(protocol)
