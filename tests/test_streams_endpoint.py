@@ -623,7 +623,7 @@ async def test_registry_remembers_ended_direct_streams_for_retention_and_up_to_i
     run("st_live")
     assert registry.direct("st_live") == (True, "k")
     registry.cancel_here("st_live")
-    await asyncio.sleep(0)  # the end's callbacks
+    await asyncio.sleep(0)
     assert registry.direct("st_live") == (False, "k")
     for i in range(4):
         run(f"st_{i}")
@@ -638,3 +638,30 @@ async def test_registry_remembers_ended_direct_streams_for_retention_and_up_to_i
     assert registry.direct("st_resumable") is None  # the journal keeps those
     await asyncio.sleep(0.25)
     assert registry.direct("st_3") is None  # past retention_s
+
+
+async def test_a_generation_calls_what_waits_for_its_end_once_in_the_end_s_own_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``when_ended``: each callback once, right after ``ended`` is set (not a turn of the loop
+    later), one that fails does not keep the next from running, and a callback given after
+    the end runs at once."""
+    generation = Generation("st_hooks", reactivex.never(), StreamContext(), _NoSink(),
+                            resumable=False)
+    calls: list[tuple[str, bool]] = []
+
+    def failing() -> None:
+        calls.append(("failing", generation.ended.done()))
+        raise RuntimeError("a bug")
+
+    generation.when_ended(lambda: calls.append(("first", generation.ended.done())))
+    generation.when_ended(failing)
+    generation.when_ended(lambda: calls.append(("last", generation.ended.done())))
+    generation.start()
+    assert calls == []
+    generation.stop("cancelled")
+    assert calls == [("first", True), ("failing", True), ("last", True)]
+    assert "a callback at its end failed" in caplog.text
+    generation.stop("cancelled")
+    generation.when_ended(lambda: calls.append(("after", generation.ended.done())))
+    assert calls[3:] == [("after", True)]

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
-
 
 from streamsvc.config import LimitsConfig
 from streamsvc.errors import LimitError
@@ -132,17 +132,16 @@ class MemoryLimiter:
         self._open += 1
         if key_id is not None:
             self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
+        return StreamSlot(partial(self._release, key_id))  # a closure is two objects more
 
-        def release() -> None:
-            self._open -= 1
-            if key_id is not None:
-                left = self._per_key[key_id] - 1
-                if left:
-                    self._per_key[key_id] = left
-                else:
-                    del self._per_key[key_id]
-
-        return StreamSlot(release)
+    def _release(self, key_id: str | None) -> None:
+        self._open -= 1
+        if key_id is not None:
+            left = self._per_key[key_id] - 1
+            if left:
+                self._per_key[key_id] = left
+            else:
+                del self._per_key[key_id]
 
     def open_streams(self, key_id: str | None = None) -> int:
         return self._open if key_id is None else self._per_key.get(key_id, 0)

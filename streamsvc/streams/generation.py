@@ -126,6 +126,19 @@ class Generation(abc.ObserverBase[Chunk]):
         self._meter = meter if meter is not None else UsageMeter()
         self._subscription: abc.DisposableBase | None = None
         self._grace: asyncio.TimerHandle | None = None
+        self._when_ended: list[Callable[[], object]] = []
+
+    def when_ended(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` at the end, right after ``ended`` is set (at once if it is).
+
+        For what the stream holds until it ends (its limits slot, its place in the
+        registry): called in the end's own call, not a turn of the loop later as a
+        done callback of ``ended`` would be, and kept without a closure per stream.
+        """
+        if self.state is GenerationState.ENDED and self.ended.done():
+            callback()
+        else:
+            self._when_ended.append(callback)
 
     def start(self) -> None:
         """Subscribe to the pipeline: the upstream request starts now."""
@@ -219,3 +232,9 @@ class Generation(abc.ObserverBase[Chunk]):
             log.exception("stream %s: its end could not be written", self.id)
         if not self.ended.done():
             self.ended.set_result(None)
+        callbacks, self._when_ended = self._when_ended, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a bug of ours: the other callbacks still run
+                log.exception("stream %s: a callback at its end failed", self.id)

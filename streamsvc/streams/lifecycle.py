@@ -183,7 +183,7 @@ class Streams:
                 raise
         generation = Generation(stream_id, source, context, sink, resumable=resumable,
                                 background=background, observer=self._observer, meter=meter)
-        generation.ended.add_done_callback(lambda _: slot.release())
+        generation.when_ended(slot.release)
         if self._observer is not None:
             self._observer.stream_started(kind)
         self.registry.start(generation, readers=0 if resumable else 1)

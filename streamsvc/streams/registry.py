@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from functools import partial
 from typing import Any, Protocol
 
 from streamsvc.errors import ErrorCode, StreamError, StreamsvcError
@@ -106,7 +107,7 @@ class StreamRegistry:
         """
         self._running[generation.id] = generation
         generation.readers = readers
-        generation.ended.add_done_callback(lambda _: self._forget(generation))
+        generation.when_ended(partial(self._forget, generation))
         generation.start()
         if generation.resumable and readers == 0 and generation.state is GenerationState.RUNNING:
             self._arm_grace(generation)
