@@ -49,7 +49,8 @@ def attempts_(
 
 
 class _Plan:
-    """What :func:`attempts_` was given; each subscription to it is a :class:`_Run`.
+    """What :func:`attempts_` was given; each subscription to it is a :class:`_Run`, which
+    reads its settings here.
 
     An object, not a closure: the Observable lives as long as its stream, and a
     closure over these nine values would be eleven objects (a function, its
@@ -80,9 +81,7 @@ class _Plan:
     ) -> abc.DisposableBase:
         # Named as what it stands for: the error an embedder sees stays the same.
         timers = scheduler_of(self.scheduler, scheduler, "retry_with_backoff")
-        run = _Run(self.sources, observer, scheduler, timers, self.first_token_s, self.idle_s,
-                   self.max_attempts, self.backoff_base, self.backoff_max, self.held,
-                   self.on_retry)
+        run = _Run(self, observer, scheduler, timers)
         run.start()
         return run
 
@@ -99,39 +98,24 @@ class _Run(abc.DisposableBase):
     disposables or locks of its own: a subscription lives on one thread.
     """
 
-    __slots__ = ("_attempt", "_timer", "attempt", "backoff_base", "backoff_max", "clock",
-                 "content", "disposed", "first_token_s", "held", "held_back", "idle_s",
-                 "index", "last", "loop", "max_attempts", "observer", "on_retry", "scheduler",
-                 "sources", "started", "timers", "token")
+    __slots__ = ("_attempt", "_timer", "attempt", "clock", "content", "disposed", "held_back",
+                 "index", "last", "loop", "observer", "plan", "scheduler", "started", "timers",
+                 "token")
 
     def __init__(
         self,
-        sources: Sequence[Observable[Chunk]],
+        plan: _Plan,
         observer: abc.ObserverBase[Chunk],
         scheduler: abc.SchedulerBase | None,
         timers: abc.SchedulerBase,
-        first_token_s: float,
-        idle_s: float,
-        max_attempts: int,
-        backoff_base: float,
-        backoff_max: float,
-        held: Callable[[], bool] | None,
-        on_retry: RetryListener | None,
     ) -> None:
-        self.sources = sources
+        self.plan = plan
         self.observer = observer
         self.scheduler = scheduler
         self.timers = timers
         # On the server's scheduler a timer is the loop's own (one TimerHandle).
         self.loop = timers.loop if isinstance(timers, LoopScheduler) else None
         self.clock = seconds_clock(timers)
-        self.first_token_s = first_token_s
-        self.idle_s = idle_s
-        self.max_attempts = max_attempts
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.held = held
-        self.on_retry = on_retry
         self._attempt = _Slot()  # the current attempt's source, or the backoff timer before it
         self._timer = _Slot()  # the current attempt's first-token or idle timer
         self.disposed = False
@@ -155,11 +139,11 @@ class _Run(abc.DisposableBase):
         token = self.token
         self.content = False
         self.held_back.clear()
-        if self.first_token_s > 0:
-            self._timer.set(self._later(self.first_token_s,
+        if self.plan.first_token_s > 0:
+            self._timer.set(self._later(self.plan.first_token_s,
                                         _Call(self, token, self._first_token_late)))
         before = self._attempt.stop
-        attempt = subscribe_direct(self.sources[self.index], _Attempt(self, token),
+        attempt = subscribe_direct(self.plan.sources[self.index], _Attempt(self, token),
                                    self.scheduler)
         if token == self.token and self._attempt.stop is before:
             self._attempt.set(attempt.dispose)
@@ -175,9 +159,9 @@ class _Run(abc.DisposableBase):
             return
         self.content = self.started = True
         self._timer.set(None)
-        if self.idle_s > 0:
+        if self.plan.idle_s > 0:
             self.last = self.clock()
-            self._timer.set(self._later(self.idle_s, _Call(self, self.token, self._check)))
+            self._timer.set(self._later(self.plan.idle_s, _Call(self, self.token, self._check)))
         observer = self.observer
         for framing in self.held_back:
             observer.on_next(framing)
@@ -185,35 +169,36 @@ class _Run(abc.DisposableBase):
         observer.on_next(chunk)
 
     def _first_token_late(self) -> None:
-        self.fail(self.token, first_token_error(self.first_token_s))
+        self.fail(self.token, first_token_error(self.plan.first_token_s))
 
     def _check(self) -> None:
-        if self.held is not None and self.held():
+        if self.plan.held is not None and self.plan.held():
             self.last = self.clock()
         waited = self.clock() - self.last
-        if waited < self.idle_s:
-            self._timer.set(self._later(self.idle_s - waited,
+        if waited < self.plan.idle_s:
+            self._timer.set(self._later(self.plan.idle_s - waited,
                                         _Call(self, self.token, self._check)))
             return
-        self.fail(self.token, idle_error(self.idle_s))
+        self.fail(self.token, idle_error(self.plan.idle_s))
 
     def fail(self, token: int, error: Exception) -> None:
         if token != self.token:
             return
         self.token += 1  # this attempt is over: what it sends now is dropped
         self._timer.set(None)
-        plan = None
+        given = self.plan
+        upcoming = None
         if not self.started:
-            plan = next_attempt(error, self.index, self.attempt, len(self.sources),
-                                self.max_attempts, self.backoff_base, self.backoff_max)
+            upcoming = next_attempt(error, self.index, self.attempt, len(given.sources),
+                                    given.max_attempts, given.backoff_base, given.backoff_max)
         self.held_back.clear()
-        if plan is None:
+        if upcoming is None:
             self._attempt.set(None)
             self.observer.on_error(error)
             return
-        self.index, self.attempt, delay = plan
-        if self.on_retry is not None:
-            self.on_retry(self.index, self.attempt, error, delay)
+        self.index, self.attempt, delay = upcoming
+        if given.on_retry is not None:
+            given.on_retry(self.index, self.attempt, error, delay)
         self._attempt.set(self._later(delay, self.start))
 
     def completed(self, token: int) -> None:
