@@ -11,8 +11,6 @@ from reactivex import Observable
 from streamsvc.chunks import Chunk
 from streamsvc.config import PipelineConfig
 from streamsvc.reactive.backpressure import Valve
-from streamsvc.reactive.operators._attempts import attempts_
-from streamsvc.reactive.operators._continue import continue_on_failure_
 from streamsvc.reactive.operators import (
     coalesce,
     first_token_timeout,
@@ -21,6 +19,8 @@ from streamsvc.reactive.operators import (
     throttle,
     total_timeout,
 )
+from streamsvc.reactive.operators._attempts import attempts_
+from streamsvc.reactive.operators._continue import continue_on_failure_
 from streamsvc.upstream.client import UpstreamClient
 
 __all__ = ["StreamContext", "build_pipeline"]

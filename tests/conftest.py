@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from playwright.async_api import Browser, async_playwright
-from redis.asyncio import Redis
 from pytest_aiohttp import AiohttpServer
+from redis.asyncio import Redis
 
 from streamsvc.config import Config, load_config
 from streamsvc.journal.base import Journal

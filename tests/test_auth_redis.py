@@ -22,10 +22,8 @@ from redis.asyncio import Redis
 from streamsvc.config import LimitsConfig
 from streamsvc.errors import ErrorCode, LimitError, StreamError
 from streamsvc.journal.redis import RedisJournal
-from streamsvc.server.state import AUTH
-from streamsvc.server.state import LIMITER
 from streamsvc.server.limits_redis import RedisLimiter
-from streamsvc.server.state import JOURNAL
+from streamsvc.server.state import AUTH, JOURNAL, LIMITER
 from streamsvc.server.tickets import IN_USE, MemoryTicketStore, RedisTicketStore, TicketStore
 from streamsvc.simulator import SimulatorServer
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until

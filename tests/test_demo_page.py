@@ -37,8 +37,13 @@ from playwright.async_api import Browser, Dialog, Page, Request, Response, Route
 from streamsvc.server.routes_page import CONTENT_SECURITY_POLICY
 from streamsvc.simulator import SimulatorServer, echo_tokens, generated_tokens
 from tests.conftest import RunningServer, StartServer, relay_overrides, wait_until
-from tests.test_browser import RELAY_CONFIG  # noqa: F401 - the short retry: for `relay` here
-from tests.test_browser import EVENT_ID, TORTURE, PageLog, wait_out_reconnects
+from tests.test_browser import (
+    EVENT_ID,
+    RELAY_CONFIG,  # noqa: F401 - the short retry: for `relay` here
+    TORTURE,
+    PageLog,
+    wait_out_reconnects,
+)
 from tests.test_readme import FENCE
 
 ROOT = Path(__file__).resolve().parent.parent

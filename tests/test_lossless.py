@@ -27,8 +27,6 @@ from reactivex.testing import ReactiveTest, TestScheduler
 
 from streamsvc.chunks import TEXT_FIELDS, Chunk, ChunkBuffer, coalesce_batch
 from streamsvc.errors import ErrorCode, UpstreamError
-from streamsvc.wire import Ending
-from streamsvc.wire.events import EventBuilder
 from streamsvc.operators import (
     coalesce,
     first_token_timeout,
@@ -38,6 +36,8 @@ from streamsvc.operators import (
     throttle,
     total_timeout,
 )
+from streamsvc.wire import Ending
+from streamsvc.wire.events import EventBuilder
 
 on_next = ReactiveTest.on_next
 on_error = ReactiveTest.on_error

@@ -11,8 +11,8 @@ from streamsvc.chunks import Chunk
 from streamsvc.errors import ErrorCode, StreamError
 from streamsvc.journal.memory import MemoryJournal
 from streamsvc.reactive.backpressure import Valve
-from streamsvc.streams.sinks import WRITE_SLICE, Backlog, Collector, JournalSink
 from streamsvc.sse import SSEDecoder
+from streamsvc.streams.sinks import WRITE_SLICE, Backlog, Collector, JournalSink
 from streamsvc.wire import Ending
 from streamsvc.wire.events import EventsEncoder
 from streamsvc.wire.openai_chat import OpenAIChatEncoder

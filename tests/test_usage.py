@@ -18,8 +18,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamsvc.chunks import Chunk
-from streamsvc.server.state import AUTH
-from streamsvc.server.state import METRICS
+from streamsvc.server.state import AUTH, METRICS
 from streamsvc.simulator import SimulatorServer
 from streamsvc.usage import Usage, UsageMeter, estimate_prompt_tokens
 from tests.conftest import FakeUpstream, RunningServer, StartServer, relay_overrides

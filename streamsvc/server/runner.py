@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 import io
+import logging
 import re
 import signal
 import time

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import asyncio
+from collections.abc import Callable
 
 from reactivex import Observable, abc
 from reactivex.disposable import CompositeDisposable
