@@ -50,9 +50,13 @@ class StreamContext:
     def attempt_started(self) -> None:
         self.attempts += 1
 
+    def note_failure(self, error: Exception) -> None:
+        """An attempt failed and another (a retry, a fallback, a continuation) follows."""
+        self.retried.append(str(getattr(error, "code", "internal_error")))
+
     def note_retry(self, _source: int, _attempt: int, error: Exception,
                    _delay: float) -> None:
-        self.retried.append(str(getattr(error, "code", "internal_error")))
+        self.note_failure(error)
 
 
 class _Opened:
@@ -131,8 +135,7 @@ def build_pipeline(
             max_attempts=config.retry_max_attempts,
             backoff_base=config.retry_backoff_base_ms / 1000,
             backoff_max=config.retry_backoff_max_ms / 1000, scheduler=None,
-            on_continue=lambda error: context.retried.append(
-                str(getattr(error, "code", "internal_error"))),
+            on_continue=context.note_failure,
         ))
     if config.total_timeout_s > 0:
         stream = stream.pipe(total_timeout(config.total_timeout_s))

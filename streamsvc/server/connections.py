@@ -14,6 +14,7 @@ from aiohttp.web_protocol import RequestHandler
 
 __all__ = ["Connections"]
 
+
 class Connections:
     """How many requests each client connection has in flight.
 

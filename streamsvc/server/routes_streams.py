@@ -351,7 +351,7 @@ async def delete_stream(request: web.Request) -> web.Response:
     else:
         raise ClientError(f"no stream {stream_id!r}", code=ErrorCode.NOT_FOUND, param="id")
     return json_response({"id": stream_id, "object": "stream", "status": status},
-                             headers={"X-Stream-ID": stream_id})
+                         headers={"X-Stream-ID": stream_id})
 
 
 @routes.post("/v1/tickets")

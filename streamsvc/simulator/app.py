@@ -334,7 +334,7 @@ async def _keys(request: web.Request) -> web.Response:
     wanted = request.query.get("key")
     if wanted is not None:
         return json_response({wanted: keys.get(wanted, {"requests": 0, "after_content": 0,
-                                                         "content": 0})})
+                                                        "content": 0})})
     return json_response(keys)
 
 
