@@ -61,6 +61,7 @@ def encode_frame(stream_id: str, seq: int, kind: str, data: bytes) -> bytes:
 # event (framed without an id): kinds are a small set (the formats' event types),
 # but a journal takes any, so the cache is capped.
 _KIND_HEADS: dict[str, tuple[bytes, bool]] = {}
+_DATA_LINE = b"\ndata: "  # after a frame's id or event line, which hold no LF
 _KIND_HEADS_MAX = 256
 
 
@@ -97,19 +98,27 @@ class Framer:
 class Event(msgspec.Struct, frozen=True, gc=False):
     """One journaled event: ``seq`` counts from 1 within its stream.
 
+    ``frame`` is the event's SSE frame, ready to write; its ``data`` is read
+    back out of it. A journal keeps every event of every stream for its
+    retention time, and the frame alone is most of what a token costs to keep:
+    keeping the data beside it too was up to four tenths more (docs/performance.md).
     ``end`` is the byte count of the stream's frames up to and including this
     one, so a reader knows how far behind the journal it is.
 
     Untracked by the garbage collector (``gc=False``: it holds only numbers, a
-    string and bytes, so it can be in no cycle): a journal keeps every event of
-    every stream for its retention time, and each full collection walked them all.
+    string and bytes, so it can be in no cycle): each full collection walked them all.
     """
 
     seq: int
     kind: str
-    data: bytes
     frame: bytes
     end: int
+
+    @property
+    def data(self) -> bytes:
+        """The event's JSON data: the frame's one ``data:`` line (see :func:`encode_frame`)."""
+        frame = self.frame
+        return frame[frame.index(_DATA_LINE) + len(_DATA_LINE):-2]
 
     @property
     def final(self) -> bool:

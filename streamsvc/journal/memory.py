@@ -95,7 +95,7 @@ class MemoryJournal:
                     check_bounds(stream_id, len(items), log.size + len(frame),
                                  self._max_events, self._max_bytes)
                 log.size += len(frame)
-                items.append(Event(seq, kind, data, frame, log.size))
+                items.append(Event(seq, kind, frame, log.size))
                 if final:
                     self._ended(stream_id, log)
                     break
@@ -121,7 +121,7 @@ class MemoryJournal:
         if not final and (seq > self._max_events or size > self._max_bytes):
             check_bounds(stream_id, seq - 1, size, self._max_events, self._max_bytes)
         log.size = size
-        event = Event(seq, kind, data, frame, size)
+        event = Event(seq, kind, frame, size)
         items.append(event)
         if final:
             self._ended(stream_id, log)

@@ -266,7 +266,7 @@ class RedisJournal:
                                  self._max_events, self._max_bytes)
                 writer.seq += 1
                 writer.size += len(frame)
-                batch.append(Event(writer.seq, kind, data, frame, writer.size))
+                batch.append(Event(writer.seq, kind, frame, writer.size))
                 if final:
                     writer.ended = True
                     break
@@ -489,7 +489,7 @@ class RedisJournal:
                 first_start = end - len(frame)
             elif max_bytes is not None and end - first_start > max_bytes:
                 break
-            events.append(Event(seq, kind, data, frame, end))
+            events.append(Event(seq, kind, frame, end))
             if is_final(kind):
                 break
         return events
