@@ -770,8 +770,8 @@ async def test_fault_split_surrogates_sends_each_astral_character_as_two_escaped
     session: aiohttp.ClientSession, sim: SimulatorServer
 ) -> None:
     prompt = "a 🙂 b 👍🏽 c 東京"
-    resp, raw = await post(session, sim,
-                           stream_chat(prompt, simulate={"fault": "split_surrogates"}))
+    _, raw = await post(session, sim,
+                        stream_chat(prompt, simulate={"fault": "split_surrogates"}))
     assert b'\\ud83d"' in raw and b'"\\ude42' in raw  # a piece ends on the high half
     with pytest.raises(msgspec.DecodeError):
         chunks(raw)  # msgspec refuses the halves, as it did in the relay

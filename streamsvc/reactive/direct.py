@@ -53,7 +53,7 @@ def subscribe_direct(
     if type(source) is not DirectObservable:
         return source.subscribe(observer, scheduler=scheduler)
     try:
-        return source._direct(observer, scheduler)  # noqa: SLF001 - our own class
+        return source._direct(observer, scheduler)  # a private method of our own class
     except Exception as exc:  # noqa: BLE001 - as Observable.subscribe does
         observer.on_error(exc)
         return Disposable()

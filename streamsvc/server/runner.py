@@ -131,7 +131,7 @@ def run_app(
     port: int,
     backlog: int,
     shutdown_timeout: float,
-    print: Callable[[str], None],  # noqa: A002 - the name web.run_app gives it
+    print: Callable[[str], None],  # the name web.run_app gives it
     **runner_options: Any,
 ) -> None:
     """``web.run_app`` on :class:`AppRunner`: serve until SIGINT or SIGTERM, then shut down.
