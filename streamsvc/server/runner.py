@@ -184,9 +184,10 @@ def _tune_gc() -> None:
     closures that almost all die by reference count, so each young collection
     mostly walked the few objects in flight, 14 times as often. The middle
     generation collects every 3 young collections instead of 10: what a new
-    stream keeps (about 110 objects) waits there for it, and at 1,000 streams
-    opened in 4 s one collection of 10 walked them for 19 to 33 ms, a pause
-    every stream opening then waited out; of 3, 6 to 11 ms, at the same CPU.
+    stream keeps (about 110 objects when this was measured, about 75 now)
+    waits there for it, and at 1,000 streams opened in 4 s one collection of
+    10 walked them for 19 to 33 ms, a pause every stream opening then waited
+    out; of 3, 6 to 11 ms, at the same CPU.
     """
     gc.freeze()
     _, _, old = gc.get_threshold()
