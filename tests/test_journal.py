@@ -284,6 +284,33 @@ class TestJournal:
         events = await asyncio.wait_for(journal.read("s", 0), 2)
         assert [e.seq for e in events] == [1, 2, 3] and events[-1].end == journal.size("s")
 
+    async def test_append_one_nowait_keeps_the_contract_of_append_nowait(
+        self, make: JournalFactory
+    ) -> None:
+        # The per-token call: numbered, bounded, tailed and refused as append_nowait is.
+        journal = make(max_events=2)
+        with pytest.raises(ClientError) as unknown:
+            journal.append_one_nowait("nope", *msg("a"))
+        assert unknown.value.code == ErrorCode.NOT_FOUND
+        await journal.create("s")
+        told: list[int] = []
+        stop = journal.listen("s", lambda events: told.extend(e.seq for e in events) or True)
+        assert journal.append_one_nowait("s", *msg("a")) == 1
+        assert journal.append_nowait("s", [msg("b")]) == 2
+        with pytest.raises(StreamError) as full:
+            journal.append_one_nowait("s", *msg("c"))
+        assert full.value.code == ErrorCode.JOURNAL_FULL
+        assert journal.append_one_nowait("s", *DONE) == 3  # the end always gets in
+        with pytest.raises(ValueError, match="already ended"):
+            journal.append_one_nowait("s", *msg("d"))
+        events = await asyncio.wait_for(journal.read("s", 0), 2)
+        assert [(e.seq, e.kind, e.data) for e in events] == [
+            (1, *msg("a")), (2, *msg("b")), (3, *DONE)]
+        assert events[-1].end == journal.size("s") == sum(len(e.frame) for e in events)
+        if stop is not None:  # a backend that calls back told each event once, in order
+            assert await wait_until(lambda: told == [1, 2, 3])
+            stop()
+
     async def test_close_wakes_waiting_readers(self, journal: Journal) -> None:
         await journal.create("s")
         reader = asyncio.ensure_future(journal.read("s", 0))

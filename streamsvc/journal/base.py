@@ -166,6 +166,13 @@ class Journal(Protocol):
         Raises like ``append``.
         """
 
+    def append_one_nowait(self, stream_id: str, kind: str, data: bytes) -> int:
+        """``append_nowait`` of one event (what a token makes): returns its seq.
+
+        The same contract, for the call a stream makes per token: no list around
+        the event, and a backend may take a shorter path for it.
+        """
+
     async def read(self, stream_id: str, after: int, max_bytes: int | None = None) -> list[Event]:
         """Events with seq > ``after``, waiting until there is one or the stream has ended.
 

@@ -45,7 +45,7 @@ class Followers:
         self.listeners.append(listener)
 
         def unlisten() -> None:
-            self._drop(listener)
+            self.drop(listener)
 
         return unlisten
 
@@ -57,13 +57,14 @@ class Followers:
         if len(listeners) == 1:  # one caught-up reader, the usual case: no copy of the list
             listener = listeners[0]
             if not listener(events):
-                self._drop(listener)
+                self.drop(listener)
             return
         for listener in list(listeners):  # a copy: a listener may stop listening meanwhile
             if not listener(events):
-                self._drop(listener)
+                self.drop(listener)
 
-    def _drop(self, listener: Listener) -> None:
+    def drop(self, listener: Listener) -> None:
+        """Stop calling ``listener`` (a no-op once it is gone)."""
         if listener in self.listeners:
             self.listeners.remove(listener)
 

@@ -78,12 +78,12 @@ class MemoryJournal:
         return self.append_nowait(stream_id, events)
 
     def append_nowait(self, stream_id: str, events: list[tuple[str, bytes]]) -> int:
+        if len(events) == 1:
+            kind, data = events[0]
+            return self.append_one_nowait(stream_id, kind, data)
         log = self._logs.get(stream_id)
         if log is None or log.ended:
             self._refuse(stream_id)
-        if len(events) == 1:
-            kind, data = events[0]
-            return self._append_one(stream_id, log, kind, data)
         items = log.events
         first = len(items)
         try:
@@ -105,14 +105,12 @@ class MemoryJournal:
                 log.wake()
         return len(items)
 
-    def _refuse(self, stream_id: str) -> NoReturn:
-        """Raise why events cannot go to ``stream_id``: unknown, expired, or ended."""
-        self._log(stream_id)
-        raise ValueError(f"stream {stream_id!r} has already ended")
-
-    def _append_one(self, stream_id: str, log: _Log, kind: str, data: bytes) -> int:
-        """``append_nowait`` of one event, nearly every call (a token): no loop, no slice,
-        and the bounds compared here (``check_bounds`` only words the refusal)."""
+    def append_one_nowait(self, stream_id: str, kind: str, data: bytes) -> int:
+        """One event, nearly every call (a token): no loop, no slice, the bounds compared
+        here (``check_bounds`` only words the refusal), and one caught-up reader called here."""
+        log = self._logs.get(stream_id)
+        if log is None or log.ended:
+            self._refuse(stream_id)
         items = log.events
         seq = len(items) + 1
         frame = log.framer.frame(seq, kind, data)
@@ -125,11 +123,22 @@ class MemoryJournal:
         items.append(event)
         if final:
             self._ended(stream_id, log)
-        if log.listeners:
-            log.notify([event])
+        listeners = log.listeners
+        if listeners:
+            if len(listeners) == 1:  # Followers.notify's usual case, without its call
+                listener = listeners[0]
+                if not listener([event]):
+                    log.drop(listener)
+            else:
+                log.notify([event])
         if log.waiters:
             log.wake()
         return seq
+
+    def _refuse(self, stream_id: str) -> NoReturn:
+        """Raise why events cannot go to ``stream_id``: unknown, expired, or ended."""
+        self._log(stream_id)
+        raise ValueError(f"stream {stream_id!r} has already ended")
 
     def _ended(self, stream_id: str, log: _Log) -> None:
         log.ended = True

@@ -277,6 +277,9 @@ class RedisJournal:
                 self._queued.set()
         return writer.seq
 
+    def append_one_nowait(self, stream_id: str, kind: str, data: bytes) -> int:
+        return self.append_nowait(stream_id, [(kind, data)])  # a network write: no shorter path
+
     async def _flushed(self, writer: _Writer, seq: int) -> None:
         """Wait until Redis holds ``seq`` (or the stream was lost, or the journal closed)."""
         while writer.flushed < seq and not writer.lost and not self._closed:

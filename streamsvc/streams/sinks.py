@@ -46,7 +46,7 @@ class JournalSink:
     """A resumable stream's entries in its format (default: streamsvc events), numbered and
     kept by the journal for every reader."""
 
-    __slots__ = ("_entries", "_journal", "_stream_id")
+    __slots__ = ("_append_one", "_chunk", "_entries", "_journal", "_stream_id")
 
     def __init__(
         self, journal: Journal, stream_id: str, entries: EntryEncoder | None = None
@@ -54,6 +54,8 @@ class JournalSink:
         self._journal = journal
         self._stream_id = stream_id
         self._entries: EntryEncoder = entries if entries is not None else EventEntries()
+        self._chunk = self._entries.chunk  # bound once: put runs once per token
+        self._append_one = journal.append_one_nowait
 
     def opened(self) -> None:
         """The stream's journal entry exists: write what the format begins with."""
@@ -62,10 +64,14 @@ class JournalSink:
             self._journal.append_nowait(self._stream_id, first)
 
     def put(self, chunk: Chunk) -> bool:
-        entries = self._entries.chunk(chunk)
+        entries = self._chunk(chunk)
         if not entries:
             return False
-        self._journal.append_nowait(self._stream_id, entries)
+        if len(entries) == 1:  # nearly every chunk: one delta
+            kind, data = entries[0]
+            self._append_one(self._stream_id, kind, data)
+        else:
+            self._journal.append_nowait(self._stream_id, entries)
         return True
 
     def end(self, ending: Ending) -> None:

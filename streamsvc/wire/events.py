@@ -156,6 +156,9 @@ class EventEntries:
         return []
 
     def chunk(self, chunk: Chunk) -> Entries:
+        text = chunk.text
+        if text:  # nearly every chunk: EventBuilder.deltas' first case, without its call
+            return [(DELTA, _CONTENT + _encode(text) + b"}")]
         if isinstance(chunk, Seam):
             return [(FAILOVER, _encode(chunk.info))]
         datas = self._builder.deltas(chunk)

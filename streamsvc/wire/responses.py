@@ -43,6 +43,8 @@ __all__ = ["FINAL_TYPES", "ResponseEntries", "ResponseEvents", "usage_object"]
 FINAL_TYPES = ("response.completed", "response.failed", "response.incomplete")
 
 _encode = msgspec.json.encode
+_DELTA = b"%b%d%b%b%b"
+"""A text delta's data: its item's head, the sequence number, its tail, the text, its end."""
 _DELTA_TYPES = {"message": "response.output_text.delta",
                 "reasoning": "response.reasoning_text.delta"}
 
@@ -152,9 +154,11 @@ class ResponseEvents:
             if not text:
                 return []
             item = self._open
-            if item is not None and item.kind == "message":
+            if item is not None and item.kind == "message":  # _delta, inline: a call a token
                 item.parts.append(text)
-                return [self._delta(item, text)]
+                self._seq = seq = self._seq + 1
+                return [(item.delta_type, _DELTA % (item.delta_head, seq, item.delta_tail,
+                                                    _encode(text), item.delta_end))]
             return self._text("message", text)
         events: Entries = []
         for choice in chunk.choices:
@@ -220,8 +224,7 @@ class ResponseEvents:
 
     def _delta(self, item: _Item, text: str) -> tuple[str, bytes]:
         self._seq += 1
-        data = b"%b%d%b%b%b" % (item.delta_head, self._seq, item.delta_tail, _encode(text),
-                                item.delta_end)
+        data = _DELTA % (item.delta_head, self._seq, item.delta_tail, _encode(text), item.delta_end)
         return item.delta_type, data
 
     def _text(self, kind: str, text: str) -> Entries:
