@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from streamsvc.errors import ClientError, ErrorCode
-from streamsvc.journal.base import FINAL_KINDS, Event, Framer, Listener, check_bounds, is_final
+from streamsvc.journal.base import FINAL_KINDS, Event, Framer, Listener, check_bounds
 from streamsvc.journal.followers import Followers
 
 __all__ = ["MemoryJournal"]
@@ -88,14 +88,14 @@ class MemoryJournal:
         first = len(items)
         try:
             for kind, data in events:
-                final = is_final(kind)
+                final = kind in FINAL_KINDS
                 seq = len(items) + 1
                 frame = log.framer.frame(seq, kind, data)
-                if not final:
-                    check_bounds(stream_id, len(items), log.size + len(frame),
-                                 self._max_events, self._max_bytes)
-                log.size += len(frame)
-                items.append(Event(seq, kind, frame, log.size))
+                size = log.size + len(frame)
+                if not final and (seq > self._max_events or size > self._max_bytes):
+                    check_bounds(stream_id, seq - 1, size, self._max_events, self._max_bytes)
+                log.size = size
+                items.append(Event(seq, kind, frame, size))
                 if final:
                     self._ended(stream_id, log)
                     break

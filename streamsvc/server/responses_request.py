@@ -51,6 +51,7 @@ _KEPT = ("metadata", "store", "background", "previous_response_id", "instruction
          "model", "input", "max_output_tokens", "tools", "tool_choice", "text", "reasoning")
 # The simulator's own request field and streamsvc's options pass through, as on every endpoint.
 _OWN = ("simulate", OWN_FIELD)
+_KNOWN = frozenset(_KEPT + _PASSED + _IGNORED + _OWN)
 _RESPONSE_ID = re.compile(r"resp_[0-9a-f]{24}")
 
 
@@ -98,7 +99,7 @@ def parse_responses_body(raw: bytes) -> ResponsesRequest:
     if not isinstance(body, dict):
         raise bad_field(f"expected a JSON object, got {kind_of(body)}", "body")
     for name in body:
-        if name not in _KEPT + _PASSED + _IGNORED + _OWN:
+        if name not in _KNOWN:
             raise bad_field("not supported by streamsvc's Responses API", name)
     model = body.get("model")
     if not isinstance(model, str) or not model:

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from streamsvc.journal.base import Event, Journal
+from streamsvc.journal.base import FINAL_KINDS, Event, Journal
 from streamsvc.streams.sinks import WRITE_SLICE, Backlog
 
 __all__ = ["Connection", "read_backlog", "read_journal"]
@@ -112,15 +112,35 @@ class _Tail:
         """Made when the tail goes live: set to whether the final event was written."""
 
     def take(self, events: list[Event]) -> bool:
-        if self.woken is not None:  # live
-            return self._write(events)
-        if events:
-            self.kept += events
-            self.kept_bytes += sum(len(event.frame) for event in events)
-            if self.kept_bytes <= WRITE_SLICE:
-                return True
-        self.stopped = True  # too much to keep, or the tail is over ([]): the reader reads it
-        self.kept = []
+        """The listener: keeps what the appends bring until the tail is live, then writes
+        each batch after the position (a read may have brought some of it) at once.
+        Returns whether to go on listening."""
+        if self.woken is None:  # not live yet: keep
+            if events:
+                self.kept += events
+                self.kept_bytes += sum(len(event.frame) for event in events)
+                if self.kept_bytes <= WRITE_SLICE:
+                    return True
+            self.stopped = True  # too much to keep, or the tail is over ([]): the reader reads it
+            self.kept = []
+            return False
+        position = self.position
+        if events and events[-1].seq <= position[0]:
+            return True  # written already: read from the journal before this batch was told
+        if events and events[0].seq <= position[0] + 1:
+            if events[0].seq <= position[0]:
+                events = [event for event in events if event.seq > position[0]]
+            last = events[-1]  # nearly always the one event a token made: its frame as it is
+            data = last.frame if len(events) == 1 else b"".join([event.frame for event in events])
+            if self.connection.write_now(data):
+                position[0] = last.seq
+                if last.kind not in FINAL_KINDS:  # Event.final, without its call per token
+                    return True
+                self._wake(True)
+                self.stopped = True
+                return False
+        self._wake(False)
+        self.stopped = True
         return False
 
     async def follow(self) -> bool:
@@ -135,30 +155,8 @@ class _Tail:
         self.kept, self.kept_bytes = [], 0
         self.woken = asyncio.get_running_loop().create_future()
         if kept:
-            self._write(kept)  # one that stops wakes and marks the tail stopped itself
+            self.take(kept)  # live now: one that stops wakes and marks the tail stopped itself
         return await self.woken
-
-    def _write(self, events: list[Event]) -> bool:
-        """Write the events after the position (a read may have brought some of them);
-        returns whether to go on listening."""
-        position = self.position
-        if events and events[-1].seq <= position[0]:
-            return True  # written already: read from the journal before this batch was told
-        if events and events[0].seq <= position[0] + 1:
-            if events[0].seq <= position[0]:
-                events = [event for event in events if event.seq > position[0]]
-            last = events[-1]  # nearly always the one event a token made: its frame as it is
-            data = last.frame if len(events) == 1 else b"".join([event.frame for event in events])
-            if self.connection.write_now(data):
-                position[0] = last.seq
-                if not last.final:
-                    return True
-                self._wake(True)
-                self.stopped = True
-                return False
-        self._wake(False)
-        self.stopped = True
-        return False
 
     def _wake(self, final: bool) -> None:
         if self.woken is not None and not self.woken.done():

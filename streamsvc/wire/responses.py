@@ -43,8 +43,6 @@ __all__ = ["FINAL_TYPES", "ResponseEntries", "ResponseEvents", "usage_object"]
 FINAL_TYPES = ("response.completed", "response.failed", "response.incomplete")
 
 _encode = msgspec.json.encode
-_DELTA = b"%b%d%b%b%b"
-"""A text delta's data: its item's head, the sequence number, its tail, the text, its end."""
 _DELTA_TYPES = {"message": "response.output_text.delta",
                 "reasoning": "response.reasoning_text.delta"}
 
@@ -63,7 +61,7 @@ def usage_object(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
 class _Item:
     """One output item being streamed: a message, a reasoning item or a function call."""
 
-    __slots__ = ("call_id", "delta_end", "delta_head", "delta_tail", "delta_type", "id", "index",
+    __slots__ = ("call_id", "delta", "delta_type", "id", "index",
                  "kind", "name", "parts", "status")
 
     def __init__(self, kind: str, item_id: str, index: int) -> None:
@@ -75,12 +73,12 @@ class _Item:
         self.name = ""
         self.status = "in_progress"  # until closed: "completed" or "incomplete"
         # A text delta is most of a response's events: its JSON around the two values
-        # that change (sequence_number, delta) is encoded once per item.
+        # that change is one template per item, filled with sequence_number and delta.
         self.delta_type = _DELTA_TYPES.get(kind, "")
-        self.delta_head = b'{"type":"%s","sequence_number":' % self.delta_type.encode()
-        self.delta_tail = (b',"item_id":' + _encode(item_id) + b',"output_index":%d'
-                           b',"content_index":0,"delta":' % index)
-        self.delta_end = b',"logprobs":[]}' if kind == "message" else b"}"
+        self.delta = (b'{"type":"%b","sequence_number":%%d,"item_id":%b,"output_index":%d'
+                      b',"content_index":0,"delta":%%b%b}'
+                      % (self.delta_type.encode(), _encode(item_id).replace(b"%", b"%%"), index,
+                         b',"logprobs":[]' if kind == "message" else b""))
 
     @property
     def text(self) -> str:
@@ -157,8 +155,7 @@ class ResponseEvents:
             if item is not None and item.kind == "message":  # _delta, inline: a call a token
                 item.parts.append(text)
                 self._seq = seq = self._seq + 1
-                return [(item.delta_type, _DELTA % (item.delta_head, seq, item.delta_tail,
-                                                    _encode(text), item.delta_end))]
+                return [(item.delta_type, item.delta % (seq, _encode(text)))]
             return self._text("message", text)
         events: Entries = []
         for choice in chunk.choices:
@@ -224,8 +221,7 @@ class ResponseEvents:
 
     def _delta(self, item: _Item, text: str) -> tuple[str, bytes]:
         self._seq += 1
-        data = _DELTA % (item.delta_head, self._seq, item.delta_tail, _encode(text), item.delta_end)
-        return item.delta_type, data
+        return item.delta_type, item.delta % (self._seq, _encode(text))
 
     def _text(self, kind: str, text: str) -> Entries:
         events: Entries = []
