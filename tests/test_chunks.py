@@ -433,7 +433,7 @@ def _decoded(body: dict[str, Any], *, after: dict[str, Any] | None = None) -> Ch
 
 def _everything_made_of(one: Chunk) -> tuple[Any, ...]:
     from streamsvc.usage import UsageMeter
-    from streamsvc.wire.events import EventBuilder
+    from streamsvc.wire.events import EventBuilder, EventEntries
     from streamsvc.wire.openai_chat import OpenAIChatEncoder
     from streamsvc.wire.responses import ResponseEvents
 
@@ -441,6 +441,7 @@ def _everything_made_of(one: Chunk) -> tuple[Any, ...]:
     meter.add(one)
     responses = ResponseEvents({"id": "resp_1", "model": "m"}, prompt_tokens=1)
     return (one.content, one.has_content, meter.chars, EventBuilder().deltas(one),
+            EventEntries().chunk(one),
             responses.chunk(one), OpenAIChatEncoder(include_usage=True).chunk(one),
             OpenAIChatEncoder(include_usage=False).chunk(one))
 

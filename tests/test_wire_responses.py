@@ -20,6 +20,14 @@ def chunk(delta: dict[str, Any], *, finish: str | None = None, usage: Any = None
     return Chunk(data)
 
 
+def text_alone(delta: dict[str, Any]) -> Chunk:
+    """The chunk as the upstream decoder makes it: marked as text alone when it is."""
+    one = chunk(delta)
+    if list(delta) == ["content"]:
+        return Chunk.of_text(json.dumps(one.data).encode(), delta["content"])
+    return one
+
+
 def events_of(chunks: list[Chunk]) -> list[tuple[str, Any]]:
     events = ResponseEvents({"id": "resp_1", "object": "response", "model": "m"},
                             prompt_tokens=5)
@@ -44,9 +52,11 @@ SCENARIOS = {
 def test_a_text_piece_gives_the_events_of_the_general_path(
     deltas: list[dict[str, Any]],
 ) -> None:
-    # One text piece of choice 0 takes a short path; the same piece with a field that
-    # adds nothing (refusal: null) takes the general one. The events must be the same.
-    fast = [chunk(delta) for delta in deltas]
+    # One text piece of choice 0 takes a short path (the chunk the upstream decoder marks as
+    # text alone); the same piece with a field that adds nothing (refusal: null) takes the
+    # general one. The events must be the same.
+    fast = [text_alone(delta) for delta in deltas]
+    assert any(one.text for one in fast)  # the short path is taken
     general = [chunk({**delta, "refusal": None}) for delta in deltas]
     assert events_of(fast) == events_of(general)
     completed = events_of(fast)[-1][1]["response"]
