@@ -45,7 +45,7 @@ class Followers:
         self.listeners.append(listener)
 
         def unlisten() -> None:
-            self.drop(listener)
+            self._drop(listener)
 
         return unlisten
 
@@ -57,14 +57,13 @@ class Followers:
         if len(listeners) == 1:  # one caught-up reader, the usual case: no copy of the list
             listener = listeners[0]
             if not listener(events):
-                self.drop(listener)
+                self._drop(listener)
             return
         for listener in list(listeners):  # a copy: a listener may stop listening meanwhile
             if not listener(events):
-                self.drop(listener)
+                self._drop(listener)
 
-    def drop(self, listener: Listener) -> None:
-        """Stop calling ``listener`` (a no-op once it is gone)."""
+    def _drop(self, listener: Listener) -> None:
         if listener in self.listeners:
             self.listeners.remove(listener)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from streamsvc.errors import ClientError, ErrorCode
-from streamsvc.journal.base import FINAL_KINDS, Event, Framer, Listener, check_bounds
+from streamsvc.journal.base import FINAL_KINDS, Event, Framer, Listener, check_bounds, is_final
 from streamsvc.journal.followers import Followers
 
 __all__ = ["MemoryJournal"]
@@ -88,14 +88,14 @@ class MemoryJournal:
         first = len(items)
         try:
             for kind, data in events:
-                final = kind in FINAL_KINDS
+                final = is_final(kind)
                 seq = len(items) + 1
                 frame = log.framer.frame(seq, kind, data)
-                size = log.size + len(frame)
-                if not final and (seq > self._max_events or size > self._max_bytes):
-                    check_bounds(stream_id, seq - 1, size, self._max_events, self._max_bytes)
-                log.size = size
-                items.append(Event(seq, kind, frame, size))
+                if not final:
+                    check_bounds(stream_id, len(items), log.size + len(frame),
+                                 self._max_events, self._max_bytes)
+                log.size += len(frame)
+                items.append(Event(seq, kind, frame, log.size))
                 if final:
                     self._ended(stream_id, log)
                     break
@@ -106,8 +106,8 @@ class MemoryJournal:
         return len(items)
 
     def append_one_nowait(self, stream_id: str, kind: str, data: bytes) -> int:
-        """One event, nearly every call (a token): no loop, no slice, the bounds compared
-        here (``check_bounds`` only words the refusal), and one caught-up reader called here."""
+        """One event, nearly every call (a token): no loop, no slice, and the bounds compared
+        here (``check_bounds`` only words the refusal)."""
         log = self._logs.get(stream_id)
         if log is None or log.ended:
             self._refuse(stream_id)
@@ -123,14 +123,8 @@ class MemoryJournal:
         items.append(event)
         if final:
             self._ended(stream_id, log)
-        listeners = log.listeners
-        if listeners:
-            if len(listeners) == 1:  # Followers.notify's usual case, without its call
-                listener = listeners[0]
-                if not listener([event]):
-                    log.drop(listener)
-            else:
-                log.notify([event])
+        if log.listeners:
+            log.notify([event])
         if log.waiters:
             log.wake()
         return seq

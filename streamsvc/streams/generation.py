@@ -177,10 +177,7 @@ class Generation(abc.ObserverBase[Chunk]):
     def on_next(self, chunk: Chunk) -> None:
         if self.state is not GenerationState.RUNNING:
             return
-        text = chunk.text
-        if text is not None:  # UsageMeter.add's first case, without its call per token
-            self._meter.chars += len(text)
-        elif isinstance(chunk, Seam):
+        if isinstance(chunk, Seam):
             self._meter.seam(self.context.prompt_tokens)
         else:
             self._meter.add(chunk)
