@@ -39,6 +39,7 @@ from streamsvc.bench.orchestrator import (
     _Run,
 )
 from streamsvc.bench.paired import print_paired
+from streamsvc.bench.procfs import BusiestStretch, machine_cpu_seconds
 from streamsvc.bench.redis_server import redis_binary
 from streamsvc.bench.report import (
     evaluate_targets,
@@ -342,6 +343,54 @@ def test_each_note_is_said_once_and_the_kernel_count_is_not_blamed_on_a_phase(
     assert kernel == (f"direct ({first.load.streams} streams): while it ran, 35 connections were"
                       " dropped on full listen queues on this machine (any process's: the"
                       " kernel counts them for all)")
+
+
+def test_every_phase_says_how_busy_the_machine_was(quick_run: Any) -> None:
+    """The 1,000-stream TTFT of 2026-12-05 07:10: relay, simulator and load client used 1.9
+    of the 2 CPUs as the last streams opened; a tail that is partly waiting for a CPU."""
+    _, report, _ = quick_run
+    typed = _typed(report)
+    phases = [*typed.paths, *typed.open_streams]
+    for phase in phases:
+        assert phase.machine_busy_peak is not None and 0.0 < phase.machine_busy_peak <= 1.0
+    (summary,) = [line for line in notes(typed) if line.startswith("the machine's CPUs in use")]
+    assert all(f"{phase.name} {phase.machine_busy_peak:.0%}" in summary for phase in phases)
+    calm = [msgspec.structs.replace(o, machine_busy_peak=0.5) for o in typed.open_streams]
+    busy = [msgspec.structs.replace(calm[0], machine_busy_peak=0.94), *calm[1:]]
+    said = [line for line in notes(msgspec.structs.replace(typed, open_streams=calm))
+            if "waiting for a CPU" in line]
+    assert not any(busy[0].name in line for line in said)
+    lines = notes(msgspec.structs.replace(typed, open_streams=busy))
+    assert (f"{busy[0].name} ({busy[0].load.streams} streams): 94% of the machine's CPUs were"
+            " in use in its busiest half second: its latencies include waiting for a CPU"
+            in lines)
+
+
+def test_the_busiest_stretch_is_the_busiest_half_second_of_readings() -> None:
+    machine = BusiestStretch(window_s=0.5, cpus=2)
+    machine.read(at=0.0, cpu_s=10.0)
+    machine.read(at=0.25, cpu_s=10.2)
+    assert machine.peak is None  # no stretch a window long yet
+    machine.read(at=0.5, cpu_s=10.5)  # 0.0 to 0.5: 0.5 CPU s of 1.0
+    assert machine.peak == pytest.approx(0.5)
+    machine.read(at=0.75, cpu_s=11.4)  # 0.25 to 0.75: 1.2 of 1.0, capped
+    assert machine.peak == 1.0
+    machine.read(at=1.75, cpu_s=11.5)  # a late reading lowers nothing already seen
+    assert machine.peak == 1.0
+    calm = BusiestStretch(window_s=0.5, cpus=2)
+    for at in range(40):  # readings every 0.25 s, 0.1 CPU s each: 20 %
+        calm.read(at=at * 0.25, cpu_s=at * 0.1)
+    assert calm.peak == pytest.approx(0.2)
+    assert len(calm._readings) <= 3  # bounded, however long the phase
+
+
+def test_the_machine_cpu_count_includes_this_process() -> None:
+    own, machine = time.process_time(), machine_cpu_seconds()
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:
+        pass
+    spent = time.process_time() - own
+    assert machine_cpu_seconds() - machine >= spent - 0.05  # /proc/stat counts in 10 ms ticks
 
 
 def test_a_skipped_phase_is_said_once(quick_run: Any) -> None:

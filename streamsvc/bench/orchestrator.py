@@ -57,7 +57,7 @@ from streamsvc.bench.load import LoadSpec
 from streamsvc.bench.machine import machine_info
 from streamsvc.bench.nginx import nginx_binary, nginx_command, nginx_version, write_config
 from streamsvc.bench.options import BenchOptions, RelayLoop
-from streamsvc.bench.procfs import busy_cpu_seconds, listen_overflows
+from streamsvc.bench.procfs import BusiestStretch, busy_cpu_seconds, listen_overflows
 from streamsvc.bench.redis_server import redis_binary, redis_command, redis_version
 from streamsvc.bench.relays import relay_service, simulator_service, warm_up
 from streamsvc.bench.report import evaluate_targets, print_report, write_outputs
@@ -130,6 +130,7 @@ class _Measured:
     rss_plateau_bytes: int | None = None
     rss_open_streams: int = 0  # streams open when rss_plateau_bytes was read
     plateau_reached: bool = False
+    machine_busy_peak: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,8 +250,10 @@ class _Run:
                                  total=None, status="starting")
         plateau: list[int] = []
         rss_at_max_open: list[tuple[int, int]] = []
+        machine = BusiestStretch()
 
         def on_progress(progress: Progress) -> None:
+            machine.read()
             failed = f" · failed {progress.failed}" if progress.failed else ""
             self.bar.update(task, completed=progress.chars, total=progress.chars_total,
                             status=f"open {progress.open} · done {progress.done}{failed}")
@@ -267,7 +270,9 @@ class _Run:
         simulator_before = self.simulator.sample().cpu_s
         overflows_before = listen_overflows()
         busy_before, own_before = busy_cpu_seconds(), time.process_time()
+        machine.read()
         load = await run_client(spec, workdir=self.workdir, name=name, on_progress=on_progress)
+        machine.read()
         busy, own = busy_cpu_seconds() - busy_before, time.process_time() - own_before
         overflows = listen_overflows() - overflows_before
         simulator_cpu = self.simulator.sample().cpu_s - simulator_before
@@ -297,7 +302,7 @@ class _Run:
                          other_cpu_s=max(other, 0.0), redis_cpu_s=redis_cpu,
                          rss_before_bytes=rss_before,
                          rss_plateau_bytes=rss_plateau, rss_open_streams=rss_open,
-                         plateau_reached=bool(plateau))
+                         plateau_reached=bool(plateau), machine_busy_peak=machine.peak)
 
     async def run_path(self, path: _Path, spec: LoadSpec, *, track_rss: bool = False,
                        round: int = 0) -> _Ran:
@@ -473,6 +478,7 @@ def _path_results(measured: list[_Ran], options: BenchOptions) -> list[PathResul
             peak_rss_bytes=m.peak_rss_bytes,
             simulator_cpu_us_per_token=per_token_us(m.simulator_cpu_s, tokens) or 0.0,
             listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
+            machine_busy_peak=m.machine_busy_peak,
             added_ttft_ms=added(m.load.ttft_ms, direct.ttft_ms) if is_relay else None,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if is_relay else None,
             rounds=rounds,
@@ -549,6 +555,7 @@ def _open_results(measured: list[_Ran]) -> list[OpenStreamsResult]:
             peak_rss_bytes=m.peak_rss_bytes,
             cpu_us_per_token=per_token_us(m.relay_cpu_s, m.load.completed * m.load.tokens),
             listen_overflows=m.listen_overflows, other_cpu_s=m.other_cpu_s,
+            machine_busy_peak=m.machine_busy_peak,
             added_gap_ms=added(m.load.gap_ms, direct.gap_ms) if ran.relay is not None else None,
             added_ttft_ms=(added(m.load.ttft_ms, direct.ttft_ms) if ran.relay is not None
                            else None),

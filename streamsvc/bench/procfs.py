@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcSample", "busy_cpu_seconds", "cpu_seconds", "listen_overflows", "sample"]
+__all__ = [
+    "BusiestStretch", "ProcSample", "busy_cpu_seconds", "cpu_seconds", "listen_overflows",
+    "machine_cpu_seconds", "sample",
+]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _HAS_SCHEDSTAT = Path("/proc/self/schedstat").exists()
@@ -91,17 +95,67 @@ def listen_overflows() -> int:
     return 0
 
 
+def _stat_ticks() -> list[int]:
+    fields = Path("/proc/stat").read_text(encoding="ascii").split("\n", 1)[0].split()[1:]
+    return [int(value) for value in fields]
+
+
 def busy_cpu_seconds() -> float:
     """CPU seconds every process on the machine has used so far (``/proc/stat``, not idle).
 
     Its growth over a phase, minus what the run's own processes used, is what
     other work on the machine took: the noise in the figures.
     """
-    fields = Path("/proc/stat").read_text(encoding="ascii").split("\n", 1)[0].split()[1:]
-    ticks = [int(value) for value in fields]
+    ticks = _stat_ticks()
     # user nice system idle iowait irq softirq steal [guest guest_nice, inside user].
     # irq and softirq are left out: loopback traffic is processed there, on behalf
     # of the run's own processes. steal stays: a hypervisor's other guests are noise.
     user, nice, system, steal = ticks[0], ticks[1], ticks[2], ticks[7]
     busy = user + nice + system + steal
     return busy / _TICKS
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds the machine's CPUs have been in use so far, summed over them (``/proc/stat``).
+
+    Everything but idle and iowait, interrupts included: what a process waiting
+    for a CPU waits behind, whoever it is spent for.
+    """
+    ticks = _stat_ticks()
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICKS  # guest time is inside user's
+
+
+class BusiestStretch:
+    """How busy the machine's CPUs were in the busiest stretch of a phase (0 to 1).
+
+    A latency tail measured while every CPU was in use is partly waiting for
+    a CPU: the harness's processes and the relay share the machine. Fed a
+    reading at the phase's start, at each progress line (every 0.25 s) and
+    at its end; a stretch is the shortest run of readings at least
+    ``window_s`` long, so one late reading does not make a peak.
+    """
+
+    __slots__ = ("_cpus", "_readings", "_window_s", "peak")
+
+    def __init__(self, *, window_s: float = 0.5, cpus: int | None = None) -> None:
+        self._window_s = window_s
+        self._cpus = cpus or os.cpu_count() or 1  # /proc/stat's first line sums them all
+        self._readings: list[tuple[float, float]] = []  # (monotonic s, machine CPU s)
+        self.peak: float | None = None
+        """The busiest stretch's share of all the CPUs; None until one is ``window_s`` long."""
+
+    def read(self, at: float | None = None, cpu_s: float | None = None) -> None:
+        """Take a reading (now, or the one given: for tests)."""
+        now = time.monotonic() if at is None else at
+        used = machine_cpu_seconds() if cpu_s is None else cpu_s
+        readings = self._readings
+        readings.append((now, used))
+        # Each earlier reading starts one stretch: the first reading a window after it ends it.
+        while len(readings) > 1 and now - readings[0][0] >= self._window_s:
+            start, start_used = readings.pop(0)
+            self._stretch(now - start, used - start_used)
+
+    def _stretch(self, seconds: float, used: float) -> None:
+        share = min(used / (seconds * self._cpus), 1.0)
+        if self.peak is None or share > self.peak:
+            self.peak = share

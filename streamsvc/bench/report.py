@@ -59,6 +59,9 @@ Tables = list[tuple[str, list[str], list[list[str]]]]
 # than the floor, which short phases need) make it noisy.
 BUSY_SHARE = 0.1
 BUSY_FLOOR_S = 0.25
+SATURATED_SHARE = 0.9
+"""A phase whose busiest half second used this share of the machine's CPUs (all its
+processes, the harness's too) measured latencies that include waiting for a CPU."""
 
 
 def cpu_ratio_limit(endpoint: str) -> float:
@@ -332,9 +335,19 @@ def notes(report: BenchReport) -> list[str]:
     if redis:
         lines.append("redis-server CPU per token, on top of the relay's: " + ", ".join(
             f"{p.name} {p.redis_cpu_us_per_token:.1f} µs" for p in redis))
-    phases = [(p.name, p.load, p.listen_overflows, p.other_cpu_s) for p in report.paths]
-    phases += [(o.name, o.load, o.listen_overflows, o.other_cpu_s) for o in report.open_streams]
-    for name, load, overflows, other_cpu in phases:
+    phases = [(p.name, p.load, p.listen_overflows, p.other_cpu_s, p.machine_busy_peak)
+              for p in report.paths]
+    phases += [(o.name, o.load, o.listen_overflows, o.other_cpu_s, o.machine_busy_peak)
+               for o in report.open_streams]
+    peaks = [f"{name} {peak:.0%}" for name, _, _, _, peak in phases if peak is not None]
+    if peaks:
+        lines.append("the machine's CPUs in use, busiest half second of each phase: "
+                     + ", ".join(peaks))
+    for name, load, overflows, other_cpu, peak in phases:
+        if peak is not None and peak >= SATURATED_SHARE:
+            lines.append(f"{name} ({load.streams} streams): {peak:.0%} of the machine's CPUs"
+                         " were in use in its busiest half second: its latencies include"
+                         " waiting for a CPU")
         if overflows:
             # /proc/net/netstat ListenOverflows counts every listening socket of the machine.
             lines.append(f"{name} ({load.streams} streams): while it ran, {overflows}"

@@ -143,6 +143,9 @@ class PathResult(_Record):
     # The baseline's and streamsvc's paths, one per round; none for direct and nginx (and in
     # JSON from before --rounds).
     rounds: list[RoundResult] = msgspec.field(default_factory=list)
+    # The share of all the machine's CPUs in use in the run's busiest half second
+    # (procfs.BusiestStretch); None in JSON from before it was measured.
+    machine_busy_peak: float | None = None
 
     @property
     def failed_streams(self) -> int:
@@ -170,6 +173,7 @@ class OpenStreamsResult(_Record):
     other_cpu_s: float
     added_gap_ms: Added | None
     added_ttft_ms: Added | None = None  # optional: JSON from before it was measured loads
+    machine_busy_peak: float | None = None  # as PathResult's
 
 
 class TargetResult(_Record):
