@@ -469,6 +469,101 @@ def test_the_text_mark_changes_no_output(body: dict[str, Any], after_framing: bo
         assert decoded.text == choice["delta"]["content"]
 
 
+# -- the template: a stream's text chunks read as the one string their bytes differ by ------
+
+
+@st.composite
+def _text_bodies(draw: st.DrawFn, model: str) -> dict[str, Any]:
+    """A text chunk of one stream's envelope: what a template is learned from and matches."""
+    choice: dict[str, Any] = {"index": 0, "delta": {"content": draw(st.text(max_size=5))}}
+    if draw(st.booleans()):
+        choice = {**choice, "logprobs": None, "finish_reason": None}
+    body: dict[str, Any] = {**ENVELOPE, "model": model, "choices": [choice]}
+    if draw(st.booleans()):
+        body["usage"] = None
+    if draw(st.booleans()):  # a field that changes in every chunk (OpenAI's "obfuscation")
+        body["pad"] = draw(st.text(max_size=3))
+    return body
+
+
+def _feed(bodies: list[tuple[dict[str, Any], bool]], *, template: bool) -> list[Chunk]:
+    import json
+
+    from streamsvc.upstream.decoding import ChunkDecoder
+
+    out: list[Chunk] = []
+    decoder = ChunkDecoder("u", out.append)
+    if not template:
+        decoder._learn = 0
+    for body, ascii in bodies:  # ascii: escaped otherwise than msgspec escapes (\u00e9)
+        raw = (json.dumps(body, separators=(",", ":")).encode() if ascii
+               else msgspec.json.encode(body))
+        decoder.feed(b"data: " + raw + b"\n\n")
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), st.text(max_size=3))
+def test_the_template_reads_every_chunk_as_the_usual_path_does(data: Any, model: str) -> None:
+    """Text chunks of one envelope, framing and tool-call chunks between them, non-ASCII
+    escaped by some and not others, a model name that may equal a text: each chunk the
+    decoder emits is the one it emits without the template, to every format."""
+    kinds = st.one_of(_text_bodies(model), _text_bodies(model), _chunk_bodies())
+    bodies = data.draw(st.lists(st.tuples(kinds, st.booleans()), min_size=1, max_size=12))
+    fast, usual = _feed(bodies, template=True), _feed(bodies, template=False)
+    assert [(c.text, c.raw) for c in fast] == [(c.text, c.raw) for c in usual]
+    assert [_everything_made_of(c) for c in fast] == [_everything_made_of(c) for c in usual]
+    assert [c.data for c in fast] == [c.data for c in usual]
+
+
+def test_the_templates_text_is_never_a_string_that_only_looks_like_it() -> None:
+    """The class of bug a template could have: learning the wrong string's place. Here the
+    model's name is the text as msgspec writes it, the text itself is escaped otherwise,
+    and the model changes from chunk to chunk: what matches the bytes around the model's
+    name must not be read as text. The probe refuses that place; the text's own is used."""
+    from streamsvc.upstream.decoding import ChunkDecoder
+
+    out: list[Chunk] = []
+    decoder = ChunkDecoder("u", out.append)
+    for model in ("\u00e9t\u00e9", "x", "y"):
+        decoder.feed(b'data: {"id":"c","model":' + msgspec.json.encode(model)
+                     + b',"choices":[{"index":0,"delta":{"content":"\\u00e9t\\u00e9"}}]}\n\n')
+    assert [c.text for c in out] == ["\u00e9t\u00e9"] * 3
+    assert [c.data["model"] for c in out] == ["\u00e9t\u00e9", "x", "y"]
+    # And where the text is written the same way as a string before it, the template is
+    # the text's place (the last), which the next chunks' texts then fill.
+    texts = ["m", "other", "m", "more"]
+    bodies = [({**ENVELOPE, "model": "m", "choices": [{"index": 0, "delta": {"content": t}}]},
+               False) for t in texts]
+    assert [c.text for c in _feed(bodies, template=True)] == texts
+
+
+def test_a_stream_of_text_chunks_is_read_by_its_template(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The simulator's chunks (OpenAI's shape): after the role chunk and the text chunk
+    the template is learned from, no chunk's shape is read again until the finish."""
+    from streamsvc.simulator.encoding import ChunkEncoder
+    from streamsvc.upstream import decoding
+
+    reads: list[bytes] = []
+    shape = decoding._decode_shape
+
+    def counted(data: bytes) -> Any:
+        reads.append(data)
+        return shape(data)
+
+    monkeypatch.setattr(decoding, "_decode_shape", counted)
+    encoder = ChunkEncoder(completion_id="chatcmpl-1", created=1, model="m", include_usage=True)
+    texts = [" Hello", ",", ' "quoted"', " \\back", " \u00e9t\u00e9 \U0001f642", "", " end"] * 10
+    out: list[Chunk] = []
+    decoder = decoding.ChunkDecoder("u", out.append)
+    decoder.feed(encoder.role(0) + b"".join(encoder.content(0, t) for t in texts)
+                 + encoder.finish(0, "stop") + encoder.usage(1, len(texts)) + b"data: [DONE]\n\n")
+    assert [c.text for c in out[1:-2]] == texts and decoder.done
+    assert [c.raw for c in out[1:-2]] == [encoder.content(0, t)[6:-2] for t in texts]
+    # The role, the second text and its probe, the finish (then the usage is read as a dict).
+    assert len(reads) == 4, reads
+
+
 def test_a_merge_of_two_text_chunks_is_marked_as_text_and_reads_the_same() -> None:
     first, second = (_decoded({**ENVELOPE, "choices": [{"index": 0, "delta": {"content": piece}}]})
                      for piece in ("Hel", "lo"))

@@ -48,6 +48,14 @@ class _Shape(msgspec.Struct, gc=False):
 
 
 _decode_shape = msgspec.json.Decoder(_Shape).decode
+_decode_text = msgspec.json.Decoder(str).decode
+_encode_json = msgspec.json.encode
+
+_PROBE = b'"streamsvc:probe"'
+"""A string put where a learned template's text goes, to prove that it goes there."""
+_LEARN_TRIES = 3
+"""Text chunks a stream may try to learn its template from (an upstream that adds a field
+that changes in every chunk never matches one, and then stops paying for the tries)."""
 
 
 def _text_alone(choices: int, index: int, finish: object, delta: object,
@@ -91,8 +99,8 @@ class ChunkDecoder:
     final event): nothing after it is decoded. A caller that stops early sets it.
     """
 
-    __slots__ = ("_decoder", "_emit", "_finished", "_halves", "_name", "_responses",
-                 "_started", "_texts", "_undelivered", "done")
+    __slots__ = ("_decoder", "_emit", "_finished", "_halves", "_learn", "_name", "_prefix",
+                 "_responses", "_started", "_suffix", "_texts", "_undelivered", "done")
 
     def __init__(self, upstream: str, emit: Callable[[Chunk], object], *,
                  responses: bool = False) -> None:
@@ -108,6 +116,10 @@ class ChunkDecoder:
         # stream's chunks as a _Shape; a chunk that is not text would then be read twice, so
         # after one (a role, tool-call pieces) the next are read as dicts until text returns.
         self._texts = True
+        # A text chunk's bytes around its text, the same in every such chunk of a stream
+        # (the id, created, model, ...): see _learn_template.
+        self._prefix = self._suffix = b""
+        self._learn = _LEARN_TRIES
         self.done = False
 
     def feed(self, data: bytes) -> None:
@@ -174,6 +186,20 @@ class ChunkDecoder:
             self._check_finished("[DONE]")
             self.done = True
             return
+        prefix = self._prefix
+        if prefix and data.startswith(prefix) and data.endswith(self._suffix) \
+                and not self._halves.held:
+            # The template's bytes around one JSON string: a text chunk (see _learn_template),
+            # which needs only its string read. What msgspec refuses as one string (a lone
+            # surrogate, invalid UTF-8, more than one value, or the one or no byte left when
+            # the prefix and suffix overlap) takes the usual path.
+            try:
+                text = _decode_text(data[len(prefix) - 1:len(data) - len(self._suffix) + 1])
+            except msgspec.DecodeError:
+                pass
+            else:
+                self._emit(Chunk.of_text(data, text))
+                return
         if self._texts and not self._halves.held:
             try:
                 shape = _decode_shape(data)
@@ -244,10 +270,42 @@ class ChunkDecoder:
                 self._finished.add(index)
         text = _text_alone(len(choices), index, finish, delta, shape.usage)
         if text is not None:
+            if self._learn:
+                self._learn_template(data, text)
             self._emit(Chunk.of_text(data, text))
             return
         self._texts = False
         self._emit(Chunk(_decode_json(data), data))
+
+    def _learn_template(self, data: bytes, text: str) -> None:
+        """Keep the bytes around the text of ``data``, a text chunk, when they prove to be
+        a template: the same bytes with any other JSON string there are a text chunk of that
+        string. Nearly every chunk of a stream is one (only the text changes), and matching
+        the bytes and reading the one string costs half of reading the chunk's shape.
+
+        The proof: ``data`` with :data:`_PROBE` put in the place found must read as a text
+        chunk of the probe's string. Swapping one JSON string for another changes no other
+        part of a document, so every chunk that matches reads as a text chunk of its string
+        (whatever else in it is a string equal to the text, or escaped another way).
+        """
+        self._learn -= 1
+        literal = _encode_json(text)
+        at = data.rfind(literal)  # the text comes after the id and the model
+        if at < 0:
+            return  # escaped otherwise than msgspec escapes it: the next text chunk may do
+        prefix, suffix = data[:at + 1], data[at + len(literal) - 1:]
+        try:
+            probe = _decode_shape(prefix[:-1] + _PROBE + suffix[1:])
+        except (msgspec.DecodeError, RecursionError):
+            return
+        choices = probe.choices
+        if probe.error is not None or len(choices) != 1:
+            return
+        (choice,) = choices
+        if _text_alone(1, choice.index, choice.finish_reason, choice.delta,
+                       probe.usage) != _PROBE[1:-1].decode():
+            return
+        self._prefix, self._suffix = prefix, suffix
 
     def _malformed_choices(self, data: bytes) -> UpstreamError:
         return UpstreamError(
