@@ -353,8 +353,11 @@ def test_every_phase_says_how_busy_the_machine_was(quick_run: Any) -> None:
     phases = [*typed.paths, *typed.open_streams]
     for phase in phases:
         assert phase.machine_busy_peak is not None and 0.0 < phase.machine_busy_peak <= 1.0
-    (summary,) = [line for line in notes(typed) if line.startswith("the machine's CPUs in use")]
-    assert all(f"{phase.name} {phase.machine_busy_peak:.0%}" in summary for phase in phases)
+    main, open_ = [line for line in notes(typed) if line.startswith("the machine's CPUs in use")]
+    assert main.startswith("the machine's CPUs in use, busiest half second, main phase: ")
+    assert all(f"{p.name} {p.machine_busy_peak:.0%}" in main for p in typed.paths)
+    assert open_.startswith("the machine's CPUs in use, busiest half second, open streams: ")
+    assert all(f"{o.name} {o.machine_busy_peak:.0%}" in open_ for o in typed.open_streams)
     calm = [msgspec.structs.replace(o, machine_busy_peak=0.5) for o in typed.open_streams]
     busy = [msgspec.structs.replace(calm[0], machine_busy_peak=0.94), *calm[1:]]
     said = [line for line in notes(msgspec.structs.replace(typed, open_streams=calm))

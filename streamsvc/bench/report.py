@@ -339,10 +339,12 @@ def notes(report: BenchReport) -> list[str]:
               for p in report.paths]
     phases += [(o.name, o.load, o.listen_overflows, o.other_cpu_s, o.machine_busy_peak)
                for o in report.open_streams]
-    peaks = [f"{name} {peak:.0%}" for name, _, _, _, peak in phases if peak is not None]
-    if peaks:
-        lines.append("the machine's CPUs in use, busiest half second of each phase: "
-                     + ", ".join(peaks))
+    for title, group in (("main phase: ", report.paths), ("open streams: ", report.open_streams)):
+        peaks = [f"{p.name} {p.machine_busy_peak:.0%}" for p in group
+                 if p.machine_busy_peak is not None]
+        if peaks:
+            lines.append(f"the machine's CPUs in use, busiest half second, {title}"
+                         + ", ".join(peaks))
     for name, load, overflows, other_cpu, peak in phases:
         if peak is not None and peak >= SATURATED_SHARE:
             lines.append(f"{name} ({load.streams} streams): {peak:.0%} of the machine's CPUs"
