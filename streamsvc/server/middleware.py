@@ -109,6 +109,9 @@ async def read_body(request: web.Request) -> None:
     no upstream request) and gets ``408 request_timeout``; aiohttp keeps what
     was read, and the handler's own ``read()`` returns it at once.
     """
+    if request.content.is_eof():  # it all came with the headers (nearly every request)
+        await request.read()
+        return
     server = request.app[CONFIG].server
     try:
         async with asyncio.timeout(server.body_timeout_s):

@@ -81,6 +81,11 @@ class JournalSink:
         self._journal.append_nowait(self._stream_id, self._entries.error(error))
 
 
+def _time_up(first: asyncio.Future[None]) -> None:
+    if not first.done():
+        first.set_result(None)
+
+
 class Backlog:
     """The frames of a stream with one reader and no journal, waiting for its socket.
 
@@ -118,7 +123,7 @@ class Backlog:
         self._waiter: asyncio.Future[None] | None = None
         self.direct: Callable[[bytes], bool] | None = None
         self.first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        """Done at the first output, or at the end."""
+        """Done at the first output, at the end, or when :meth:`wait_first` stops waiting."""
 
     def put(self, chunk: Chunk) -> bool:
         buffer = self._buffer
@@ -161,7 +166,14 @@ class Backlog:
 
     async def wait_first(self, timeout: float) -> None:
         """Wait (at most ``timeout``) for the first output; raise the error that came first."""
-        await asyncio.wait((self.first,), timeout=timeout)
+        first = self.first
+        if not first.done():
+            # One timer, where asyncio.wait makes a waiter, a set, callbacks and a timer.
+            timer = asyncio.get_running_loop().call_later(timeout, _time_up, first)
+            try:
+                await first
+            finally:
+                timer.cancel()
         if self._error is not None:
             raise self._error
 
