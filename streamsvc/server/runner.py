@@ -176,22 +176,22 @@ def run_app(
 
 
 def _tune_gc() -> None:
-    """Fewer garbage collections while serving (measured in docs/performance.md).
+    """Short, rare-enough garbage collections while serving (docs/performance.md).
 
     What start-up made (modules, classes, config, pools) lives as long as the
-    process: frozen, no full collection walks it again. The young generation
-    collects every 10,000 allocations instead of 700: tokens allocate dicts and
-    closures that almost all die by reference count, so each young collection
-    mostly walked the few objects in flight, 14 times as often. The middle
-    generation collects every 3 young collections instead of 10: what a new
-    stream keeps (about 110 objects when this was measured, about 75 now)
-    waits there for it, and at 1,000 streams opened in 4 s one collection of
-    10 walked them for 19 to 33 ms, a pause every stream opening then waited
-    out; of 3, 6 to 11 ms, at the same CPU.
+    process: frozen, no full collection walks it again. What a stream keeps
+    while it is open (about 75 objects) survives the young generation and
+    waits in the middle one, whose collection walks all of it: every 3 young
+    collections of 10,000 allocations, that was 11 to 39 ms at 1,000 streams
+    opened in 4 s, a pause the streams opening then waited out (the slowest
+    times to first token fell on those pauses). Young every 2,000 and the
+    middle one after each: 1 to 3 ms each, 5 times as many, less collector
+    time in all, the same CPU per token. The old generation waits for 100
+    middle collections instead of 10: a full collection (35 to 80 ms at 1,000
+    open streams) every 200,000 allocations, where it was 300,000, not 20,000.
     """
     gc.freeze()
-    _, _, old = gc.get_threshold()
-    gc.set_threshold(10_000, 3, old)
+    gc.set_threshold(2_000, 1, 100)
 
 
 def log_tasks(loop: asyncio.AbstractEventLoop) -> None:
